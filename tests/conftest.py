@@ -1,0 +1,18 @@
+"""Shared pytest set-up. Fixtures that start real services live in tests/fixtures_*.py and are
+registered here so every test module can use them."""
+
+import os
+
+import pytest
+import torch
+
+# Tests are small: more threads than cores only adds contention on CI's 2 cores.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_env(monkeypatch, tmp_path):
+    """No test may write to the developer's ./mlflow.db or inherit a cluster's MLflow run."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("METAOPT_HOME", str(tmp_path / "metaopt-home"))
