@@ -1,5 +1,53 @@
 """Loss functions: the learnable Taylor family and the hand-designed robust baselines."""
 
+from metaopt_core.losses.registry import UnknownLossError, get_loss, list_losses, loss_parameters
+from metaopt_core.losses.robust import (
+    BaikalLoss,
+    BiTemperedLogisticLoss,
+    CrossEntropy,
+    FocalLoss,
+    ForwardCorrectedCrossEntropy,
+    GeneralizedCrossEntropy,
+    HardBootstrap,
+    HuberProbabilityLoss,
+    LabelSmoothingCrossEntropy,
+    MeanAbsoluteError,
+    NCEandMAE,
+    NFLandMAE,
+    RobustLoss,
+    SoftBootstrap,
+    SymmetricCrossEntropy,
+    estimate_transition_matrix,
+    tempered_softmax,
+)
 from metaopt_core.losses.taylor import PRESETS, TaylorLoss, exponents, num_params, polynomial, taylor_loss
 
-__all__ = ["PRESETS", "TaylorLoss", "exponents", "num_params", "polynomial", "taylor_loss"]
+__all__ = [
+    "PRESETS",
+    "BaikalLoss",
+    "BiTemperedLogisticLoss",
+    "CrossEntropy",
+    "FocalLoss",
+    "ForwardCorrectedCrossEntropy",
+    "GeneralizedCrossEntropy",
+    "HardBootstrap",
+    "HuberProbabilityLoss",
+    "LabelSmoothingCrossEntropy",
+    "MeanAbsoluteError",
+    "NCEandMAE",
+    "NFLandMAE",
+    "RobustLoss",
+    "SoftBootstrap",
+    "SymmetricCrossEntropy",
+    "TaylorLoss",
+    "UnknownLossError",
+    "estimate_transition_matrix",
+    "exponents",
+    "get_loss",
+    "list_losses",
+    "loss_parameters",
+    "num_params",
+    "polynomial",
+    "taylor_loss",
+    "tempered_softmax",
+]
