@@ -1,0 +1,858 @@
+"""Bregman divergences for MetaMD (thesis chapter 5): the meta-model of a mirror-descent optimiser.
+
+With the mirror map phi(theta) = 1/2 theta^T M theta (M symmetric positive definite) the Bregman
+divergence is B_phi(theta, theta') = 1/2 (theta - theta')^T M (theta - theta') and the mirror-descent
+step has the closed form theta <- theta - lr * M^{-1} grad (thesis eq 5.1, App C.1).
+
+A ``Divergence`` is an ``nn.Module`` whose own parameters are the meta-parameters (learned by the
+outer loop). It covers an ordered list of named base-model parameter shapes and, for tensors of
+those shapes, computes (all differentiable w.r.t. the meta-parameters):
+
+- ``precondition(grads)``: M^{-1} g per parameter,
+- ``metric_product(deltas)``: M d per parameter,
+- ``bregman(theta, theta_ref)``: 1/2 sum (theta - theta_ref)^T M (theta - theta_ref),
+- ``frobenius_reg()``: ||M - I||_F^2 (thesis eqs 5.29-5.32),
+- ``strong_convexity()``: lambda = smallest eigenvalue of M (thesis eq 5.7 uses min over blocks of
+  sigma_min(M_zeta); M is symmetric positive definite, so singular values are eigenvalues),
+- ``to_dense()``: M itself, acting on ``torch.cat([t.flatten() for t in tensors])`` (tests, tiny
+  problems).
+
+Vectorisation convention, used everywhere: a tensor is flattened row-major (``t.flatten()``), as
+PyTorch stores it.
+
+Families:
+
+- ``KroneckerBregman``: block-diagonal, one Kronecker-factored block per layer (the thesis's
+  parameterisation, section 5.4.2).
+- ``DiagonalBregman``: M = diag(exp(s)) with one learned log-scale per parameter element
+  (the Meta-SGD-like special case).
+- ``DenseBregman``: one dense M = L L^T + eps I over all parameters (tiny problems such as the
+  thesis's 2-D quadratics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+NamesAndShapes = Iterable[tuple[str, Sequence[int]]] | Mapping[str, Sequence[int]]
+
+
+class ShapeMismatchError(ValueError):
+    """Tensors or a model do not match the parameter shapes a divergence was built for."""
+
+
+def _normalise_names_and_shapes(names_and_shapes: NamesAndShapes) -> tuple[tuple[str, ...], tuple[torch.Size, ...]]:
+    items = list(names_and_shapes.items()) if isinstance(names_and_shapes, Mapping) else list(names_and_shapes)
+    if not items:
+        raise ValueError("names_and_shapes: got an empty list; a divergence needs at least one parameter")
+    names: list[str] = []
+    shapes: list[torch.Size] = []
+    seen: set[str] = set()
+    for position, item in enumerate(items):
+        try:
+            name, shape = item
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"names_and_shapes[{position}]: got {item!r}; allowed: a (name, shape) pair"
+            ) from None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"names_and_shapes[{position}] name: got {name!r}; allowed: a non-empty string")
+        if name in seen:
+            raise ValueError(f"names_and_shapes[{position}] name: {name!r} appears twice; names must be unique")
+        try:
+            dims = tuple(int(d) for d in shape)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"names_and_shapes[{position}] shape of {name!r}: got {shape!r}; allowed: a sequence of ints"
+            ) from None
+        if any(d < 0 for d in dims) or any(int(d) != d for d in shape):
+            raise ValueError(
+                f"names_and_shapes[{position}] shape of {name!r}: got {tuple(shape)!r}; "
+                "allowed: non-negative integer dimensions"
+            )
+        seen.add(name)
+        names.append(name)
+        shapes.append(torch.Size(dims))
+    return tuple(names), tuple(shapes)
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return str(tuple(int(d) for d in shape))
+
+
+class Divergence(nn.Module):
+    """Base class: a quadratic Bregman divergence over an ordered list of named parameter shapes.
+
+    Subclasses define ``kind`` (the manifest tag), the math methods and ``description()`` /
+    ``from_description()`` (the JSON block layout written by ``metaopt_core.optim.io``).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, names_and_shapes: NamesAndShapes) -> None:
+        super().__init__()
+        self.param_names, self.param_shapes = _normalise_names_and_shapes(names_and_shapes)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_shapes(cls, names_and_shapes: NamesAndShapes, **options: Any) -> "Divergence":
+        """Build for an explicit ordered list of ``(name, shape)`` pairs (or a name -> shape mapping)."""
+        return cls(names_and_shapes, **options)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **options: Any) -> "Divergence":
+        """Build for ``model.named_parameters()``, in that order (the order of ``model.parameters()``)."""
+        return cls.for_shapes([(name, p.shape) for name, p in model.named_parameters()], **options)
+
+    @classmethod
+    def for_params(cls, params: Iterable[Tensor], **options: Any) -> "Divergence":
+        """Build for a raw list of tensors; they are named ``"0"``, ``"1"``, ... by position."""
+        return cls.for_shapes([(str(i), t.shape) for i, t in enumerate(params)], **options)
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, tuple(s)) for n, s in zip(self.param_names, self.param_shapes)]
+
+    def check_shapes(self, names_and_shapes: Iterable[tuple[str, Sequence[int]]], what: str = "model") -> None:
+        """Raise ``ShapeMismatchError`` naming the first parameter whose shape differs (by position).
+
+        Names are reported but not required to match (a DDP- or compile-wrapped model prefixes them).
+        """
+        got = list(names_and_shapes)
+        for position, expected_name in enumerate(self.param_names):
+            expected_shape = self.param_shapes[position]
+            if position >= len(got):
+                raise ShapeMismatchError(
+                    f"parameter #{position} {expected_name!r}: divergence expects shape "
+                    f"{_fmt_shape(expected_shape)}, but the {what} has only {len(got)} parameters"
+                )
+            got_name, got_shape = got[position]
+            if tuple(got_shape) != tuple(expected_shape):
+                raise ShapeMismatchError(
+                    f"parameter #{position} {expected_name!r}: divergence expects shape "
+                    f"{_fmt_shape(expected_shape)}, got shape {_fmt_shape(got_shape)} "
+                    f"(the {what}'s parameter {got_name!r})"
+                )
+        if len(got) > len(self.param_names):
+            extra_name, extra_shape = got[len(self.param_names)]
+            raise ShapeMismatchError(
+                f"parameter #{len(self.param_names)} {extra_name!r} with shape {_fmt_shape(extra_shape)}: "
+                f"the {what} has {len(got)} parameters but the divergence covers only {len(self.param_names)}"
+            )
+
+    def _tensor_list(self, tensors: Iterable[Tensor], arg: str) -> list[Tensor]:
+        tensors = list(tensors)
+        if len(tensors) != len(self.param_names):
+            raise ShapeMismatchError(
+                f"{arg}: got {len(tensors)} tensors; the divergence covers {len(self.param_names)} parameters"
+            )
+        for position, (t, name, shape) in enumerate(zip(tensors, self.param_names, self.param_shapes)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{arg}[{position}] ({name!r}): got {type(t).__name__}; allowed: a torch.Tensor")
+            if t.shape != shape:
+                raise ShapeMismatchError(
+                    f"{arg}[{position}] ({name!r}): expected shape {_fmt_shape(shape)}, got shape {_fmt_shape(t.shape)}"
+                )
+        return tensors
+
+    # ------------------------------------------------------------------ math (subclasses)
+    def forward(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """``precondition(grads)``: lets ``torch.func.functional_call`` swap in meta-parameter values."""
+        return self.precondition(grads)
+
+    def precondition(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """M^{-1} g for each tensor of ``grads`` (same order and shapes as the parameters)."""
+        raise NotImplementedError
+
+    def metric_product(self, deltas: Sequence[Tensor]) -> list[Tensor]:
+        """M d for each tensor of ``deltas``."""
+        raise NotImplementedError
+
+    def frobenius_reg(self) -> Tensor:
+        """||M - I||_F^2 over the whole (block-diagonal) M."""
+        raise NotImplementedError
+
+    def strong_convexity(self) -> Tensor:
+        """lambda: the smallest eigenvalue of M (= min over blocks of sigma_min(M_zeta))."""
+        raise NotImplementedError
+
+    def to_dense(self) -> Tensor:
+        """The dense M acting on ``torch.cat([t.flatten() for t in tensors])``. For small problems only."""
+        raise NotImplementedError
+
+    def description(self) -> dict[str, Any]:
+        """JSON-serialisable ``{"options": ..., "blocks": [...]}``: how the factors map to parameters."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> "Divergence":
+        """Rebuild (with initial factors) from ``description()``; raises ``ValueError`` if it is inconsistent."""
+        raise NotImplementedError
+
+    def bregman(self, theta: Sequence[Tensor], theta_ref: Sequence[Tensor]) -> Tensor:
+        """B_phi(theta, theta_ref) = 1/2 sum (theta - theta_ref)^T M (theta - theta_ref)."""
+        theta = self._tensor_list(theta, "theta")
+        theta_ref = self._tensor_list(theta_ref, "theta_ref")
+        deltas = [t - r for t, r in zip(theta, theta_ref)]
+        products = self.metric_product(deltas)
+        return 0.5 * sum((d * p).sum() for d, p in zip(deltas, products))
+
+    @torch.no_grad()
+    def apply_update_(
+        self,
+        indices: Sequence[int],
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        lr: float,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """In place, without autograd: ``params[k] -= lr * M^{-1} (grads[k] + weight_decay * params[k])``.
+
+        Used by ``MirrorDescent.step``. ``indices`` are the positions of ``params`` in ``param_names``;
+        parameters not listed (no gradient) count as having a zero gradient and are not updated.
+        This generic version goes through ``precondition``; subclasses override it with in-place
+        fast paths.
+        """
+        if weight_decay:
+            grads = torch._foreach_add(list(grads), list(params), alpha=weight_decay)
+        full = [torch.zeros(s, device=grads[0].device, dtype=grads[0].dtype) for s in self.param_shapes]
+        for i, g in zip(indices, grads):
+            full[i] = g
+        steps = self.precondition(full)
+        torch._foreach_add_(list(params), [steps[i].to(p.dtype) for i, p in zip(indices, params)], alpha=-lr)
+
+
+# ====================================================================================== Kronecker
+
+
+@dataclass(frozen=True)
+class KroneckerBlock:
+    """One block: a parameter (a layer's weight, or an untied 1-D/scalar parameter) seen as a
+    (rows, cols) matrix, plus an optional tied bias.
+
+    ``b`` (length ``rows``) is the output-side factor, ``a`` (length ``cols``) the input-side one.
+    """
+
+    parameter: str
+    rows: int
+    cols: int
+    bias: str | None = None
+
+
+def default_bias_ties(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> dict[str, str]:
+    """Tie ``<prefix>.bias`` to ``<prefix>.weight`` when the weight has >= 2 dims and shape[0] == bias length.
+
+    That is the layout of ``nn.Linear`` and ``nn.ConvNd`` (weight (out, in, *kernel), bias (out,)).
+    """
+    shape_of = {n: tuple(s) for n, s in zip(names, shapes)}
+    ties: dict[str, str] = {}
+    for name, shape in shape_of.items():
+        if name.rsplit(".", 1)[-1] != "bias" or len(shape) != 1:
+            continue
+        weight = name[: -len("bias")] + "weight"
+        weight_shape = shape_of.get(weight)
+        if weight_shape is not None and len(weight_shape) >= 2 and weight_shape[0] == shape[0]:
+            ties[name] = weight
+    return ties
+
+
+def _matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of a parameter seen as a matrix: dim 0 by the product of the others.
+
+    A conv weight (out, in, kh, kw) becomes (out, in*kh*kw); a 1-D parameter (n,) becomes (n, 1);
+    a scalar (1, 1).
+    """
+    if len(shape) == 0:
+        return 1, 1
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def _sigma_min_factor(dim: int, sq_norm: Tensor) -> Tensor:
+    """sigma_min(v v^T + I_dim) for ||v||^2 = sq_norm: 1 when dim > 1 (any vector orthogonal to v), 1 + ||v||^2 when dim == 1."""
+    return 1.0 + sq_norm if dim == 1 else torch.ones_like(sq_norm)
+
+
+class KroneckerBregman(Divergence):
+    """Block-diagonal M, one Kronecker-factored block per layer (thesis section 5.4.2).
+
+    For a weight W of shape (rows, cols) after ``_matrix_dims`` (Linear (out, in); conv
+    (out, in*kh*kw)), with learnable a (length cols, input side) and b (length rows, output side):
+
+        A = a a^T + I_cols,  B = b b^T + I_rows,  M_zeta = A (x) B  in the thesis's column-major vec,
+
+    which, acting on the row-major ``W.flatten()`` that PyTorch uses, is the dense matrix
+    ``torch.kron(B, A)``: (B (x) A) vec_r(D) = vec_r(B D A). So the step is
+    M_zeta^{-1} g = vec_r(B^{-1} G A^{-1}) (both factors symmetric), computed by Sherman-Morrison,
+    (v v^T + I)^{-1} = I - v v^T / (1 + v^T v): two matrix-vector products and two rank-1 updates,
+    O(rows * cols), no decomposition, no dense inverse.
+
+    Biases. A bias tied to a weight (``<p>.bias`` next to a >= 2-D ``<p>.weight`` with matching
+    rows; not transposed convolutions) uses the layer's output-side factor only: M_bias = B. Why:
+    appending the bias to the weight as an extra input column with constant input 1 gives the
+    augmented matrix [W | bias]; using the layer block B (x) blockdiag(A, 1) on it (the constant
+    input gets no learned input-side coupling) is exactly the weight block plus B on the bias,
+    so the bias shares b and adds no factor of its own.
+
+    Other parameters (norm-layer weights and biases, untied biases, scalars) get their own block
+    as an (n, 1) matrix: B = b b^T + I_n and a scalar A = 1 + a^2. That stays inside the same family
+    (closed forms, Sherman-Morrison, M = I at initialisation) rather than hard-coding identity.
+
+    All a, b start at zero, so M = I and ``MirrorDescent`` starts as SGD.
+    """
+
+    kind: ClassVar[str] = "kronecker"
+
+    def __init__(
+        self,
+        names_and_shapes: NamesAndShapes,
+        *,
+        tied_biases: Mapping[str, str] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(names_and_shapes)
+        if tied_biases is None:
+            tied_biases = default_bias_ties(self.param_names, self.param_shapes)
+        self.tied_biases: dict[str, str] = self._validate_ties(dict(tied_biases))
+        weight_to_bias = {w: b for b, w in self.tied_biases.items()}
+
+        blocks: list[KroneckerBlock] = []
+        block_of: dict[str, int] = {}
+        for name, shape in zip(self.param_names, self.param_shapes):
+            if name in self.tied_biases:
+                continue
+            rows, cols = _matrix_dims(shape)
+            block_of[name] = len(blocks)
+            blocks.append(KroneckerBlock(parameter=name, rows=rows, cols=cols, bias=weight_to_bias.get(name)))
+        self.blocks: tuple[KroneckerBlock, ...] = tuple(blocks)
+
+        # Per parameter: (block index, is tied bias, rows, cols of the matrix the parameter is seen as).
+        plan: list[tuple[int, bool, int, int]] = []
+        for name, shape in zip(self.param_names, self.param_shapes):
+            if name in self.tied_biases:
+                block = block_of[self.tied_biases[name]]
+                plan.append((block, True, blocks[block].rows, 1))
+            else:
+                block = block_of[name]
+                plan.append((block, False, blocks[block].rows, blocks[block].cols))
+        self._plan: tuple[tuple[int, bool, int, int], ...] = tuple(plan)
+
+        self.a_sizes: tuple[int, ...] = tuple(blk.cols for blk in blocks)
+        self.b_sizes: tuple[int, ...] = tuple(blk.rows for blk in blocks)
+        factory = dict(dtype=dtype, device=device)
+        self.a = nn.ParameterList([nn.Parameter(torch.zeros(blk.cols, **factory)) for blk in blocks])
+        self.b = nn.ParameterList([nn.Parameter(torch.zeros(blk.rows, **factory)) for blk in blocks])
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **options: Any) -> "KroneckerBregman":
+        """One block per layer of ``model``; biases of Linear/Conv layers tied to their weights.
+
+        Transposed convolutions keep their bias untied: their weight's dim 0 is the input channels.
+        """
+        named = list(model.named_parameters())
+        if "tied_biases" not in options:
+            ties = default_bias_ties([n for n, _ in named], [p.shape for _, p in named])
+            transposed = {
+                f"{prefix}.bias" if prefix else "bias"
+                for prefix, module in model.named_modules()
+                if isinstance(module, nn.modules.conv._ConvTransposeNd)
+            }
+            options["tied_biases"] = {b: w for b, w in ties.items() if b not in transposed}
+        return cls.for_shapes([(n, p.shape) for n, p in named], **options)
+
+    def _validate_ties(self, ties: dict[str, str]) -> dict[str, str]:
+        shape_of = dict(zip(self.param_names, self.param_shapes))
+        weights_used: dict[str, str] = {}
+        for bias, weight in ties.items():
+            if bias not in shape_of:
+                raise ValueError(f"tied_biases: bias {bias!r} is not a parameter; allowed: {list(self.param_names)}")
+            if weight not in shape_of:
+                raise ValueError(f"tied_biases[{bias!r}]: weight {weight!r} is not a parameter")
+            if weight in ties:
+                raise ValueError(f"tied_biases[{bias!r}]: {weight!r} is itself tied as a bias")
+            if len(shape_of[bias]) != 1:
+                raise ValueError(
+                    f"tied_biases: bias {bias!r} has shape {_fmt_shape(shape_of[bias])}; allowed: 1-D"
+                )
+            w_shape = shape_of[weight]
+            if len(w_shape) < 2 or w_shape[0] != shape_of[bias][0]:
+                raise ValueError(
+                    f"tied_biases[{bias!r}]: weight {weight!r} has shape {_fmt_shape(w_shape)}; allowed: "
+                    f">= 2 dims with dim 0 == {shape_of[bias][0]} (the bias length)"
+                )
+            if weight in weights_used:
+                raise ValueError(
+                    f"tied_biases: weight {weight!r} is tied to both {weights_used[weight]!r} and {bias!r}"
+                )
+            weights_used[weight] = bias
+        return ties
+
+    # ------------------------------------------------------------------ factors
+    def _factors(self, param_index: int, like: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(a or None for a tied bias, b) of a parameter, cast to ``like``'s dtype and device."""
+        block, is_bias, _, _ = self._plan[param_index]
+        b = self.b[block].to(device=like.device, dtype=like.dtype)
+        if is_bias:
+            return None, b
+        return self.a[block].to(device=like.device, dtype=like.dtype), b
+
+    def factor_matrices(self, block: int) -> tuple[Tensor, Tensor]:
+        """Dense (A, B) of a block: A = a a^T + I (cols x cols), B = b b^T + I (rows x rows)."""
+        a, b = self.a[block], self.b[block]
+        eye_a = torch.eye(a.numel(), dtype=a.dtype, device=a.device)
+        eye_b = torch.eye(b.numel(), dtype=b.dtype, device=b.device)
+        return torch.outer(a, a) + eye_a, torch.outer(b, b) + eye_b
+
+    # ------------------------------------------------------------------ math
+    def precondition(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        grads = self._tensor_list(grads, "grads")
+        out: list[Tensor] = []
+        for i, g in enumerate(grads):
+            a, b = self._factors(i, g)
+            _, _, rows, cols = self._plan[i]
+            G = g.reshape(rows, cols)
+            if a is not None:  # right-multiply by A^{-1} = I - a a^T / (1 + a^T a)
+                G = G - torch.outer(G @ a, a / (1.0 + a @ a))
+            # left-multiply by B^{-1} = I - b b^T / (1 + b^T b)
+            G = G - torch.outer(b / (1.0 + b @ b), b @ G)
+            out.append(G.reshape(g.shape))
+        return out
+
+    def metric_product(self, deltas: Sequence[Tensor]) -> list[Tensor]:
+        deltas = self._tensor_list(deltas, "deltas")
+        out: list[Tensor] = []
+        for i, d in enumerate(deltas):
+            a, b = self._factors(i, d)
+            _, _, rows, cols = self._plan[i]
+            D = d.reshape(rows, cols)
+            if a is not None:  # D A = D + (D a) a^T
+                D = D + torch.outer(D @ a, a)
+            D = D + torch.outer(b, b @ D)  # B D = D + b (b^T D)
+            out.append(D.reshape(d.shape))
+        return out
+
+    def bregman(self, theta: Sequence[Tensor], theta_ref: Sequence[Tensor]) -> Tensor:
+        # <D, B D A> = ||D||^2 + ||D a||^2 + ||b^T D||^2 + (b^T D a)^2: no rows x cols temporaries
+        theta = self._tensor_list(theta, "theta")
+        theta_ref = self._tensor_list(theta_ref, "theta_ref")
+        total = None
+        for i, (t, r) in enumerate(zip(theta, theta_ref)):
+            _, _, rows, cols = self._plan[i]
+            D = (t - r).reshape(rows, cols)
+            a, b = self._factors(i, D)
+            bD = b @ D
+            term = (D * D).sum() + bD @ bD
+            if a is not None:
+                Da = D @ a
+                term = term + Da @ Da + (bD @ a) ** 2
+            total = term if total is None else total + term
+        return 0.5 * total
+
+    def frobenius_reg(self) -> Tensor:
+        # ||A (x) B - I||_F^2 = ||A||^2 ||B||^2 - 2 tr(A) tr(B) + rows*cols with ||A||^2 = p^2 + 2p + cols,
+        # tr(A) = p + cols (p = ||a||^2, q = ||b||^2). Expanded, the rows*cols terms cancel exactly:
+        # = cols q^2 + rows p^2 + 2pq + 2pq^2 + 2p^2 q + p^2 q^2, which keeps float32 accurate when
+        # a, b are small and rows*cols is large. A tied bias (cols 1, a = 0) adds q^2.
+        total = None
+        for blk, a, b in zip(self.blocks, self.a, self.b):
+            p, q = a @ a, b @ b
+            term = blk.cols * q**2 + blk.rows * p**2 + 2 * p * q + 2 * p * q**2 + 2 * p**2 * q + p**2 * q**2
+            if blk.bias is not None:
+                term = term + q**2
+            total = term if total is None else total + term
+        return total
+
+    def strong_convexity(self) -> Tensor:
+        # sigma_min(A (x) B) = sigma_min(A) sigma_min(B); a tied bias block is B alone.
+        values = []
+        for blk, a, b in zip(self.blocks, self.a, self.b):
+            s_b = _sigma_min_factor(blk.rows, b @ b)
+            values.append(_sigma_min_factor(blk.cols, a @ a) * s_b)
+            if blk.bias is not None:
+                values.append(s_b)
+        return torch.stack(values).min()
+
+    def to_dense(self) -> Tensor:
+        pieces = []
+        for i in range(len(self.param_names)):
+            block, is_bias, _, _ = self._plan[i]
+            A, B = self.factor_matrices(block)
+            pieces.append(B if is_bias else torch.kron(B, A))
+        return torch.block_diag(*pieces)
+
+    # ------------------------------------------------------------------ optimiser fast path
+    def _static(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """Per-instance cache of layout-only objects (index tensors, scratch views): never factor values."""
+        cache: dict[tuple, Any] = self.__dict__.setdefault("_static_cache", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    def _prepared_factors(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """Factor views for the update, from a fixed number of batched ops (not a handful per block).
+
+        Per block: ``a_col`` (cols, 1), ``a_row_scaled`` = alpha a^T (1, cols), ``b_row`` (1, rows),
+        ``b_col_scaled`` = beta b (rows, 1); flat ``b``, ``b_scaled``; ``alpha`` per block;
+        alpha = 1/(1 + a^T a), beta = 1/(1 + b^T b).
+        """
+        prepared: dict[str, Any] = {}
+        for name, factor_list in (("a", self.a), ("b", self.b)):
+            # ParameterList keeps its entries in _parameters; reading them there skips a slow __getitem__ per block
+            factors = list(factor_list._parameters.values())
+            sizes = self.a_sizes if name == "a" else self.b_sizes
+            flat = torch.cat(factors).to(device=device, dtype=dtype)
+            lengths = self._static(("lengths", name, device), lambda: torch.tensor(sizes, device=device))
+            coef = 1.0 / (1.0 + torch.segment_reduce(flat * flat, "sum", lengths=lengths))
+            scaled = flat * torch.repeat_interleave(coef, lengths, output_size=flat.numel())
+            prepared[name], prepared[f"{name}_scaled"], prepared[f"{name}_coef"] = flat, scaled, coef
+            if name == "a":
+                prepared["a_col"] = flat.unsqueeze(1).split(sizes, 0)
+                prepared["a_row_scaled"] = scaled.unsqueeze(0).split(sizes, 1)
+            else:
+                prepared["b_row"] = flat.unsqueeze(0).split(sizes, 1)
+                prepared["b_col_scaled"] = scaled.unsqueeze(1).split(sizes, 0)
+        return prepared
+
+    def _scratch_views(self, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor] | None]:
+        """Per parameter: (rows x cols, parameter-shaped) views of one reused work buffer.
+
+        A fresh rows x cols temporary per layer per step would cost allocation and page faults.
+        """
+
+        def build() -> list[tuple[Tensor, Tensor] | None]:
+            numels = [rows * cols for _, is_bias, rows, cols in self._plan if not is_bias and cols > 1]
+            buffer = torch.empty(max(numels, default=0), device=device, dtype=dtype)
+            views: list[tuple[Tensor, Tensor] | None] = []
+            for (_, is_bias, rows, cols), shape in zip(self._plan, self.param_shapes):
+                if is_bias or cols == 1:
+                    views.append(None)
+                else:
+                    matrix = buffer[: rows * cols].view(rows, cols)
+                    views.append((matrix, matrix.view(shape)))
+            return views
+
+        return self._static(("scratch", device, dtype), build)
+
+    @torch.no_grad()
+    def apply_update_(
+        self,
+        indices: Sequence[int],
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        lr: float,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """In place: P -= lr * B^{-1} (G + weight_decay P) A^{-1} per parameter.
+
+        Matrix blocks, in a reused scratch S, layer by layer so that S and P stay in cache:
+        S = G + wd P; u = S a; S -= u (alpha a)^T (now S A^{-1}); w = b^T S; S -= (beta b) w (now
+        B^{-1} S A^{-1}); P -= lr S. Six passes over the layer against SGD's two (g + wd p, p -= lr g):
+        two matrix-vector products and two rank-1 updates are the irreducible extra work with stock
+        PyTorch kernels. Vector blocks (tied biases, 1-D and scalar parameters) are many small tensors:
+        they are updated together in one flat batch, with a fixed number of ops.
+        """
+        by_device: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for k, g in enumerate(grads):
+            if g.numel() == 0:
+                continue
+            by_device.setdefault((g.device, g.dtype), []).append(k)
+        for (device, dtype), members in by_device.items():
+            f = self._prepared_factors(device, dtype)
+            a_col, a_row_scaled, b_row, b_col_scaled = f["a_col"], f["a_row_scaled"], f["b_row"], f["b_col_scaled"]
+            scratch = self._scratch_views(device, dtype)
+            vector_members: list[int] = []
+            for k in members:
+                position = indices[k]
+                views = scratch[position]
+                if views is None:
+                    vector_members.append(k)
+                    continue
+                S, S_shaped = views
+                block = self._plan[position][0]
+                p, g = params[k], grads[k]
+                if weight_decay:
+                    torch.add(g, p, alpha=weight_decay, out=S_shaped)
+                    u = torch.mm(S, a_col[block])
+                    S.addcmul_(u, a_row_scaled[block], value=-1.0)
+                else:
+                    G = g.view(S.shape) if g.is_contiguous() else g.reshape(S.shape)
+                    u = torch.mm(G, a_col[block])
+                    torch.addcmul(G, u, a_row_scaled[block], value=-1.0, out=S)
+                w = torch.mm(b_row[block], S)
+                S.addcmul_(b_col_scaled[block], w, value=-1.0)
+                p.add_(S_shaped, alpha=-lr)  # follows p's strides (e.g. channels_last)
+            if vector_members:
+                self._update_vectors(vector_members, indices, params, grads, lr, weight_decay, f)
+
+    def _update_vectors(
+        self,
+        members: list[int],
+        indices: Sequence[int],
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        lr: float,
+        weight_decay: float,
+        f: dict[str, Any],
+    ) -> None:
+        """y = c (g - (beta b)(b^T g)) for all vector blocks at once; c = 1 for a tied bias, else 1/(1 + a^2)."""
+        positions = tuple(indices[k] for k in members)
+        device = grads[members[0]].device
+
+        def build() -> dict[str, Any]:
+            plans = [self._plan[i] for i in positions]
+            starts = [0]
+            for rows in self.b_sizes[:-1]:
+                starts.append(starts[-1] + rows)
+            gather = [starts[block] + r for block, _, rows, _ in plans for r in range(rows)]
+            return {
+                "sizes": [rows for _, _, rows, _ in plans],
+                "lengths": torch.tensor([rows for _, _, rows, _ in plans], device=device),
+                "gather": torch.tensor(gather, device=device),
+                "blocks": torch.tensor([block for block, _, _, _ in plans], device=device),
+                "untied": torch.tensor([not is_bias for _, is_bias, _, _ in plans], device=device),
+                "any_untied": any(not is_bias for _, is_bias, _, _ in plans),
+            }
+
+        layout = self._static(("vectors", positions, device), build)
+        g_flat = torch.cat([grads[k].reshape(-1) for k in members])
+        targets = [params[k] for k in members]
+        if weight_decay:
+            g_flat.add_(torch.cat([t.reshape(-1) for t in targets]), alpha=weight_decay)
+        b_sel = f["b"].index_select(0, layout["gather"])
+        dots = torch.segment_reduce(b_sel * g_flat, "sum", lengths=layout["lengths"])
+        per_element = torch.repeat_interleave(dots, layout["lengths"], output_size=g_flat.numel())
+        step = torch.addcmul(g_flat, f["b_scaled"].index_select(0, layout["gather"]), per_element, value=-1.0)
+        if layout["any_untied"]:  # an (n, 1) block: A = 1 + a^2 is a scalar, A^{-1} = alpha
+            c = torch.where(layout["untied"], f["a_coef"][layout["blocks"]], 1.0)
+            step.mul_(torch.repeat_interleave(c, layout["lengths"], output_size=g_flat.numel()))
+        pieces = [piece.view(t.shape) for piece, t in zip(step.split(layout["sizes"]), targets)]
+        torch._foreach_add_(targets, pieces, alpha=-lr)
+
+    # ------------------------------------------------------------------ layout
+    def description(self) -> dict[str, Any]:
+        return {
+            "options": {},
+            "blocks": [
+                {
+                    "parameter": blk.parameter,
+                    "bias": blk.bias,
+                    "rows": blk.rows,
+                    "cols": blk.cols,
+                    "factors": {"a": f"a.{k}", "b": f"b.{k}"},
+                }
+                for k, blk in enumerate(self.blocks)
+            ],
+        }
+
+    @classmethod
+    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> "KroneckerBregman":
+        blocks = _require_list(description, "blocks")
+        ties: dict[str, str] = {}
+        for k, blk in enumerate(blocks):
+            if not isinstance(blk, Mapping) or not isinstance(blk.get("parameter"), str):
+                raise ValueError(
+                    f"blocks[{k}]: got {blk!r}; allowed: an object with 'parameter', 'bias', 'rows', 'cols', 'factors'"
+                )
+            if blk.get("bias") is not None:
+                ties[blk["bias"]] = blk["parameter"]
+        div = cls(names_and_shapes, tied_biases=ties)
+        _require_same_description(div, description)
+        return div
+
+
+# ====================================================================================== diagonal
+
+
+class DiagonalBregman(Divergence):
+    """M = diag(exp(s)): one learned positive scale per parameter element (Meta-SGD-like).
+
+    exp keeps every scale positive without constraints; s = 0 gives M = I (plain SGD).
+    The factor of parameter k is ``log_scale.k`` with the parameter's shape.
+    """
+
+    kind: ClassVar[str] = "diagonal"
+
+    def __init__(
+        self,
+        names_and_shapes: NamesAndShapes,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(names_and_shapes)
+        self.log_scale = nn.ParameterList(
+            [nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)) for shape in self.param_shapes]
+        )
+
+    def _scale(self, k: int, like: Tensor) -> Tensor:
+        return self.log_scale[k].to(device=like.device, dtype=like.dtype)
+
+    def precondition(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        grads = self._tensor_list(grads, "grads")
+        return [g * torch.exp(-self._scale(k, g)) for k, g in enumerate(grads)]
+
+    def metric_product(self, deltas: Sequence[Tensor]) -> list[Tensor]:
+        deltas = self._tensor_list(deltas, "deltas")
+        return [d * torch.exp(self._scale(k, d)) for k, d in enumerate(deltas)]
+
+    def frobenius_reg(self) -> Tensor:
+        return sum(((torch.exp(s) - 1.0) ** 2).sum() for s in self.log_scale)
+
+    def strong_convexity(self) -> Tensor:
+        return torch.exp(torch.stack([s.min() for s in self.log_scale if s.numel()]).min())
+
+    def to_dense(self) -> Tensor:
+        return torch.diag(torch.exp(torch.cat([s.flatten() for s in self.log_scale])))
+
+    @torch.no_grad()
+    def apply_update_(
+        self,
+        indices: Sequence[int],
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        lr: float,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if weight_decay:
+            grads = torch._foreach_add(list(grads), list(params), alpha=weight_decay)
+        inv_scales = torch._foreach_exp([-self._scale(i, g) for i, g in zip(indices, grads)])
+        torch._foreach_addcmul_(list(params), list(grads), inv_scales, value=-lr)
+
+    def description(self) -> dict[str, Any]:
+        return {
+            "options": {"parameterisation": "exp"},
+            "blocks": [{"parameter": name, "factor": f"log_scale.{k}"} for k, name in enumerate(self.param_names)],
+        }
+
+    @classmethod
+    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> "DiagonalBregman":
+        div = cls(names_and_shapes)
+        _require_same_description(div, description)
+        return div
+
+
+# ====================================================================================== dense
+
+
+class DenseBregman(Divergence):
+    """One dense SPD M = L L^T + eps I over all parameters (flattened and concatenated in order).
+
+    L is the lower triangle of the learned ``raw_factor`` (dim x dim); it starts at sqrt(1 - eps) I so
+    that M = I. eps > 0 bounds lambda from below. Holds dim^2 numbers: for tiny problems (2-D
+    quadratics, a handful of parameters); ``max_dim`` guards against building it for a network.
+    """
+
+    kind: ClassVar[str] = "dense"
+
+    def __init__(
+        self,
+        names_and_shapes: NamesAndShapes,
+        *,
+        epsilon: float = 1e-4,
+        max_dim: int = 4096,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(names_and_shapes)
+        if not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or not 0.0 < epsilon < 1.0:
+            raise ValueError(f"epsilon: got {epsilon!r}; allowed: a float in (0, 1)")
+        self.dim = sum(int(math.prod(s)) for s in self.param_shapes)
+        if self.dim > max_dim:
+            raise ValueError(
+                f"DenseBregman: the parameters have {self.dim} elements in all, more than max_dim={max_dim}; "
+                "it would hold a dim x dim matrix. Use KroneckerBregman or DiagonalBregman, or raise max_dim"
+            )
+        self.epsilon = float(epsilon)
+        self.raw_factor = nn.Parameter(math.sqrt(1.0 - self.epsilon) * torch.eye(self.dim, dtype=dtype, device=device))
+
+    def matrix(self) -> Tensor:
+        """M = L L^T + eps I with L = tril(raw_factor)."""
+        L = torch.tril(self.raw_factor)
+        return L @ L.T + self.epsilon * torch.eye(self.dim, dtype=L.dtype, device=L.device)
+
+    def _split(self, flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+        sizes = [t.numel() for t in like]
+        return [piece.reshape(t.shape) for piece, t in zip(flat.split(sizes), like)]
+
+    def precondition(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        grads = self._tensor_list(grads, "grads")
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        M = self.matrix().to(device=flat.device, dtype=flat.dtype)
+        chol = torch.linalg.cholesky(M)
+        return self._split(torch.cholesky_solve(flat.unsqueeze(1), chol).squeeze(1), grads)
+
+    def metric_product(self, deltas: Sequence[Tensor]) -> list[Tensor]:
+        deltas = self._tensor_list(deltas, "deltas")
+        flat = torch.cat([d.reshape(-1) for d in deltas])
+        M = self.matrix().to(device=flat.device, dtype=flat.dtype)
+        return self._split(M @ flat, deltas)
+
+    def frobenius_reg(self) -> Tensor:
+        M = self.matrix()
+        return ((M - torch.eye(self.dim, dtype=M.dtype, device=M.device)) ** 2).sum()
+
+    def strong_convexity(self) -> Tensor:
+        return torch.linalg.eigvalsh(self.matrix())[0]
+
+    def to_dense(self) -> Tensor:
+        return self.matrix()
+
+    def description(self) -> dict[str, Any]:
+        return {
+            "options": {"epsilon": self.epsilon},
+            "blocks": [{"parameters": list(self.param_names), "dim": self.dim, "factor": "raw_factor"}],
+        }
+
+    @classmethod
+    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> "DenseBregman":
+        options = description.get("options") if isinstance(description, Mapping) else None
+        if not isinstance(options, Mapping) or "epsilon" not in options:
+            raise ValueError(f"options: got {options!r}; allowed: an object with 'epsilon'")
+        div = cls(names_and_shapes, epsilon=options["epsilon"], max_dim=max(4096, _count(names_and_shapes)))
+        _require_same_description(div, description)
+        return div
+
+
+# ====================================================================================== registry
+
+
+DIVERGENCE_KINDS: dict[str, type[Divergence]] = {
+    KroneckerBregman.kind: KroneckerBregman,
+    DiagonalBregman.kind: DiagonalBregman,
+    DenseBregman.kind: DenseBregman,
+}
+
+
+def _count(names_and_shapes: NamesAndShapes) -> int:
+    _, shapes = _normalise_names_and_shapes(names_and_shapes)
+    return sum(int(math.prod(s)) for s in shapes)
+
+
+def _require_list(description: Mapping[str, Any], key: str) -> list[Any]:
+    value = description.get(key) if isinstance(description, Mapping) else None
+    if not isinstance(value, list):
+        raise ValueError(f"{key}: got {value!r}; allowed: a list")
+    return value
+
+
+def _require_same_description(div: Divergence, description: Mapping[str, Any]) -> None:
+    expected = div.description()
+    for key in ("options", "blocks"):
+        got = description.get(key)
+        if got != expected[key]:
+            # name the first differing block to make a hand-edited manifest easy to fix
+            if key == "blocks" and isinstance(got, list):
+                for k, (e, g) in enumerate(zip(expected[key], got)):
+                    if e != g:
+                        raise ValueError(f"blocks[{k}]: got {g!r}; for these parameter shapes expected {e!r}")
+                raise ValueError(
+                    f"blocks: got {len(got)} blocks; for these parameter shapes expected {len(expected[key])}"
+                )
+            raise ValueError(f"{key}: got {got!r}; for these parameter shapes expected {expected[key]!r}")
