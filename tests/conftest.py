@@ -7,7 +7,7 @@ import pytest
 import torch
 
 # Real services (moto S3 server, MLflow tracking server) as session fixtures.
-pytest_plugins = ["tests.fixtures_s3"]
+pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_mlflow"]
 
 # Tests are small: more threads than cores only adds contention on CI's 2 cores.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
