@@ -55,7 +55,10 @@ class PreparedData:
         return out
 
     def compute_fingerprint(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode())
+        # ``root`` says where the raw files were read from, not what the data are: the same data
+        # staged elsewhere (laptop vs cluster) must keep its fingerprint
+        spec = {key: value for key, value in self.spec.items() if key != "root"}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
         for key, tensor in sorted(self.tensors().items()):
             digest.update(key.encode())
             digest.update(tensor.cpu().numpy().tobytes())

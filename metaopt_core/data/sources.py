@@ -109,6 +109,10 @@ def load_torchvision(name: str, root: str | Path | None = None, download: bool =
     return ImageData(torch.from_numpy(np.stack(images)), torch.tensor(labels), num_classes, name)
 
 
+# What load_image_folder reads; anything else in a class folder (README, .DS_Store, ...) is skipped.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
 def load_image_folder(root: str | Path, image_size: int = 64) -> dict[str, ImageData]:
     """A DomainBed-style tree ``root/<domain>/<class>/<image>`` as one ImageData per domain.
 
@@ -130,7 +134,8 @@ def load_image_folder(root: str | Path, image_size: int = 64) -> dict[str, Image
     for domain in domains:
         images, labels = [], []
         for label, class_name in enumerate(classes):
-            for path in sorted((domain / class_name).glob("*")) if (domain / class_name).is_dir() else []:
+            folder = domain / class_name
+            for path in sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []:
                 with Image.open(path) as image:
                     image = image.convert("RGB").resize((image_size, image_size))
                     images.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)

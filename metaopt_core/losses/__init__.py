@@ -20,10 +20,23 @@ from metaopt_core.losses.robust import (
     estimate_transition_matrix,
     tempered_softmax,
 )
-from metaopt_core.losses.taylor import PRESETS, TaylorLoss, exponents, num_params, polynomial, taylor_loss
+from metaopt_core.losses.taylor import (
+    PRESETS,
+    Preset,
+    TaylorLoss,
+    coefficient_grid,
+    exponents,
+    label_coefficients,
+    num_params,
+    polynomial,
+    taylor_loss,
+)
 
 __all__ = [
     "PRESETS",
+    "Preset",
+    "coefficient_grid",
+    "label_coefficients",
     "BaikalLoss",
     "BiTemperedLogisticLoss",
     "CrossEntropy",
