@@ -1,0 +1,301 @@
+"""Parametric loss families a meta-learner can learn through one interface.
+
+A *family* fixes the form of a loss; a flat float vector ω (the meta-parameters) picks one member.
+Every family offers
+
+- ``init(spec)``: the starting ω (a preset name, ``"ce-like"``, or explicit numbers);
+- ``functional(params, logits, target)``: the mean loss, differentiable in ω and in the logits,
+  free of data-dependent Python control flow (so it works under ``torch.func.vmap`` and inside
+  double backward for implicit hypergradients);
+- ``per_example(params, scale, logits, target)`` and ``scales(params)``: the same loss in the
+  shape :mod:`metaopt_core.population` vmaps over (so CMA-ES can search any family too);
+- ``to_module(params)``: a drop-in ``nn.Module`` for ``nn.CrossEntropyLoss``;
+- ``to_dict(params)`` / :func:`family_from_dict`: the white-box JSON document the model registry
+  stores (``metaopt_core.mlops.registry.loss_from_doc`` rebuilds the module from it).
+
+Families:
+
+- :class:`TaylorFamily` — the Taylor polynomial of :mod:`metaopt_core.losses.taylor`, any order
+  2–5, Taylor-factor or plain-monomial form; ω is the polynomial's parameter vector
+  ``[c0, c1, θ2, …]``.
+- :class:`ISCEFamily` — "iSCE" (thesis §4.4): Symmetric Cross-Entropy's (α, β) learned. ω is
+  unconstrained, ``(α, β) = softplus(ω)`` keeps both weights positive.
+
+``"ce-like"`` start of the Taylor family: the Taylor expansion of cross-entropy's per-class term.
+With the package's sign convention (loss = −Σ_c f(ŷ_c, y_c)), CE is f = y log ŷ. Expanding
+around (c0, c1 = 0) — so e = y — and dropping terms without d = ŷ − c0:
+
+    y log ŷ ≈ Σ_{k=1}^{order−1} (−1)^{k+1} / (k c0^k) · d^k e
+
+i.e. the (k, 1) monomials get (−1)^{k+1} / (k c0^k) (times k! in the Taylor-factor form, whose
+terms carry 1/(k! 1!)); everything else is 0. For one-hot labels this is exactly y times the
+(order−1)-degree Taylor polynomial of log ŷ at c0: CE near ŷ = c0, bounded (robust) near ŷ = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaopt_core.losses.robust import SymmetricCrossEntropy, reverse_cross_entropy
+from metaopt_core.losses.taylor import ORDERS, PRESETS, Form, TaylorLoss, exponents, num_params, taylor_loss
+
+InitSpec = str | Sequence[float]
+CE_LIKE = "ce-like"
+FAMILY_KINDS = ("taylor", "isce")
+
+
+class LossFamily(Protocol):
+    """What a meta-learner needs from a parametric loss family (see the module docstring)."""
+
+    kind: str
+
+    @property
+    def num_params(self) -> int: ...
+
+    def init(self, spec: InitSpec) -> Tensor: ...
+
+    def functional(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor: ...
+
+    def scales(self, params: Tensor) -> Tensor: ...
+
+    def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor: ...
+
+    def to_module(self, params: Tensor | Sequence[float]) -> nn.Module: ...
+
+    def to_dict(self, params: Tensor | Sequence[float]) -> dict: ...
+
+    def describe(self) -> dict: ...
+
+
+def _as_vector(params: Tensor | Sequence[float], length: int, name: str = "params") -> Tensor:
+    vector = params.detach() if isinstance(params, Tensor) else torch.as_tensor(list(params), dtype=torch.float64)
+    vector = vector.reshape(-1).to(torch.float32).clone()
+    if vector.numel() != length:
+        raise ValueError(f"{name}: got {vector.numel()} values; this family needs {length}")
+    if not torch.isfinite(vector).all():
+        raise ValueError(f"{name}: got non-finite values {vector.tolist()}; allowed: finite numbers")
+    return vector
+
+
+def _one_hot_if_indices(target: Tensor, logits: Tensor) -> Tensor:
+    if target.is_floating_point():
+        return target.to(logits.dtype)
+    return F.one_hot(target.long(), logits.shape[-1]).to(logits.dtype)
+
+
+# --------------------------------------------------------------------------------------------- Taylor
+
+
+@dataclass(frozen=True)
+class TaylorFamily:
+    """The Taylor-polynomial loss of any order (2–5) and form ("taylor" factors or plain "monomial").
+
+    ``ce_centre`` is the expansion point c0 of the ``"ce-like"`` start (see the module docstring).
+    """
+
+    order: int = 4
+    form: Form = "monomial"
+    ce_centre: float = 0.5
+    kind: str = "taylor"
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"order: got {self.order!r}; allowed: {list(ORDERS)}")
+        if self.form not in ("taylor", "monomial"):
+            raise ValueError(f"form: got {self.form!r}; allowed: ['taylor', 'monomial']")
+        if not (isinstance(self.ce_centre, (int, float)) and 0.0 < self.ce_centre <= 1.0):
+            raise ValueError(f"ce_centre: got {self.ce_centre!r}; allowed: a number in (0, 1]")
+
+    @property
+    def num_params(self) -> int:
+        return num_params(self.order)
+
+    def init(self, spec: InitSpec) -> Tensor:
+        """ω to start from: a Taylor preset name (its order and form must match), ``"ce-like"``
+        or ``num_params`` explicit numbers."""
+        if isinstance(spec, str):
+            if spec == CE_LIKE:
+                return self.ce_like()
+            if spec not in PRESETS:
+                raise ValueError(f"init: got {spec!r}; allowed: {CE_LIKE!r}, {sorted(PRESETS)} or a list of {self.num_params} numbers")
+            preset = PRESETS[spec]
+            if self.order != 4 or preset.form != self.form:
+                raise ValueError(
+                    f"init: preset {spec!r} is order 4, form {preset.form!r}; the family is order {self.order}, form {self.form!r}"
+                )
+            return torch.tensor(preset.params, dtype=torch.float32)
+        return _as_vector(spec, self.num_params, "init")
+
+    def ce_like(self) -> Tensor:
+        """The Taylor expansion of cross-entropy at (c0, c1) = (ce_centre, 0) (module docstring)."""
+        c0 = float(self.ce_centre)
+        params = [c0, 0.0]
+        for i, j in exponents(self.order):
+            if j == 1:
+                coefficient = (-1) ** (i + 1) / (i * c0**i)
+                if self.form == "taylor":  # the term is multiplied by 1 / (i! 1!)
+                    coefficient *= math.factorial(i)
+                params.append(coefficient)
+            else:
+                params.append(0.0)
+        return torch.tensor(params, dtype=torch.float32)
+
+    def functional(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        return taylor_loss(params, logits, target, self.order, self.form, reduction="mean")
+
+    def scales(self, params: Tensor) -> Tensor:
+        return torch.ones(params.shape[0], dtype=params.dtype, device=params.device)
+
+    def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        return taylor_loss(params, logits, target, self.order, self.form, scale, reduction="none")
+
+    def to_module(self, params: Tensor | Sequence[float]) -> TaylorLoss:
+        return TaylorLoss(_as_vector(params, self.num_params), order=self.order, form=self.form)
+
+    def to_dict(self, params: Tensor | Sequence[float]) -> dict:
+        return self.to_module(params).to_dict()
+
+    def describe(self) -> dict:
+        return {"kind": "taylor", "order": self.order, "form": self.form, "ce_centre": self.ce_centre}
+
+
+# --------------------------------------------------------------------------------------------- iSCE
+
+
+def softplus_inverse(value: float) -> float:
+    """x with softplus(x) = value (> 0), computed stably for large values."""
+    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"softplus_inverse: got {value!r}; allowed: a finite number > 0")
+    return value + math.log(-math.expm1(-value))
+
+
+@dataclass(frozen=True)
+class ISCEFamily:
+    """iSCE: ``softplus(ω0) · CE + softplus(ω1) · RCE`` (SCE of Wang et al. 2019 with learned weights).
+
+    RCE uses log 0 := ``log_zero`` (A = −4 as in the SCE paper). Starts: ``"sce"`` (α = 0.1,
+    β = 1, the paper's setting), ``"ce-like"`` (α = 1, β = 0.01: CE with a trace of RCE — β = 0
+    is out of reach of the softplus) or explicit ``[α, β]`` (both > 0; *natural* values, the
+    raw ω is their softplus inverse).
+    """
+
+    log_zero: float = -4.0
+    kind: str = "isce"
+
+    def __post_init__(self):
+        if not (isinstance(self.log_zero, (int, float)) and self.log_zero < 0 and math.isfinite(self.log_zero)):
+            raise ValueError(f"log_zero: got {self.log_zero!r}; allowed: a finite number < 0")
+
+    @property
+    def num_params(self) -> int:
+        return 2
+
+    def init(self, spec: InitSpec) -> Tensor:
+        if isinstance(spec, str):
+            starts = {"sce": (0.1, 1.0), CE_LIKE: (1.0, 0.01)}
+            if spec not in starts:
+                raise ValueError(f"init: got {spec!r}; allowed for family 'isce': {sorted(starts)} or [alpha, beta] (both > 0)")
+            natural = starts[spec]
+        else:
+            natural = [float(v) for v in spec]
+            if len(natural) != 2 or any(not (v > 0 and math.isfinite(v)) for v in natural):
+                raise ValueError(f"init: got {list(spec)!r}; family 'isce' needs [alpha, beta], both finite and > 0")
+        return torch.tensor([softplus_inverse(v) for v in natural], dtype=torch.float32)
+
+    @staticmethod
+    def weights(params: Tensor) -> tuple[Tensor, Tensor]:
+        """(α, β) = softplus(ω), differentiable."""
+        positive = F.softplus(params)
+        return positive[..., 0], positive[..., 1]
+
+    def _per_example(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        y = _one_hot_if_indices(target, logits)
+        alpha, beta = self.weights(params)
+        ce = -(y * F.log_softmax(logits, dim=-1)).sum(-1)
+        return alpha * ce + beta * reverse_cross_entropy(logits, y, self.log_zero)
+
+    def functional(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        return self._per_example(params, logits, target).mean(-1)
+
+    def scales(self, params: Tensor) -> Tensor:
+        return torch.ones(params.shape[0], dtype=params.dtype, device=params.device)
+
+    def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        return self._per_example(params, logits, target) * scale
+
+    def natural(self, params: Tensor | Sequence[float]) -> tuple[float, float]:
+        alpha, beta = self.weights(_as_vector(params, 2).double())
+        return float(alpha), float(beta)
+
+    def to_module(self, params: Tensor | Sequence[float]) -> SymmetricCrossEntropy:
+        alpha, beta = self.natural(params)
+        return SymmetricCrossEntropy(alpha=alpha, beta=beta, log_zero=self.log_zero)
+
+    def to_dict(self, params: Tensor | Sequence[float]) -> dict:
+        """``{"family": "sce", "params": {alpha, beta, log_zero}}`` — what the registry's
+        ``loss_from_doc`` builds through ``get_loss`` — plus the raw ω for exact reloading."""
+        alpha, beta = self.natural(params)
+        return {
+            "family": "sce",
+            "params": {"alpha": alpha, "beta": beta, "log_zero": self.log_zero},
+            "learned_as": {"family": "isce", "parameterisation": "(alpha, beta) = softplus(raw)",
+                           "raw": [float(v) for v in _as_vector(params, 2)]},
+        }  # fmt: skip
+
+    def describe(self) -> dict:
+        return {"kind": "isce", "log_zero": self.log_zero}
+
+
+# --------------------------------------------------------------------------------------------- lookup
+
+
+def build_family(kind: str, **options: Any) -> TaylorFamily | ISCEFamily:
+    """A family by kind: ``build_family("taylor", order=4, form="monomial")``, ``build_family("isce")``."""
+    if kind == "taylor":
+        allowed = {"order", "form", "ce_centre"}
+        factory = TaylorFamily
+    elif kind == "isce":
+        allowed = {"log_zero"}
+        factory = ISCEFamily
+    else:
+        raise ValueError(f"family kind: got {kind!r}; allowed: {list(FAMILY_KINDS)}")
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"family {kind!r}: unknown option(s) {unknown}; accepted: {sorted(allowed)}")
+    return factory(**options)
+
+
+def family_from_dict(doc: Mapping[str, Any]) -> tuple[TaylorFamily | ISCEFamily, Tensor]:
+    """Inverse of ``to_dict``: the family and its ω from a white-box document."""
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"loss document: got {type(doc).__name__}; allowed: a JSON object")
+    family = doc.get("family")
+    if family == "taylor":
+        taylor = TaylorLoss.from_dict(dict(doc))  # validates order, form and the parameter count
+        return TaylorFamily(order=taylor.order, form=taylor.form), taylor.params.detach().clone()
+    if family == "sce":
+        learned = doc.get("learned_as") or {}
+        params = doc.get("params") or {}
+        isce = ISCEFamily(log_zero=float(params.get("log_zero", -4.0)))
+        if learned.get("family") == "isce" and "raw" in learned:
+            return isce, _as_vector(learned["raw"], 2, "learned_as.raw")
+        return isce, isce.init([float(params.get("alpha", 0.1)), float(params.get("beta", 1.0))])
+    raise ValueError(f"family: got {family!r}; allowed: ['taylor', 'sce'] (iSCE documents are stored as 'sce')")
+
+
+__all__ = [
+    "CE_LIKE",
+    "FAMILY_KINDS",
+    "ISCEFamily",
+    "LossFamily",
+    "TaylorFamily",
+    "build_family",
+    "family_from_dict",
+    "softplus_inverse",
+]
