@@ -212,7 +212,14 @@ def _loss_plot(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- entry point
 
-COMMAND_GROUPS: list[Callable[[Any], None]] = [add_models_commands, add_loss_commands]
+def add_pipeline_group(subparsers: Any) -> None:
+    # `run`, `compile`, `schedule` live with the pipelines they drive.
+    from pipelines.commands import add_pipeline_commands
+
+    add_pipeline_commands(subparsers)
+
+
+COMMAND_GROUPS: list[Callable[[Any], None]] = [add_pipeline_group, add_models_commands, add_loss_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
