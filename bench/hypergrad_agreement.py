@@ -1,4 +1,4 @@
-"""Agreement of implicit hypergradients (Neumann, CG) with exact ones, for docs/hypergrad-validation.md.
+"""Agreement of implicit hypergradients (Neumann, CG) with exact ones, for docs/details/hypergrad.md.
 
 Uses the very problems of tests/test_hypergrad.py (loaded from that file, so the numbers here
 are for the tested problems), all in float64 on CPU:

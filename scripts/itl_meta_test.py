@@ -19,7 +19,7 @@ domains' train splits, select on their val splits, test on the held-out domain):
 
 Architecture: ``mlp3`` (MLP 784-256-256-10; meta-training used ``mlp2``, 784-256-10). ``lenet`` is
 selectable; with it both Taylor losses mostly stayed at chance within 8 epochs at every lr of the
-grid (docs/results-itl.md). Protocol: each loss at its own tuned learning rate — for every
+grid (docs/details/itl.md). Protocol: each loss at its own tuned learning rate — for every
 (loss, cell) the lr of the grid {0.1, 0.03, 0.01, 0.003} with the best mean last-epoch accuracy on
 the source domains' val splits (DomainBed's training-domain validation) — then mean ± std over the
 seeds of the test-domain accuracy at the last epoch (SGD momentum 0.9, batch 64, 8 epochs).

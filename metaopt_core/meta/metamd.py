@@ -25,7 +25,7 @@ Hypergradient methods (``hypergrad.method``):
   B_φ(θ, θ_1) + μ·L_tr(θ) (μ = ``hypergrad.constraint_weight``; μ = 0 is the thesis: the Lagrangian
   term (L* − L)² vanishes to second order at θ_T) and outer objective the bound. Bound objective only.
 
-  What it computes (measured and explained in docs/results-metamd.md): with μ = 0 the inner Hessian
+  What it computes (measured and explained in docs/details/metamd.md): with μ = 0 the inner Hessian
   is M itself and the mixed derivative is ∂(M d)/∂ω, d = θ_T − θ_1, so the indirect term is exactly
   −2 ∂B/∂ω|_θ and the IFT hypergradient of the Bregman term is −∂B/∂ω|_θ — the negative of its
   direct gradient; the thesis's printed eq 5.28 (no minus sign, no direct term) is +2 ∂B/∂ω|_θ. In
