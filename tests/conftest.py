@@ -1,16 +1,15 @@
 """Shared pytest set-up. Fixtures that start real services live in tests/fixtures_*.py and are
 registered here so every test module can use them."""
 
-import os
-
 import pytest
 import torch
 
 # Real services (moto S3 server, MLflow tracking server) as session fixtures.
 pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_mlflow"]
 
-# Tests are small: more threads than cores only adds contention on CI's 2 cores.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Test tensors are small: one intra-op thread is as fast and leaves the second core to the
+# MLflow/S3 server processes the tests start (two threads each was up to 10x slower under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
