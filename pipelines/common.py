@@ -199,7 +199,7 @@ def parameter_config(algorithm: str, doc: dict) -> dict:
 
         if blocks.resolve_config(algorithm, stripped).model_dump() != blocks.resolve_config(algorithm, doc).model_dump():
             raise ValueError(
-                f"config: a field set to null differs from its default, and KFP dict parameters cannot hold null; "
+                "config: a field set to null differs from its default, and KFP dict parameters cannot hold null; "
                 "store the configuration in a file the cluster can read and pass it as config_uri (s3://...)"
             )
     return json.loads(json.dumps(stripped))

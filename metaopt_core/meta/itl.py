@@ -46,10 +46,8 @@ Which data each number uses (for domain d held out):
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,7 +58,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, stack_module_state, vmap
 
@@ -69,10 +66,10 @@ from metaopt_core.data.prepare import PreparedData, prepare
 from metaopt_core.data.sources import ImageData
 from metaopt_core.hypergrad import implicit_hypergradient, pcgrad
 from metaopt_core.losses.taylor import ORDERS
+from metaopt_core.meta.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
 from metaopt_core.meta.loss_families import ISCEFamily, TaylorFamily
 from metaopt_core.models import VMAP_FRIENDLY, build_model
 
-STATE_FILE = "state.json"
 STATE_FORMAT = "metaopt.itl.state/1"
 HYPERGRAD_FORMAT = "metaopt.itl.hypergradient/1"
 # Fields that may change on resume without changing what the run computes (the last three only
@@ -780,16 +777,7 @@ class ITLState:
         return out
 
     def save(self, directory: str | Path) -> Path:
-        """Write the checkpoint. The tensors go to ``state-<step>.safetensors`` first, then
-        ``state.json`` (naming that file and its sha256) is replaced atomically, then older tensor
-        files are removed: a kill at any point leaves a consistent previous or new checkpoint."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensor_name = f"state-{self.step:06d}.safetensors"
-        tensor_path = directory / tensor_name
-        scratch = directory / (tensor_name + ".tmp")
-        save_file(self.tensors(), str(scratch))
-        os.replace(scratch, tensor_path)
+        """Write the checkpoint (crash-safe; see :mod:`metaopt_core.meta.checkpoint`)."""
         doc = {
             "format": STATE_FORMAT,
             "config": self.config,
@@ -797,34 +785,14 @@ class ITLState:
             "omega": [float(v) for v in self.omega],
             "optimizer_keys": sorted(self.optimizer),
             "domains": self.domains,
-            "tensors": tensor_name,
-            "tensors_sha256": hashlib.sha256(tensor_path.read_bytes()).hexdigest(),
             "history": self.history,
         }
-        path = directory / STATE_FILE
-        json_scratch = path.with_suffix(".json.tmp")
-        json_scratch.write_text(json.dumps(doc))
-        os.replace(json_scratch, path)
-        for stale in directory.glob("state-*.safetensors"):
-            if stale.name != tensor_name:
-                stale.unlink(missing_ok=True)
-        return path
+        return save_checkpoint(directory, self.step, doc, self.tensors())
 
     @classmethod
     def load(cls, directory: str | Path) -> "ITLState":
-        directory = Path(directory)
-        path = directory / STATE_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"no ITL checkpoint at {path}")
-        doc = json.loads(path.read_text())
-        if doc.get("format") != STATE_FORMAT:
-            raise ValueError(f"ITL state {path}: format {doc.get('format')!r}; expected {STATE_FORMAT!r}")
-        tensor_path = directory / doc["tensors"]
-        if not tensor_path.exists():
-            raise FileNotFoundError(f"ITL state {path}: tensor file {tensor_path} is missing")
-        if hashlib.sha256(tensor_path.read_bytes()).hexdigest() != doc["tensors_sha256"]:
-            raise ValueError(f"ITL state {path}: {tensor_path.name} does not match its recorded sha256 (corrupted?)")
-        tensors = load_file(str(tensor_path))
+        doc, tensors, path = load_checkpoint(directory, STATE_FORMAT, "ITL")
+        tensor_path = Path(directory) / doc["tensors"]
         optimizer = {key: tensors[f"optimizer.{key}"] for key in doc["optimizer_keys"]}
         state = cls(doc["config"], tensors["omega"], optimizer, int(doc["step"]), list(doc["history"]), doc.get("domains"))
         if [float(v) for v in state.omega] != [float(v) for v in doc["omega"]]:

@@ -60,7 +60,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,7 +71,6 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -81,11 +79,11 @@ from metaopt_core.config import ConfigError, DataSpec, StrictModel, validate
 from metaopt_core.data.prepare import PreparedData, prepare
 from metaopt_core.hypergrad import forward_mode_hypergradient, implicit_hypergradient, unrolled_hypergradient
 from metaopt_core.meta import quadratics
+from metaopt_core.meta.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
 from metaopt_core.meta.quadratics import QuadraticFamily, QuadraticProblems
 from metaopt_core.models import build_model
 from metaopt_core.optim import DenseBregman, DiagonalBregman, Divergence, KroneckerBregman, MirrorDescent, save_divergence
 
-STATE_FILE = "state.json"
 STATE_FORMAT = "metaopt.metamd.state/1"
 HYPERGRAD_FORMAT = "metaopt.metamd.hypergradient/1"
 # Fields that may change on resume without changing what the run computes (device: up to float
@@ -1099,50 +1097,21 @@ class MetaMDState:
         return out
 
     def save(self, directory: str | Path) -> Path:
-        """Write the checkpoint: tensors to ``state-<step>.safetensors`` first, then ``state.json``
-        (naming that file and its sha256) replaced atomically, then older tensor files removed — a
-        kill at any point leaves a consistent previous or new checkpoint."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensor_name = f"state-{self.step:06d}.safetensors"
-        tensor_path = directory / tensor_name
-        scratch = directory / (tensor_name + ".tmp")
-        save_file(self.tensors(), str(scratch))
-        os.replace(scratch, tensor_path)
+        """Write the checkpoint (crash-safe; see :mod:`metaopt_core.meta.checkpoint`)."""
         doc = {
             "format": STATE_FORMAT,
             "config": self.config,
             "step": self.step,
             "omega_sha256": _omega_digest(self.omega),
             "optimizer_keys": sorted(self.optimizer),
-            "tensors": tensor_name,
-            "tensors_sha256": hashlib.sha256(tensor_path.read_bytes()).hexdigest(),
             "history": self.history,
         }
-        path = directory / STATE_FILE
-        json_scratch = path.with_suffix(".json.tmp")
-        json_scratch.write_text(json.dumps(doc))
-        os.replace(json_scratch, path)
-        for stale in directory.glob("state-*.safetensors"):
-            if stale.name != tensor_name:
-                stale.unlink(missing_ok=True)
-        return path
+        return save_checkpoint(directory, self.step, doc, self.tensors())
 
     @classmethod
     def load(cls, directory: str | Path) -> "MetaMDState":
-        directory = Path(directory)
-        path = directory / STATE_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"no MetaMD checkpoint at {path}")
-        doc = json.loads(path.read_text())
-        if doc.get("format") != STATE_FORMAT:
-            raise ValueError(f"MetaMD state {path}: format {doc.get('format')!r}; expected {STATE_FORMAT!r}")
-        tensor_path = directory / doc["tensors"]
-        if not tensor_path.exists():
-            raise FileNotFoundError(f"MetaMD state {path}: tensor file {tensor_path} is missing")
-        if hashlib.sha256(tensor_path.read_bytes()).hexdigest() != doc["tensors_sha256"]:
-            raise ValueError(f"MetaMD state {path}: {tensor_path.name} does not match its recorded sha256 (corrupted?)")
-        tensors = load_file(str(tensor_path))
+        doc, tensors, path = load_checkpoint(directory, STATE_FORMAT, "MetaMD")
+        tensor_path = Path(directory) / doc["tensors"]
         optimizer = {key: tensors[f"optimizer.{key}"] for key in doc["optimizer_keys"]}
         state = cls(doc["config"], tensors["omega"], optimizer, int(doc["step"]), list(doc["history"]))
         if _omega_digest(state.omega) != doc["omega_sha256"]:

@@ -1,0 +1,57 @@
+"""Checkpoint files shared by the gradient-based meta-learners (ITL, MetaMD).
+
+A checkpoint is a directory holding ``state-<step>.safetensors`` (the tensors) and ``state.json``
+(everything else, naming the tensor file and its sha256). Writing order makes it crash-safe: the
+tensors are written first, then ``state.json`` is replaced atomically, then older tensor files are
+removed, so a kill at any point leaves a consistent previous or new checkpoint. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+STATE_FILE = "state.json"
+
+
+def save_checkpoint(directory: str | Path, step: int, doc: dict, tensors: dict[str, Tensor]) -> Path:
+    """Write ``tensors`` and ``doc`` (which gains ``tensors`` and ``tensors_sha256``); returns the JSON path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensor_name = f"state-{step:06d}.safetensors"
+    tensor_path = directory / tensor_name
+    scratch = directory / (tensor_name + ".tmp")
+    save_file(tensors, str(scratch))
+    os.replace(scratch, tensor_path)
+    doc = {**doc, "tensors": tensor_name, "tensors_sha256": hashlib.sha256(tensor_path.read_bytes()).hexdigest()}
+    path = directory / STATE_FILE
+    json_scratch = path.with_suffix(".json.tmp")
+    json_scratch.write_text(json.dumps(doc))
+    os.replace(json_scratch, path)
+    for stale in directory.glob("state-*.safetensors"):
+        if stale.name != tensor_name:
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(directory: str | Path, state_format: str, kind: str) -> tuple[dict, dict[str, Tensor], Path]:
+    """Read and verify a checkpoint: (JSON document, tensors, path of the JSON). ``kind`` names the
+    meta-learner in error messages."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {kind} checkpoint at {path}")
+    doc = json.loads(path.read_text())
+    if doc.get("format") != state_format:
+        raise ValueError(f"{kind} state {path}: format {doc.get('format')!r}; expected {state_format!r}")
+    tensor_path = directory / doc["tensors"]
+    if not tensor_path.exists():
+        raise FileNotFoundError(f"{kind} state {path}: tensor file {tensor_path} is missing")
+    if hashlib.sha256(tensor_path.read_bytes()).hexdigest() != doc["tensors_sha256"]:
+        raise ValueError(f"{kind} state {path}: {tensor_path.name} does not match its recorded sha256 (corrupted?)")
+    return doc, load_file(str(tensor_path)), path
