@@ -24,13 +24,24 @@ import yaml
 
 from pipelines.common import PipelineOptions
 from pipelines.local import run_local
-from tests.fixtures_mlflow import mlflow_server, reset_mlflow_uri  # noqa: F401  (fixtures)
+from tests.fixtures_mlflow import reset_mlflow_uri, start_mlflow_server, stop_server  # noqa: F401  (fixtures)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the tiny configurations take 2 outer steps: 2 blocks keep the hand-over without an idle third block
 TWO_BLOCKS = PipelineOptions(blocks=2, cluster_env=False, retries=False)
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A tracking server of this module's own. The registry tests register 'arl', 'itl' and
+    'metamd' versions on the session-wide server; these tests count versions from 1."""
+    uri, process = start_mlflow_server(tmp_path_factory.mktemp("pipelines-mlflow"))
+    try:
+        yield uri
+    finally:
+        stop_server(process)
 
 
 def _client(uri: str):
