@@ -67,6 +67,8 @@ from metaopt_core.data.sources import ImageData
 from metaopt_core.hypergrad import implicit_hypergradient, pcgrad
 from metaopt_core.losses.taylor import ORDERS
 from metaopt_core.meta.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+from metaopt_core.meta.outer import nanmean as _nanmean
+from metaopt_core.meta.outer import optimizer_step
 from metaopt_core.meta.loss_families import ISCEFamily, TaylorFamily
 from metaopt_core.models import VMAP_FRIENDLY, build_model
 
@@ -847,36 +849,6 @@ def aggregate(gradients: Sequence[Tensor], method: str, seed: int, step: int) ->
         pc_seed = int(np.random.SeedSequence([seed, step, 0x9C]).generate_state(1)[0] % (2**31))
         return pcgrad(stacked, seed=pc_seed)
     raise ValueError(f"aggregation: got {method!r}; allowed: ['pcgrad', 'mean']")
-
-
-def optimizer_step(omega: Tensor, gradient: Tensor, optimizer_state: Mapping[str, Tensor], step: int, outer: OuterConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """One Adam or SGD step on ω (``step`` = 1-based step count), functional and in the same
-    arithmetic as ``torch.optim.Adam`` / ``torch.optim.SGD``. Returns (new ω, new optimiser state)."""
-    omega = omega.detach().clone()
-    gradient = gradient.detach().to(omega.dtype)
-    if outer.optimizer == "adam":
-        beta1, beta2 = outer.betas
-        exp_avg = optimizer_state.get("exp_avg", torch.zeros_like(omega)).clone()
-        exp_avg_sq = optimizer_state.get("exp_avg_sq", torch.zeros_like(omega)).clone()
-        exp_avg.lerp_(gradient, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(outer.eps)
-        omega.addcdiv_(exp_avg, denom, value=-outer.lr / bias_correction1)
-        return omega, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    if outer.optimizer == "sgd":
-        if not outer.momentum:
-            return omega - outer.lr * gradient, {}
-        previous = optimizer_state.get("momentum_buffer")
-        buffer = gradient.clone() if previous is None else previous * outer.momentum + gradient
-        return omega - outer.lr * buffer, {"momentum_buffer": buffer}
-    raise ValueError(f"outer.optimizer: got {outer.optimizer!r}; allowed: ['adam', 'sgd']")
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(sum(finite) / len(finite)) if finite else float("nan")
 
 
 def outer_update(state: ITLState, hypergradients: Sequence[Hypergradient]) -> ITLState:

@@ -80,6 +80,8 @@ from metaopt_core.data.prepare import PreparedData, prepare
 from metaopt_core.hypergrad import forward_mode_hypergradient, implicit_hypergradient, unrolled_hypergradient
 from metaopt_core.meta import quadratics
 from metaopt_core.meta.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+from metaopt_core.meta.outer import nanmean as _nanmean
+from metaopt_core.meta.outer import optimizer_step
 from metaopt_core.meta.quadratics import QuadraticFamily, QuadraticProblems
 from metaopt_core.models import build_model
 from metaopt_core.optim import DenseBregman, DiagonalBregman, Divergence, KroneckerBregman, MirrorDescent, save_divergence
@@ -925,36 +927,6 @@ def inner_hypergrad(state: "MetaMDState", task: Task, *, data: TaskSet | Prepare
     """Train a fresh model on ``task`` with the current MirrorDescent for T steps and return the
     hypergradient of the meta-objective (one job of the pipeline's fan-out)."""
     return inner_hypergrads(state, [task], data=data)[0]
-
-
-def optimizer_step(omega: Tensor, gradient: Tensor, optimizer_state: Mapping[str, Tensor], step: int, outer: OuterConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """One Adam or SGD step on the flat ω (``step`` = 1-based), in the arithmetic of
-    ``torch.optim.Adam`` / ``torch.optim.SGD``. Returns (new ω, new optimiser state)."""
-    omega = omega.detach().clone()
-    gradient = gradient.detach().to(omega.dtype)
-    if outer.optimizer == "adam":
-        beta1, beta2 = outer.betas
-        exp_avg = optimizer_state.get("exp_avg", torch.zeros_like(omega)).clone()
-        exp_avg_sq = optimizer_state.get("exp_avg_sq", torch.zeros_like(omega)).clone()
-        exp_avg.lerp_(gradient, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(outer.eps)
-        omega.addcdiv_(exp_avg, denom, value=-outer.lr / bias_correction1)
-        return omega, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    if outer.optimizer == "sgd":
-        if not outer.momentum:
-            return omega - outer.lr * gradient, {}
-        previous = optimizer_state.get("momentum_buffer")
-        buffer = gradient.clone() if previous is None else previous * outer.momentum + gradient
-        return omega - outer.lr * buffer, {"momentum_buffer": buffer}
-    raise ValueError(f"outer.optimizer: got {outer.optimizer!r}; allowed: ['adam', 'sgd']")
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    return float(sum(finite) / len(finite)) if finite else float("nan")
 
 
 def describe_divergence(div: Divergence) -> dict[str, Any]:
