@@ -55,3 +55,27 @@ def load_checkpoint(directory: str | Path, state_format: str, kind: str) -> tupl
     if hashlib.sha256(tensor_path.read_bytes()).hexdigest() != doc["tensors_sha256"]:
         raise ValueError(f"{kind} state {path}: {tensor_path.name} does not match its recorded sha256 (corrupted?)")
     return doc, load_file(str(tensor_path)), path
+
+
+def _flatten(doc: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved_config: dict, config: dict, checkpoint_dir: str | Path, resumable: tuple[str, ...]) -> None:
+    """Refuse to resume a checkpoint under a config that would change what the run computes;
+    only the dotted fields in ``resumable`` may differ."""
+    from metaopt_core.config import ConfigError
+
+    saved, wanted = _flatten(saved_config), _flatten(config)
+    for key in sorted(set(saved) | set(wanted)):
+        if key not in resumable and saved.get(key) != wanted.get(key):
+            raise ConfigError(
+                f"resume from {checkpoint_dir}: field '{key}': checkpoint has {saved.get(key)!r}, config has "
+                f"{wanted.get(key)!r}; only {list(resumable)} may change on resume (or use a new checkpoint_dir)"
+            )

@@ -61,12 +61,12 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, stack_module_state, vmap
 
-from metaopt_core.config import ConfigError, DataSpec, StrictModel, validate
+from metaopt_core.config import DataSpec, StrictModel, validate
 from metaopt_core.data.prepare import PreparedData, prepare
 from metaopt_core.data.sources import ImageData
 from metaopt_core.hypergrad import implicit_hypergradient, pcgrad
 from metaopt_core.losses.taylor import ORDERS
-from metaopt_core.meta.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+from metaopt_core.meta.checkpoint import STATE_FILE, check_resumable, load_checkpoint, save_checkpoint
 from metaopt_core.meta.outer import nanmean as _nanmean
 from metaopt_core.meta.outer import optimizer_step
 from metaopt_core.meta.loss_families import ISCEFamily, TaylorFamily
@@ -971,26 +971,9 @@ def result_of(state: ITLState, fingerprint: str | None = None) -> ITLResult:
     return ITLResult(family.to_module(state.omega), document, list(history), state)
 
 
-def _flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in doc.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _resume_state(config: ITLConfig, checkpoint_dir: Path) -> ITLState:
     state = ITLState.load(checkpoint_dir)
-    saved = _flatten(state.config)
-    wanted = _flatten(config.model_dump(mode="json"))
-    for key in sorted(set(saved) | set(wanted)):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != wanted.get(key):
-            raise ConfigError(
-                f"resume from {checkpoint_dir}: field '{key}': checkpoint has {saved.get(key)!r}, config has "
-                f"{wanted.get(key)!r}; only {list(RESUMABLE_CHANGES)} may change on resume (or use a new checkpoint_dir)"
-            )
+    check_resumable(state.config, config.model_dump(mode="json"), checkpoint_dir, RESUMABLE_CHANGES)
     state.config = config.model_dump(mode="json")
     return state
 
