@@ -1,5 +1,6 @@
-"""Components shared by the three pipelines: data, the new-data check, tracking, meta-test,
-registration/promotion and the "skipped" report.
+"""The steps around meta-training, the same for every learner: data, the new-data check,
+tracking, meta-test, registration/promotion and the "skipped" report (``learner``: a registered
+name or an import reference, as in :mod:`components.learner`).
 
 Every component runs in the project's image (``base_image``), installs nothing at run time and
 imports what it needs inside its body (Kubeflow ships only the function's source); the body is one
@@ -19,7 +20,7 @@ from components.images import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prepare_data(
-    algorithm: str,
+    learner: str,
     config: dict,
     data: Output[Dataset],
     config_uri: str = "",
@@ -31,7 +32,7 @@ def prepare_data(
 
     from components import runtime
 
-    fingerprint, resolved, summary = runtime.prepare_data(algorithm, config, config_uri, data)
+    fingerprint, resolved, summary = runtime.prepare_data(learner, config, config_uri, data)
     return namedtuple("PreparedOutputs", ["fingerprint", "config", "summary"])(fingerprint, resolved, summary)
 
 
@@ -53,7 +54,7 @@ def check_new_data(
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def start_tracking(
-    algorithm: str,
+    learner: str,
     config: str,
     data: Input[Dataset],
     fingerprint: str,
@@ -67,13 +68,13 @@ def start_tracking(
 
     from components import runtime
 
-    run_id, experiment_id, uri = runtime.start_tracking(algorithm, config, data, fingerprint, experiment, model_name, pipeline_run)
+    run_id, experiment_id, uri = runtime.start_tracking(learner, config, data, fingerprint, experiment, model_name, pipeline_run)
     return namedtuple("TrackingOutputs", ["run_id", "experiment_id", "tracking_uri"])(run_id, experiment_id, uri)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def meta_test(
-    algorithm: str,
+    learner: str,
     config: str,
     data: Input[Dataset],
     learned: Input[Model],
@@ -90,13 +91,13 @@ def meta_test(
 
     from components import runtime
 
-    values, metric, greater = runtime.meta_test(algorithm, config, data.path, learned.path, run_id, settings, device, report, plots, metrics)
+    values, metric, greater = runtime.meta_test(learner, config, data.path, learned.path, run_id, settings, device, report, plots, metrics)
     return namedtuple("MetaTestOutputs", ["scores", "metric", "greater_is_better"])(values, metric, greater)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register_and_promote(
-    algorithm: str,
+    learner: str,
     config: str,
     learned: Input[Model],
     fingerprint: str,
@@ -114,14 +115,14 @@ def register_and_promote(
 
     from components import runtime
 
-    outcome = runtime.register_and_promote(algorithm, config, learned.path, fingerprint, run_id, model_name, scores, metric,
+    outcome = runtime.register_and_promote(learner, config, learned.path, fingerprint, run_id, model_name, scores, metric,
                                            greater_is_better, margin, report)  # fmt: skip
     return namedtuple("RegistrationOutputs", ["version", "decision", "promoted", "production_version", "summary"])(*outcome)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def report_skipped(
-    algorithm: str,
+    learner: str,
     model_name: str,
     production_version: str,
     fingerprint: str,
@@ -133,7 +134,7 @@ def report_skipped(
 
     from components import runtime
 
-    summary = runtime.report_skipped(algorithm, model_name, production_version, fingerprint, reason, report)
+    summary = runtime.report_skipped(learner, model_name, production_version, fingerprint, reason, report)
     return namedtuple("SkippedOutputs", ["summary"])(summary)
 
 

@@ -1,8 +1,9 @@
 """What the components do when they run (inside a pipeline pod, or a ``kfp.local`` subprocess).
 
 Each Kubeflow component's body is one call into this module; each function here reads the
-component's inputs, calls one ``metaopt_core`` function (``metaopt_core.meta.blocks`` for the
-algorithms, ``metaopt_core.mlops`` for MLflow) and writes the outputs, metrics and MLflow records.
+component's inputs, calls the learner (``metaopt_core.meta``: the registry finds it by the name or
+import reference the pipeline passes as ``learner``) or ``metaopt_core.mlops`` for MLflow, and
+writes the outputs, metrics and MLflow records. Nothing here knows a learner by name.
 The functions take plain values and KFP artifact objects (anything with ``.path``, ``.metadata``
 and, for metrics, ``.log_metric``), so they are testable without Kubeflow.
 
@@ -22,17 +23,16 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 PREFIX = "[metaopt]"
-FINISHED = "finished"  # key of the candidates file when the search has stopped
-# Meta-training curves shown in the HTML report and logged to MLflow, per algorithm.
-HISTORY_KEYS = {
-    "arl": ("best_accuracy", "mean_accuracy", "sigma", "diverged"),
-    "itl": ("heldout_ce", "heldout_acc", "source_acc", "hypergrad_norm"),
-    "metamd": ("objective", "hypergrad_norm", "lambda", "frobenius_distance"),
-}
 DOWNSTREAM = {
     "loss": ("from metaopt_core import load_loss", 'criterion = load_loss("models:/{name}/production")'),
     "optimizer": ("from metaopt_core import load_optimizer", 'optimizer = load_optimizer("models:/{name}/production", model)'),
 }
+
+
+def learner_of(learner: str) -> Any:
+    from metaopt_core.meta import registry
+
+    return registry.get(learner)
 
 
 def say(message: str) -> None:
@@ -88,35 +88,30 @@ def _copy_tree(source: str, destination: str) -> None:
 # ============================================================================= data
 
 
-def read_config(algorithm: str, config: Mapping[str, Any] | None, config_uri: str = "") -> Any:
+def read_config(learner: str, config: Mapping[str, Any] | None, config_uri: str = "") -> Any:
     """The validated run configuration: the YAML/JSON at ``config_uri`` (a path, ``file://`` or
     ``s3://`` URI) when given, else the ``config`` mapping (the pipeline parameter)."""
-    from metaopt_core.meta import blocks
-
     if config_uri:
         import yaml
 
         from metaopt_core.mlops import storage
 
         doc = yaml.safe_load(storage.read_text(config_uri)) or {}
-        return blocks.resolve_config(algorithm, doc, source=config_uri)
-    return blocks.resolve_config(algorithm, dict(config or {}), source="config")
+        return learner_of(learner).resolve_config(doc, source=config_uri)
+    return learner_of(learner).resolve_config(dict(config or {}), source="config")
 
 
-def prepare_data(algorithm: str, config: Mapping[str, Any], config_uri: str, data: Any) -> tuple[str, str, str]:
+def prepare_data(learner: str, config: Mapping[str, Any], config_uri: str, data: Any) -> tuple[str, str, str]:
     """Resolve the configuration and prepare what meta-training reads into ``data`` (a Dataset
     artifact: ``inputs.json`` + one folder per dataset). Returns (fingerprint, the resolved config
     as JSON text, a one-line summary)."""
-    from metaopt_core.meta import blocks
-
-    resolved = read_config(algorithm, config, config_uri)
-    say(f"{algorithm}: config {getattr(resolved, 'name', algorithm)!r} from {config_uri or 'the pipeline parameter'}")
-    inputs = blocks.prepare_inputs(resolved, progress=say)
+    meta_learner = learner_of(learner)
+    resolved = read_config(learner, config, config_uri)
+    say(f"{meta_learner.name}: config {getattr(resolved, 'name', meta_learner.name)!r} from {config_uri or 'the pipeline parameter'}")
+    inputs = meta_learner.prepare(resolved, progress=say)
     inputs.save(data.path)
-    data.metadata["fingerprint"] = inputs.fingerprint
-    data.metadata["algorithm"] = algorithm
-    data.metadata["summary"] = inputs.summary()
-    say(f"{algorithm}: data {inputs.summary()}")
+    data.metadata.update({"fingerprint": inputs.fingerprint, "learner": meta_learner.name, "summary": inputs.summary()})
+    say(f"{meta_learner.name}: data {inputs.summary()}")
     return inputs.fingerprint, json.dumps(resolved.model_dump(mode="json")), inputs.summary()
 
 
@@ -148,14 +143,14 @@ def check_new_data(fingerprint: str, model_name: str, force: bool) -> tuple[bool
 
 
 def start_tracking(
-    algorithm: str, config: str | Mapping[str, Any], data: Any, fingerprint: str, experiment: str, model_name: str, pipeline_run: str
+    learner: str, config: str | Mapping[str, Any], data: Any, fingerprint: str, experiment: str, model_name: str, pipeline_run: str
 ) -> tuple[str, str, str]:
     """Create the pipeline run's MLflow run (or adopt ``MLFLOW_RUN_ID``): config as params, data
     fingerprint as a tag, the prepared inputs' manifest as an artifact. Returns (run id,
     experiment id, tracking URI)."""
     from metaopt_core.mlops.tracking import TAG_ALGORITHM, Tracker
 
-    tags = {TAG_ALGORITHM: algorithm, "metaopt.model_name": model_name, "metaopt.pipeline_run": pipeline_run}
+    tags = {TAG_ALGORITHM: learner_of(learner).name, "metaopt.model_name": model_name, "metaopt.pipeline_run": pipeline_run}
     # an injected MLFLOW_EXPERIMENT_ID (KFP's MLflow integration) wins over the parameter
     name = None if os.environ.get("MLFLOW_EXPERIMENT_ID") else (experiment or None)
     with Tracker(name, run_name=pipeline_run or model_name, tags=tags) as tracker:
@@ -172,139 +167,115 @@ def start_tracking(
 # ============================================================================= meta-training
 
 
-def _config_and_inputs(algorithm: str, config: str | Mapping[str, Any], data_path: str, device: str = "") -> tuple[Any, Any]:
-    from metaopt_core.meta import blocks
+def _setup(learner: str, config: str | Mapping[str, Any], data_path: str, device: str = "") -> tuple[Any, Any, Any]:
+    """(the learner, its configuration on ``device``, the prepared inputs)."""
+    from metaopt_core.meta.inputs import PreparedInputs
 
-    resolved = blocks.with_device(blocks.resolve_config(algorithm, config_doc(config)), device)
-    return resolved, blocks.PreparedInputs.load(data_path)
-
-
-def _export(algorithm: str, result: Any, fingerprint: str, learned: Any) -> None:
-    from metaopt_core.meta import blocks
-
-    doc = blocks.export_result(algorithm, result, learned.path, fingerprint)
-    learned.metadata.update({"algorithm": algorithm, "kind": doc["kind"], "steps": doc["steps"], "fingerprint": fingerprint})
+    meta_learner = learner_of(learner)
+    return meta_learner, meta_learner.with_device(meta_learner.resolve_config(config_doc(config)), device), PreparedInputs.load(data_path)
 
 
-def init_state(algorithm: str, config: str | Mapping[str, Any], data_path: str, device: str, total_steps: int, state: Any) -> int:
+def _hand_on(meta_learner: Any, new_state: Any, inputs: Any, state: Any, learned: Any, metrics: Any) -> int:
+    """Export what was learned so far (the state is saved already), log the last step's metrics; the step reached."""
+    from metaopt_core.meta import runner
+
+    step = meta_learner.step(new_state)
+    state.metadata.update({"learner": meta_learner.name, "step": step})
+    doc = runner.export(meta_learner, new_state, inputs, learned.path)
+    learned.metadata.update({"learner": meta_learner.name, "kind": doc["kind"], "steps": doc["steps"], "fingerprint": inputs.fingerprint})
+    _log_kfp_metrics(metrics, meta_learner.metrics(new_state))
+    return step
+
+
+def init_state(learner: str, config: str | Mapping[str, Any], data_path: str, device: str, total_steps: int, state: Any) -> int:
     """The state before the first outer step, on ``device`` (empty: the config's). ``total_steps``
     > 0 replaces the config's outer-step count (sharded pipelines have one outer step per block).
     Returns the number of outer steps the run will take."""
-    from metaopt_core.meta import blocks
-
-    resolved, inputs = _config_and_inputs(algorithm, config, data_path, device)
-    if total_steps > 0 and total_steps != blocks.total_steps(resolved):
-        say(f"{algorithm}: {total_steps} outer steps (one per pipeline block) instead of the config's {blocks.total_steps(resolved)}")
-        resolved = blocks.with_total_steps(resolved, total_steps)
-    blocks.save_state(blocks.initial_state(resolved, inputs), state.path)
-    state.metadata.update({"algorithm": algorithm, "step": 0})
-    return blocks.total_steps(resolved)
+    meta_learner, resolved, inputs = _setup(learner, config, data_path, device)
+    if total_steps > 0 and total_steps != meta_learner.total_steps(resolved):
+        say(f"{meta_learner.name}: {total_steps} outer steps (one per pipeline block) instead of the config's {meta_learner.total_steps(resolved)}")
+        resolved = meta_learner.with_total_steps(resolved, total_steps)
+    meta_learner.save_state(meta_learner.init(resolved, inputs), state.path)
+    state.metadata.update({"learner": meta_learner.name, "step": 0})
+    return meta_learner.total_steps(resolved)
 
 
 def run_block(
-    algorithm: str,
-    config: str | Mapping[str, Any],
-    data_path: str,
-    state_in_path: str,
-    run_id: str,
-    block_index: int,
-    blocks_count: int,
-    device: str,
-    state: Any,
-    learned: Any,
-    metrics: Any,
-) -> int:
+    learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, run_id: str, block_index: int, blocks_count: int,
+    device: str, state: Any, learned: Any, metrics: Any,
+) -> int:  # fmt: skip
     """Block ``block_index`` of ``blocks_count``: resume the state and run outer steps up to this
     block's share of the run, logging every step to MLflow; hand on the state and the learned
     loss/optimiser so far. Returns the step reached."""
-    from metaopt_core.meta import blocks
+    from metaopt_core.meta import runner
 
-    resolved, inputs = _config_and_inputs(algorithm, config, data_path, device)
-    total = blocks.total_steps(resolved)
-    until = blocks.block_target(total, block_index, blocks_count)
+    meta_learner, resolved, inputs = _setup(learner, config, data_path, device)
+    total = meta_learner.total_steps(resolved)
+    until = runner.block_target(total, block_index, blocks_count)
     _copy_tree(state_in_path, state.path)
-    say(f"{algorithm}: block {block_index + 1}/{blocks_count}: outer steps up to {until} of {total}")
+    say(f"{meta_learner.name}: block {block_index + 1}/{blocks_count}: outer steps up to {until} of {total}")
 
     def progress(line: str) -> None:
         if ": resumed from " not in line:  # every block resumes its predecessor's state by design
             say(line)
 
     with tracked(run_id) as tracker:
-        result = blocks.run_block(resolved, inputs, state.path, until, total=total, progress=progress,
-                                  callback=tracker.callback() if tracker else None)  # fmt: skip
-    step = blocks.state_step(result.state)
-    state.metadata.update({"algorithm": algorithm, "step": step})
-    _export(algorithm, result, inputs.fingerprint, learned)
-    _log_kfp_metrics(metrics, blocks.step_metrics(algorithm, result.state))
+        reached = runner.run_block(meta_learner, resolved, inputs, state.path, until, total=total, progress=progress,
+                                   callback=tracker.callback() if tracker else None)  # fmt: skip
+    return _hand_on(meta_learner, reached, inputs, state, learned, metrics)
+
+
+def ask(learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, work: Any) -> int:
+    """The next outer step's jobs (one JSON file). Returns the step about to be taken."""
+    from metaopt_core.meta import runner
+
+    meta_learner, _, inputs = _setup(learner, config, data_path)
+    current = meta_learner.load_state(state_in_path)
+    runner.write_work(meta_learner, current, inputs, work.path)
+    step = meta_learner.step(current)
+    work.metadata.update({"learner": meta_learner.name, "step": step})
+    if meta_learner.done(current):  # stopped by itself: the remaining blocks pass the state on
+        say(f"{meta_learner.name}: the run finished at step {step}; nothing to ask")
+    else:
+        say(f"{meta_learner.name}: outer step {step + 1}: work asked")
     return step
 
 
-def ask(config: str | Mapping[str, Any], state_in_path: str, candidates: Any) -> int:
-    """ARL: the next generation's candidates (one JSON file). Returns the generation index."""
-    from metaopt_core.meta import blocks
+def evaluate(learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, work_path: str, shard_index: int,
+             shards: int, part: Any) -> None:  # fmt: skip
+    """One shard of the next outer step's work (the inner trainings)."""
+    from metaopt_core.meta import runner
 
-    resolved = blocks.resolve_config("arl", config_doc(config))
-    state = blocks.load_state("arl", state_in_path)
-    Path(candidates.path).parent.mkdir(parents=True, exist_ok=True)
-    if state.finished:  # CMA-ES stopped by itself: the remaining blocks pass the state on
-        Path(candidates.path).write_text(json.dumps({FINISHED: True, "generation": state.generation}))
-        candidates.metadata.update({"generation": state.generation, "count": 0})
-        say(f"arl: the search stopped at generation {state.generation} ({state.stop_reasons}); nothing to ask")
-        return state.generation
-    asked = blocks.ask(resolved, state)
-    asked.save(candidates.path)
-    candidates.metadata.update({"generation": asked.generation, "count": len(asked)})
-    say(f"arl: generation {asked.generation + 1}: {len(asked)} candidates")
-    return asked.generation
+    meta_learner, _, inputs = _setup(learner, config, data_path)
+    current = meta_learner.load_state(state_in_path)
+    say(f"{meta_learner.name}: shard {shard_index + 1}/{shards}")
+    runner.write_part(meta_learner, current, runner.read_work(meta_learner, work_path), shard_index, shards, inputs, part.path)
+    part.metadata.update({"learner": meta_learner.name, "shard": shard_index, "shards": shards})
 
 
-def fan_out(algorithm: str, config: str | Mapping[str, Any], data_path: str, source_path: str, shard_index: int, shards: int, part: Any) -> None:
-    """One shard of the next outer step (ARL: evaluate candidates; ITL, MetaMD: hypergradients)."""
-    from metaopt_core.meta import arl, blocks
-
-    resolved, inputs = _config_and_inputs(algorithm, config, data_path)
-    if algorithm == "arl":
-        doc = json.loads(Path(source_path).read_text())
-        finished = bool(doc.get(FINISHED))
-        source = None if finished else arl.Candidates.from_dict(doc)
-    else:
-        source = blocks.load_state(algorithm, source_path)
-        finished = source.finished
-    if finished:  # nothing left to compute; the merge step passes the state on
-        Path(part.path).mkdir(parents=True, exist_ok=True)
-        say(f"{algorithm}: shard {shard_index + 1}/{shards}: the run has finished, nothing to compute")
-        return
-    say(f"{algorithm}: shard {shard_index + 1}/{shards}")
-    blocks.fan_out(resolved, inputs, source, shard_index, shards, part.path)
-    part.metadata.update({"algorithm": algorithm, "shard": shard_index, "shards": shards})
-
-
-def fan_in(
-    algorithm: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, part_paths: Sequence[str], run_id: str,
+def tell(
+    learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, part_paths: Sequence[str], run_id: str,
     state: Any, learned: Any, metrics: Any,
 ) -> int:  # fmt: skip
     """Merge the shards of one outer step, take it, log it to MLflow, hand on state and result."""
-    from metaopt_core.meta import blocks
+    from metaopt_core.meta import runner
 
-    resolved, inputs = _config_and_inputs(algorithm, config, data_path)
-    previous = blocks.load_state(algorithm, state_in_path)
-    if previous.finished:
-        say(f"{algorithm}: the run already finished at step {blocks.state_step(previous)}; nothing to merge")
+    meta_learner, _, inputs = _setup(learner, config, data_path)
+    previous = meta_learner.load_state(state_in_path)
+    if meta_learner.done(previous):
+        say(f"{meta_learner.name}: the run already finished at step {meta_learner.step(previous)}; nothing to merge")
         new_state = previous
     else:
         with tracked(run_id) as tracker:  # a failed merge marks the MLflow run FAILED
-            new_state = blocks.fan_in(resolved, inputs, previous, part_paths)
-            step_row = blocks.step_metrics(algorithm, new_state)
-            total = blocks.total_steps(blocks.state_config(algorithm, new_state))  # sharded runs: one step per block
-            say(f"{algorithm}: outer step {blocks.state_step(new_state)}/{total} from {len(part_paths)} shards: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in list(_numeric(step_row).items())[:6]))  # fmt: skip
+            new_state = runner.tell_parts(meta_learner, previous, part_paths, inputs)
+            row = meta_learner.metrics(new_state)
+            total = meta_learner.total_steps(meta_learner.config_of(new_state))  # sharded runs: one step per block
+            say(f"{meta_learner.name}: outer step {meta_learner.step(new_state)}/{total} from {len(part_paths)} shards: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in list(_numeric(row).items())[:6]))  # fmt: skip
             if tracker:
-                tracker.callback()(step_row)
-    blocks.save_state(new_state, state.path)
-    state.metadata.update({"algorithm": algorithm, "step": blocks.state_step(new_state)})
-    _export(algorithm, blocks.result_for(resolved, inputs, new_state), inputs.fingerprint, learned)
-    _log_kfp_metrics(metrics, blocks.step_metrics(algorithm, new_state))
-    return blocks.state_step(new_state)
+                tracker.callback()(row)
+    meta_learner.save_state(new_state, state.path)
+    return _hand_on(meta_learner, new_state, inputs, state, learned, metrics)
 
 
 # ============================================================================= meta-test, registry
@@ -315,46 +286,48 @@ def _png_tag(path: Path, alt: str) -> str:
     return f'<figure><img alt="{alt}" src="data:image/png;base64,{encoded}"/><figcaption>{alt}</figcaption></figure>'
 
 
-def _plots(algorithm: str, exported: dict, directory: Path) -> list[tuple[Path, str]]:
+def _plots(meta_learner: Any, exported: dict, directory: Path) -> list[tuple[Path, str]]:
     """The learned loss beside cross-entropy (losses) and the meta-training curves, as PNGs."""
-    from metaopt_core.meta import blocks
+    from metaopt_core.losses.document import loss_from_document
     from metaopt_core.plots import plot_history, plot_loss_curves
 
     made = []
+    title = meta_learner.name.upper()
     if exported["kind"] == "loss":
         import torch
 
-        path = plot_loss_curves({"learned": blocks.loss_module(exported["loss"]), "cross-entropy": torch.nn.CrossEntropyLoss()},
-                                directory / "learned_loss.png", title=f"{algorithm.upper()}: learned loss")  # fmt: skip
+        path = plot_loss_curves({"learned": loss_from_document(exported["loss"]), "cross-entropy": torch.nn.CrossEntropyLoss()},
+                                directory / "learned_loss.png", title=f"{title}: learned loss")  # fmt: skip
         made.append((path, "learned loss vs cross-entropy (loss of one example against the probability of its labelled class)"))
     history = [row for row in exported.get("history", []) if isinstance(row, Mapping)]
-    keys = [k for k in HISTORY_KEYS[algorithm] if any(k in row for row in history)]
+    keys = [k for k in meta_learner.history_keys if any(k in row for row in history)]
     if history and keys:
-        path = plot_history(history, keys, directory / "meta_training.png", title=f"{algorithm.upper()} meta-training")
+        path = plot_history(history, keys, directory / "meta_training.png", title=f"{title} meta-training")
         made.append((path, "meta-training curves, one point per outer step"))
     return made
 
 
 def meta_test(
-    algorithm: str, config: str | Mapping[str, Any], data_path: str, learned_path: str, run_id: str, settings: Mapping[str, Any],
+    learner: str, config: str | Mapping[str, Any], data_path: str, learned_path: str, run_id: str, settings: Mapping[str, Any],
     device: str, report: Any, plots: Any, scores_artifact: Any,
 ) -> tuple[dict, str, bool]:  # fmt: skip
     """Meta-test the learned loss/optimiser; the tables go to a Markdown artifact and MLflow, the
     plots to an HTML artifact and MLflow, the scores to a Metrics artifact and MLflow. Returns
     (scores, promotion metric, greater_is_better)."""
-    from metaopt_core.meta import blocks
+    from metaopt_core.meta import runner
 
-    resolved, inputs = _config_and_inputs(algorithm, config, data_path, device)
-    say(f"{algorithm}: meta-test with settings {blocks.integral_floats_to_int(dict(settings or {}))}")
+    meta_learner, resolved, inputs = _setup(learner, config, data_path, device)
+    chosen = meta_learner.resolve_meta_test(settings)
+    say(f"{meta_learner.name}: meta-test with settings {chosen.model_dump(mode='json')}")
     with tracked(run_id) as tracker, tempfile.TemporaryDirectory() as scratch:  # a failure marks the MLflow run FAILED
-        outcome = blocks.meta_test(resolved, learned_path, inputs, settings, progress=say)
+        outcome = runner.meta_test(meta_learner, resolved, learned_path, inputs, chosen, progress=say)
         Path(report.path).parent.mkdir(parents=True, exist_ok=True)
         Path(report.path).write_text(outcome.markdown)
-        exported = blocks.read_result(learned_path)
-        figures = _plots(algorithm, exported, Path(scratch))
+        exported = runner.read_result(learned_path)
+        figures = _plots(meta_learner, exported, Path(scratch))
         body = "\n".join(_png_tag(path, caption) for path, caption in figures)
         Path(plots.path).parent.mkdir(parents=True, exist_ok=True)
-        Path(plots.path).write_text(f"<html><body><h3>{algorithm.upper()}</h3>\n{body}\n</body></html>\n")
+        Path(plots.path).write_text(f"<html><body><h3>{meta_learner.name.upper()}</h3>\n{body}\n</body></html>\n")
         if tracker:
             tracker.log_metrics(outcome.scores, step=exported["steps"])
             tracker.log_text(outcome.markdown, "meta_test/report.md")
@@ -365,22 +338,23 @@ def meta_test(
                 tracker.log_dict(exported["loss"], "learned/loss.json")
     _log_kfp_metrics(scores_artifact, outcome.scores)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.scores.items())
-    say(f"{algorithm}: meta-test scores: {shown}")
+    say(f"{meta_learner.name}: meta-test scores: {shown}")
     return dict(outcome.scores), outcome.metric, outcome.greater_is_better
 
 
 def register_and_promote(
-    algorithm: str, config: str | Mapping[str, Any], learned_path: str, fingerprint: str, run_id: str, model_name: str,
+    learner: str, config: str | Mapping[str, Any], learned_path: str, fingerprint: str, run_id: str, model_name: str,
     scores: Mapping[str, Any], metric: str, greater_is_better: bool, margin: float, report: Any,
 ) -> tuple[str, str, bool, str, str]:  # fmt: skip
     """Register the learned loss/optimiser as a new version of ``model_name`` (provenance: config,
     data fingerprint, git commit, scores, the MLflow run) and promote it if it beats production
     (champion/challenger). Returns (version, decision, promoted, production version, summary JSON)."""
-    from metaopt_core.meta import blocks
+    from metaopt_core.meta import runner
     from metaopt_core.mlops import registry
 
-    exported = blocks.read_result(learned_path)
-    tags = {"metaopt.algorithm": algorithm, "metaopt.steps": exported["steps"]}
+    name = learner_of(learner).name
+    exported = runner.read_result(learned_path)
+    tags = {"metaopt.algorithm": name, "metaopt.steps": exported["steps"]}
     with tracked(run_id) as tracker:
         if exported["kind"] == "loss":
             version = registry.register_loss(exported["loss"], model_name, config=config_doc(config), fingerprint=fingerprint,
@@ -398,7 +372,7 @@ def register_and_promote(
         experiment_id = tracker.experiment_id if tracker else ""
     summary = {
         "status": "trained",
-        "algorithm": algorithm,
+        "algorithm": name,
         "kind": exported["kind"],
         "model_name": model_name,
         "version": version.version,
@@ -423,15 +397,14 @@ def register_and_promote(
     return version.version, decision.decision, bool(decision.promoted), summary["production_version"], json.dumps(summary)
 
 
-def report_skipped(algorithm: str, model_name: str, production_version: str, fingerprint: str, reason: str, report: Any) -> str:
+def report_skipped(learner: str, model_name: str, production_version: str, fingerprint: str, reason: str, report: Any) -> str:
     """The pipeline's answer when the data has not changed: the production version stays. Returns
     the summary JSON."""
-    from metaopt_core.meta import blocks
-
-    kind = blocks.KIND[algorithm]
+    meta_learner = learner_of(learner)
+    kind = meta_learner.kind
     summary = {
         "status": "skipped",
-        "algorithm": algorithm,
+        "algorithm": meta_learner.name,
         "kind": kind,
         "model_name": model_name,
         "production_version": production_version,

@@ -1,18 +1,18 @@
 """Run configurations as pydantic models, and the YAML loader that turns validation failures into
 one readable error (field, value, what is allowed).
 
-Shared building blocks live here; each meta-learner's top-level config lives beside its algorithm
-(``metaopt_core.meta.arl.ARLConfig`` …) and is found through ``algorithm:`` by ``load_config``.
+Shared building blocks live here; each meta-learner's top-level config lives in its package
+(``metaopt_core.meta.arl.ARLConfig`` …) and is found through ``algorithm:`` (the learner's registry
+name) by ``load_config``.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -36,6 +36,35 @@ def _known_names(kind: str) -> list[str]:
 
         return list(SOURCE_NAMES)
     raise KeyError(kind)
+
+
+def _known_model(value: str) -> str:
+    known = _known_names("model")
+    if value not in known:
+        raise ValueError(f"unknown model {value!r}; allowed: {known}")
+    return value
+
+
+def _known_device(value: str) -> str:
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {value!r} is not a torch device; allowed e.g. 'cpu', 'cuda', 'cuda:1'") from None
+    return value
+
+
+def _betas_in_range(value: tuple[float, float]) -> tuple[float, float]:
+    if not all(0.0 <= b < 1.0 for b in value):
+        raise ValueError(f"betas must both lie in [0, 1); got {list(value)}")
+    return value
+
+
+# Field types shared by every run configuration (one validator each, used by all learners).
+ModelName = Annotated[str, AfterValidator(_known_model)]
+DeviceName = Annotated[str, AfterValidator(_known_device)]
+Betas = Annotated[tuple[float, float], AfterValidator(_betas_in_range)]
 
 
 class NoiseSpec(StrictModel):
@@ -69,21 +98,13 @@ class DataSpec(StrictModel):
 class TrainSpec(StrictModel):
     """Inner-loop training of one base model."""
 
-    model: str = "mlp2"
+    model: ModelName = "mlp2"
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        known = _known_names("model")
-        if value not in known:
-            raise ValueError(f"unknown model {value!r}; allowed: {known}")
-        return value
 
 
 def format_validation_error(error: ValidationError, source: str = "config") -> str:
@@ -105,19 +126,19 @@ def validate(model_cls: type[BaseModel], data: Any, source: str = "config") -> B
         raise ConfigError(format_validation_error(error, source)) from None
 
 
-ALGORITHMS = {
-    "arl": "metaopt_core.meta.arl:ARLConfig",
-    "itl": "metaopt_core.meta.itl:ITLConfig",
-    "metamd": "metaopt_core.meta.metamd:MetaMDConfig",
-    "evaluate": "metaopt_core.evaluate:EvaluationConfig",
-}
-
-
 def config_class(algorithm: str) -> type[BaseModel]:
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"config: field 'algorithm': got {algorithm!r}; allowed: {sorted(ALGORITHMS)}")
-    module_name, class_name = ALGORITHMS[algorithm].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    """The configuration schema ``algorithm:`` names: a meta-learner's (from the learner registry)
+    or ``evaluate`` (the meta-test evaluator's)."""
+    if algorithm == "evaluate":
+        from metaopt_core.evaluate import EvaluationConfig
+
+        return EvaluationConfig
+    from metaopt_core.meta import registry
+
+    try:
+        return registry.get(algorithm).config_class
+    except registry.UnknownLearnerError:
+        raise ConfigError(f"config: field 'algorithm': got {algorithm!r}; allowed: {sorted([*registry.names(), 'evaluate'])}") from None
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> BaseModel:
@@ -131,5 +152,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> BaseModel:
     data.update(overrides or {})
     algorithm = data.get("algorithm")
     if algorithm is None:
-        raise ConfigError(f"{path}: field 'algorithm' is missing; allowed: {sorted(ALGORITHMS)}")
+        from metaopt_core.meta import registry
+
+        raise ConfigError(f"{path}: field 'algorithm' is missing; allowed: {sorted([*registry.names(), 'evaluate'])}")
     return validate(config_class(algorithm), data, source=str(path))

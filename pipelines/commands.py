@@ -1,11 +1,13 @@
 """The pipeline commands of the ``metaopt`` CLI: ``run``, ``compile`` and ``schedule``.
 
-    metaopt run {arl,itl,metamd,all} [--config FILE] [--local | --host URL]
-    metaopt compile {arl,itl,metamd} -o FILE.yaml [--blocks N] [--shards K] [--gpu]
-    metaopt schedule create {arl,itl,metamd} --host URL --cron "0 0 3 * * 0" [--config-uri URI]
+    metaopt run LEARNER|all [--config FILE] [--local | --host URL]
+    metaopt compile LEARNER -o FILE.yaml [--blocks N] [--shards K] [--gpu]
+    metaopt schedule create LEARNER --host URL --cron "0 0 3 * * 0" [--config-uri URI]
     metaopt schedule list --host URL
     metaopt schedule delete ID --host URL
 
+LEARNER is any registered learner (the built-ins arl, itl, metamd, entry points of the
+``metaopt.learners`` group) or an import reference ``package.module:LearnerClass``.
 ``pipelines.cli`` adds them with :func:`add_pipeline_commands`. Every handler returns an exit
 status; heavy imports (kfp, torch, MLflow) happen inside the handlers so ``metaopt --help`` is fast.
 """
@@ -18,7 +20,6 @@ import sys
 import time
 from typing import Any
 
-ALGORITHMS = ("arl", "itl", "metamd")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -45,7 +46,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def add_pipeline_commands(subparsers: Any) -> None:
     """Register ``run``, ``compile`` and ``schedule`` on the ``metaopt`` parser's subparsers."""
     run = subparsers.add_parser("run", help="run a meta-training pipeline: locally (kfp.local + MLflow on ./mlflow.db) or on a KFP cluster")
-    run.add_argument("algorithm", choices=[*ALGORITHMS, "all"], help="which pipeline ('all': arl, itl, metamd in turn)")
+    run.add_argument("algorithm", metavar="LEARNER", help="which learner's pipeline: a registered name, package.module:Class, or 'all' (the built-ins in turn)")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run here with kfp.local (the default)")
     where.add_argument("--host", default=None, metavar="URL", help="submit to the Kubeflow Pipelines endpoint at URL")
@@ -60,7 +61,7 @@ def add_pipeline_commands(subparsers: Any) -> None:
     run.set_defaults(handler=_run)
 
     compile_ = subparsers.add_parser("compile", help="compile a pipeline to Kubeflow Pipelines IR YAML")
-    compile_.add_argument("algorithm", choices=ALGORITHMS)
+    compile_.add_argument("algorithm", metavar="LEARNER", help="a registered learner name or package.module:Class")
     compile_.add_argument("-o", "--output", required=True, metavar="FILE.yaml")
     compile_.add_argument("--config", default=None, metavar="FILE", help="default of the 'config' parameter (default: the demo configuration)")
     compile_.add_argument("--no-cluster-env", action="store_true", help="do not attach the metaopt-runtime ConfigMap / metaopt-s3 Secret")
@@ -70,7 +71,7 @@ def add_pipeline_commands(subparsers: Any) -> None:
     schedule = subparsers.add_parser("schedule", help="recurring meta-training runs on a KFP cluster (re-trains only on new data)")
     sub = schedule.add_subparsers(dest="schedule_command", required=True, metavar="{create,list,delete}")
     create = sub.add_parser("create", help="a recurring run on a 6-field cron schedule (seconds first)")
-    create.add_argument("algorithm", choices=ALGORITHMS)
+    create.add_argument("algorithm", metavar="LEARNER", help="a registered learner name or package.module:Class")
     create.add_argument("--host", required=True, metavar="URL")
     create.add_argument("--cron", required=True, help='six fields, seconds first: "0 0 3 * * 0" = Sundays 03:00:00')
     create.add_argument("--name", default=None, help="recurring run name (default metaopt-<algorithm>-scheduled)")
@@ -94,7 +95,7 @@ def add_pipeline_commands(subparsers: Any) -> None:
 
 
 def _options(args: argparse.Namespace, *, local: bool) -> Any:
-    from pipelines.common import PipelineOptions
+    from pipelines.builder import PipelineOptions
 
     values: dict[str, Any] = {"shards": args.shards, "gpu": bool(getattr(args, "gpu", False))}
     if args.blocks is not None:
@@ -127,7 +128,7 @@ def _meta_test_settings(items: list[str]) -> dict:
 
 def _overrides(args: argparse.Namespace, algorithm: str, *, local: bool) -> dict:
     """The preset's overrides (quick by default for local runs of the demo configurations), then --set."""
-    from pipelines.common import preset_overrides
+    from pipelines.builder import preset_overrides
 
     preset = getattr(args, "preset", None)
     if preset is None:
@@ -138,11 +139,14 @@ def _overrides(args: argparse.Namespace, algorithm: str, *, local: bool) -> dict
 
 
 def _algorithms(args: argparse.Namespace) -> list[str]:
+    from metaopt_core.meta import registry
+
     if args.algorithm != "all":
+        registry.get(args.algorithm)  # an unknown name fails here, listing the known ones
         return [args.algorithm]
     if args.config or getattr(args, "config_uri", None):
-        raise ValueError("--config / --config-uri: give them with one algorithm (each has its own configuration schema), not with 'all'")
-    return list(ALGORITHMS)
+        raise ValueError("--config / --config-uri: give them with one learner (each has its own configuration schema), not with 'all'")
+    return list(registry.BUILTIN)
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -191,7 +195,7 @@ def _run_remote(args: argparse.Namespace, algorithms: list[str], settings: dict)
         config = args.config
         overrides = _overrides(args, algorithm, local=False)
         if overrides:
-            from pipelines.common import apply_overrides, default_config, load_config_file
+            from pipelines.builder import apply_overrides, default_config, load_config_file
 
             if args.config_uri:
                 raise ValueError("--set / --preset quick: change the file behind --config-uri instead (the cluster reads it as is)")
@@ -206,7 +210,7 @@ def _run_remote(args: argparse.Namespace, algorithms: list[str], settings: dict)
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipelines.common import compile_pipeline, load_config_file
+    from pipelines.builder import compile_pipeline, load_config_file
 
     options = _options(args, local=False)
     config = load_config_file(args.config, args.algorithm) if args.config else None
@@ -222,7 +226,7 @@ def _schedule_create(args: argparse.Namespace) -> int:
     config = args.config
     overrides = _overrides(args, args.algorithm, local=False)
     if overrides:
-        from pipelines.common import apply_overrides, default_config, load_config_file
+        from pipelines.builder import apply_overrides, default_config, load_config_file
 
         if args.config_uri:
             raise ValueError("--set: change the file behind --config-uri instead (the cluster reads it as is)")

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from pipelines.common import PipelineOptions, apply_overrides, build_pipeline, check_algorithm, default_config_path, load_config_file
+from pipelines.builder import PipelineOptions, apply_overrides, build_pipeline, default_config, default_config_path, learner_of, load_config_file
 
 STATE_DIR = ".metaopt"
 KEEP_RUNS = 3  # local pipeline-root folders kept per pipeline (prepared data and states are large)
@@ -147,7 +147,7 @@ def resolve_config_arg(algorithm: str, config: str | Path | Mapping[str, Any] | 
     """(config dict, its file or None): a file, a mapping, or the pipeline's demo configuration."""
     if config is None:
         path = default_config_path(algorithm)
-        return load_config_file(path, algorithm), path
+        return (load_config_file(path, algorithm), path) if path else (default_config(algorithm), None)
     if isinstance(config, Mapping):
         return dict(config), None
     return load_config_file(config, algorithm), Path(config).resolve()
@@ -168,7 +168,7 @@ def run_local(
     overrides: Mapping[str, Any] | None = None,
     echo: Echo | None = None,
 ) -> dict:
-    """Run the ``algorithm`` pipeline locally; returns its summary (``status`` trained | skipped,
+    """Run the pipeline of the learner called ``algorithm`` locally; returns its summary (``status`` trained | skipped,
     ``model_uri``, ``version``, ``decision``, ``production_version``, ``run_id``, ``scores``, ...,
     plus ``seconds`` and ``log``).
 
@@ -180,18 +180,17 @@ def run_local(
     """
     from kfp import local
 
-    from metaopt_core.meta import blocks
     from metaopt_core.mlops.tracking import default_tracking_uri, ensure_reachable, resolve_tracking_uri
 
-    check_algorithm(algorithm)
+    learner = learner_of(algorithm)
     doc, config_file = resolve_config_arg(algorithm, config)
     source = str(config_file) if config_file is not None else "the given mapping"
     changes = describe_overrides(doc, overrides)
     if overrides:
         doc, config_file = apply_overrides(doc, dict(overrides)), None
-    blocks.resolve_config(algorithm, doc, source=str(config_file or "config"))  # fail here, naming the field, not in a step
+    learner.resolve_config(doc, source=str(config_file or "config"))  # fail here, naming the field, not in a step
     if meta_test_settings:
-        blocks.meta_test_settings(algorithm, meta_test_settings)
+        learner.resolve_meta_test(meta_test_settings)
     options = options or PipelineOptions(cluster_env=False, retries=False)
     if options.gpu:
         raise ValueError("options.gpu: the local runner is CPU only; compile with --gpu for a cluster instead")

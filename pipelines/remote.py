@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipelines.common import PipelineOptions, check_algorithm, compile_pipeline, load_config_file, parameter_config
+from pipelines.builder import PipelineOptions, compile_pipeline, learner_of, load_config_file, parameter_config
 
 CRON_FIELDS = (
     ("seconds", 0, 59),
@@ -108,7 +108,7 @@ def pipeline_arguments(
 ) -> dict:
     """The run's pipeline arguments: only what differs from the compiled defaults. A local config
     file is sent as the ``config`` parameter (its content); ``config_uri`` names one the cluster reads."""
-    check_algorithm(algorithm)
+    learner_of(algorithm)  # an unknown name fails here, listing the known ones
     arguments: dict[str, Any] = {}
     if config is not None and config_uri:
         raise ValueError("config, config_uri: give one of them (a local file sent with the run, or a URI the cluster reads)")
@@ -171,7 +171,7 @@ def schedule_create(
     """A KFP recurring run of the ``algorithm`` pipeline on a six-field ``cron`` schedule. At most
     ``max_concurrency`` runs at once (1: never two meta-trainings of one model together); after
     downtime it runs once, not once per missed slot, unless ``catchup``."""
-    check_algorithm(algorithm)
+    learner_of(algorithm)  # an unknown name fails here, listing the known ones
     cron = validate_cron(cron)
     if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or not 1 <= max_concurrency <= 10:
         raise ValueError(f"max_concurrency: got {max_concurrency!r}; allowed: an int from 1 to 10")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from metaopt_core.config import DataSpec, load_config  # noqa: E402
-from metaopt_core.evaluate import compare_losses, noise_task  # noqa: E402
+from metaopt_core.evaluate import TrainingProtocol, compare_losses, noise_task  # noqa: E402
 from metaopt_core.losses.registry import get_loss  # noqa: E402
 from metaopt_core.losses.taylor import TaylorLoss  # noqa: E402
 from metaopt_core.meta.arl import ARLConfig, run  # noqa: E402
@@ -109,9 +109,9 @@ def main() -> int:
               f"converged {event['converged_acc']:.3f}{' (diverged)' if event['diverged'] else ''}", flush=True)  # fmt: skip
 
     started = time.perf_counter()
+    protocol = TrainingProtocol(architectures=archs, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, lr=lr)
     result = compare_losses(
-        losses, task, archs, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, lr_protocol="fixed",
-        lr=lr, progress=progress,
+        losses, task, protocol, progress=progress,
         extra_settings={"meta_train_config": str(args.config), "learned_loss": document.get("params")},
     )  # fmt: skip
     markdown = result.to_markdown()

@@ -41,7 +41,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from metaopt_core.config import DataSpec, load_config  # noqa: E402
-from metaopt_core.evaluate import compare_losses, domain_tasks  # noqa: E402
+from metaopt_core.evaluate import TrainingProtocol, compare_losses, domain_tasks  # noqa: E402
 from metaopt_core.meta import itl  # noqa: E402
 from metaopt_core.meta.loss_families import family_from_dict  # noqa: E402
 
@@ -88,13 +88,14 @@ def meta_test(loss_path: Path, out: Path, seeds: list[int], epochs: int, lr_grid
     losses = meta_test_losses(loss_path, list(labels))
     summary: dict = {"settings": {"seeds": seeds, "epochs": epochs, "lr_grid": lr_grid, "architecture": architecture,
                                   "batch_size": batch_size, "loss": str(loss_path)}, "datasets": {}}  # fmt: skip
+    protocol = TrainingProtocol(architectures=[architecture], seeds=seeds, epochs=epochs, batch_size=batch_size,
+                                optimizer="sgd", momentum=0.9, lr_protocol="tuned", lr_grid=lr_grid)  # fmt: skip
     markdown = []
     for name in datasets:
         started = time.perf_counter()
         tasks = domain_tasks(DATASETS[name], name=name)
         result = compare_losses(
-            losses, tasks, [architecture], seeds, epochs=epochs, batch_size=batch_size, optimizer="sgd", momentum=0.9,
-            lr_protocol="tuned", lr_grid=lr_grid,
+            losses, tasks, protocol,
             progress=lambda e: print(f"  [{e['done']}/{e['total']}] {e['loss']} {e['condition']} seed {e['seed']} lr {e['lr']:g}: "
                                      f"{e['converged_acc']:.3f}", flush=True),
         )  # fmt: skip

@@ -40,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from metaopt_core.config import load_config  # noqa: E402
 from metaopt_core.meta import metamd  # noqa: E402
+from metaopt_core.meta.metamd import analysis  # noqa: E402
 from metaopt_core.optim import MirrorDescent, attach, load_divergence  # noqa: E402
 
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 2.0)
@@ -64,7 +65,7 @@ def train_curve(config, tasks, domain: str, optimizer: str, lr: float, seed: int
     """Train a fresh base model on ``domain``; return the full-training-split loss every ``every``
     steps (step 0 included), the final validation accuracy and whether the run diverged."""
     train, val = tasks.data.domain(domain)
-    model = metamd._base_model(config, tasks, seed=10_000 + seed)
+    model = metamd.base_model(config, tasks, seed=10_000 + seed)
     if divergence is not None:
         divergence = attach(divergence, model)
     opt = make_optimizer(optimizer, model.parameters(), lr, divergence)
@@ -252,12 +253,12 @@ def cmd_agreement(args) -> None:
             tasks = metamd.task_set(config)
             state = metamd.MetaMDState.initial(config, tasks)
             task = metamd.tasks_for_step(state, tasks)[0]
-            grads = metamd.hypergradients_by_method(config, state.omega, task, ("unrolled", "implicit"), data=tasks, constraint_weights=args.mu)
+            grads = analysis.hypergradients_by_method(config, state.omega, task, ("unrolled", "implicit"), data=tasks, constraint_weights=args.mu)
             reference = grads["unrolled"]
             for name, value in grads.items():
                 if name == "unrolled":
                     continue
-                row = {"divergence": kind, "T": steps, "method": name, **metamd.agreement(value, reference),
+                row = {"divergence": kind, "T": steps, "method": name, **analysis.agreement(value, reference),
                        "norm_ratio": float(value.norm() / reference.norm())}  # fmt: skip
                 rows.append(row)
                 print(f"{kind:9s} T={steps:4d} {name:28s} cosine {row['cosine']:+.4f} rel_error {row['rel_error']:.3g} norm ratio {row['norm_ratio']:.3g}")
@@ -277,7 +278,7 @@ def cmd_bound(args) -> None:
     norms, bregmans, lipschitz = [], [], 0.0
     for position, domain in enumerate(tasks.meta_train):
         train, _ = tasks.data.domain(domain)
-        model = metamd._base_model(config, tasks, seed=30_000 + position)
+        model = metamd.base_model(config, tasks, seed=30_000 + position)
         init = [p.detach().clone() for p in model.parameters()]
         opt = MirrorDescent(model.parameters(), attach(copy.deepcopy(divergence), model), lr=lr)
         for index in metamd.minibatch_stream(len(train), config.tasks.network.batch_size, config.inner.steps, 40_000 + position):
@@ -292,10 +293,10 @@ def cmd_bound(args) -> None:
             bregmans.append(float(divergence.bregman(final, init)))
     n = config.outer.steps * config.outer.tasks_per_step
     distance = float(divergence.frobenius_reg().detach().clamp_min(0).sqrt())
-    terms = metamd.generalisation_bound_terms(divergence, n, 0.05, max(norms), math.ceil(distance), lr=lr, steps=config.inner.steps,
+    terms = analysis.generalisation_bound_terms(divergence, n, 0.05, max(norms), math.ceil(distance), lr=lr, steps=config.inner.steps,
                                               lipschitz=lipschitz, mean_bregman=float(np.mean(bregmans)))  # fmt: skip
     terms["L"] = lipschitz
-    identity = metamd.generalisation_bound_terms(metamd.build_divergence(config, tasks), n, 0.05, max(norms), 0.0, lr=lr,
+    identity = analysis.generalisation_bound_terms(metamd.build_divergence(config, tasks), n, 0.05, max(norms), 0.0, lr=lr,
                                                  steps=config.inner.steps, lipschitz=lipschitz)  # fmt: skip
     out = {"learned": terms, "M = I (same r, L; no empirical term)": identity}
     print(json.dumps(out, indent=1))

@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from metaopt_core.config import load_config  # noqa: E402
-from metaopt_core.meta import metamd, quadratics  # noqa: E402
+from metaopt_core.meta import metamd  # noqa: E402
+from metaopt_core.meta.metamd import analysis, quadratics  # noqa: E402
 
 FAMILIES = {
     "default": {},
@@ -68,11 +69,11 @@ def agreement_rows(config, omega, label: str, tasks_checked: int = 10) -> list[d
                                       "hypergrad": config.hypergrad.model_copy(update={"solver": "cg", "terms": 10})})  # fmt: skip
     per_method: dict[str, list[dict]] = {}
     for index in range(tasks_checked):
-        grads = metamd.hypergradients_by_method(bound, omega, metamd.Task("quadratic", index), ("forward", "unrolled", "implicit"),
+        grads = analysis.hypergradients_by_method(bound, omega, metamd.Task("quadratic", index), ("forward", "unrolled", "implicit"),
                                                 constraint_weights=(1.0, 1e4))  # fmt: skip
         for name, value in grads.items():
             if name != "forward":
-                per_method.setdefault(name, []).append(metamd.agreement(value, grads["forward"]))
+                per_method.setdefault(name, []).append(analysis.agreement(value, grads["forward"]))
     rows = []
     for name, values in per_method.items():
         rows.append({
@@ -105,7 +106,7 @@ def bound_terms(config, divergence_or_result) -> dict:
         mean_bregman = float(0.5 * torch.einsum("ni,ij,nj->n", d, M, d).mean())
     distance = float(divergence.frobenius_reg().detach().clamp_min(0).sqrt())
     C = math.ceil(distance * 100) / 100
-    return metamd.generalisation_bound_terms(divergence, len(problems), 0.05, r, C, lr=config.inner.lr, steps=config.inner.steps,
+    return analysis.generalisation_bound_terms(divergence, len(problems), 0.05, r, C, lr=config.inner.lr, steps=config.inner.steps,
                                              lipschitz=lipschitz, mean_bregman=mean_bregman) | {"L": lipschitz}  # fmt: skip
 
 

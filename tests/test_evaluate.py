@@ -17,6 +17,7 @@ from metaopt_core.config import ConfigError, load_config, validate
 from metaopt_core.evaluate import (
     EvaluationConfig,
     EvaluationResult,
+    TrainingProtocol,
     average_ranks,
     compare_losses,
     domain_tasks,
@@ -117,7 +118,7 @@ def test_early_stopping_reports_test_accuracy_of_best_noisy_validation_epoch(mon
     select = [0.20, 0.35, 0.30, 0.25]
     test = [0.40, 0.70, 0.60, 0.50]
     monkeypatch.setattr(train_module, "fit", fake_fit(lambda *_: (select, test, False)))
-    result = compare_losses({"ce": "ce"}, tiny_task, ["mlp2"], seeds=[0], epochs=4)
+    result = compare_losses({"ce": "ce"}, tiny_task, TrainingProtocol(architectures=["mlp2"], seeds=[0], epochs=4))
     (run,) = result.runs
     assert run.early_stop_epoch == 2
     assert run.early_stop_acc == pytest.approx(0.70)
@@ -130,7 +131,7 @@ def test_diverged_run_scores_chance_and_keeps_only_complete_epochs(monkeypatch, 
     # epoch 3 diverged: its (high) selection accuracy comes from a half-trained model
     select, test = [0.20, 0.30, 0.90], [0.50, 0.60, 0.95]
     monkeypatch.setattr(train_module, "fit", fake_fit(lambda *_: (select, test, True)))
-    result = compare_losses({"ce": "ce"}, tiny_task, ["mlp2"], seeds=[0], epochs=3)
+    result = compare_losses({"ce": "ce"}, tiny_task, TrainingProtocol(architectures=["mlp2"], seeds=[0], epochs=3))
     (run,) = result.runs
     assert run.diverged
     assert run.converged_acc == pytest.approx(1 / tiny_task.num_classes)
@@ -147,9 +148,8 @@ def test_tuned_protocol_picks_lr_with_best_validation_accuracy(monkeypatch, tiny
         return [0.1, final_select[lr]], [0.2, test_at_end], False
 
     monkeypatch.setattr(train_module, "fit", fake_fit(curves))
-    result = compare_losses(
-        {"ce": "ce"}, tiny_task, ["mlp2"], seeds=[0, 1], epochs=2, lr_protocol="tuned", lr_grid=[0.1, 0.01, 0.001]
-    )
+    protocol = TrainingProtocol(architectures=["mlp2"], seeds=[0, 1], epochs=2, lr_protocol="tuned", lr_grid=[0.1, 0.01, 0.001])
+    result = compare_losses({"ce": "ce"}, tiny_task, protocol)
     (summary,) = result.summaries
     assert summary.lr == 0.01
     assert summary.lr_scores == {"0.1": pytest.approx(0.30), "0.01": pytest.approx(0.60), "0.001": pytest.approx(0.50)}
@@ -162,14 +162,15 @@ def test_tuned_protocol_picks_lr_with_best_validation_accuracy(monkeypatch, tiny
 
 def test_tuned_protocol_breaks_ties_by_grid_order(monkeypatch, tiny_task):
     monkeypatch.setattr(train_module, "fit", fake_fit(lambda loss_fn, lr, seed: ([0.5], [0.5], False)))
-    result = compare_losses({"ce": "ce"}, tiny_task, ["mlp2"], epochs=1, lr_protocol="tuned", lr_grid=[0.03, 0.1])
+    protocol = TrainingProtocol(architectures=["mlp2"], epochs=1, lr_protocol="tuned", lr_grid=[0.03, 0.1])
+    result = compare_losses({"ce": "ce"}, tiny_task, protocol)
     assert result.summaries[0].lr == 0.03
 
 
 def test_two_stage_forward_estimates_transition_from_a_ce_model(monkeypatch, tiny_task):
     calls = []
     monkeypatch.setattr(train_module, "fit", fake_fit(lambda *_: ([0.5], [0.5], False), calls))
-    compare_losses({"fw": "forward"}, tiny_task, ["mlp2"], seeds=[3], epochs=1)
+    compare_losses({"fw": "forward"}, tiny_task, TrainingProtocol(architectures=["mlp2"], seeds=[3], epochs=1))
     assert len(calls) == 2  # stage 1 (CE) and stage 2 (forward-corrected)
     assert not isinstance(calls[0]["loss_fn"], ForwardCorrectedCrossEntropy)
     stage2 = calls[1]["loss_fn"]
@@ -207,9 +208,8 @@ def _markdown_table(markdown: str, title_start: str) -> list[list[str]]:
 
 
 def test_tiny_real_evaluation_json_and_markdown_agree(tiny_task):
-    result = compare_losses(
-        {"ce": "ce", "gce": "gce"}, tiny_task, ["mlp2"], seeds=[0, 1], epochs=2, batch_size=32, lr=0.05
-    )
+    protocol = TrainingProtocol(architectures=["mlp2"], seeds=[0, 1], epochs=2, batch_size=32, lr=0.05)
+    result = compare_losses({"ce": "ce", "gce": "gce"}, tiny_task, protocol)
     doc = json.loads(result.to_json())
     assert set(doc) == {"settings", "losses", "cells", "summaries", "ranks", "runs", "seconds"}
     assert len(doc["runs"]) == 4 and len(doc["summaries"]) == 2
@@ -256,9 +256,8 @@ class NaNLoss(nn.Module):
 
 def test_diverging_losses_score_chance_not_crash(tiny_task):
     huge = TaylorLoss([0.0, 0.0] + [1e37] * 10, form="monomial")
-    result = compare_losses(
-        {"ce": "ce", "nan": NaNLoss, "huge": huge}, tiny_task, ["mlp2"], seeds=[0, 1], epochs=2, batch_size=64
-    )
+    protocol = TrainingProtocol(architectures=["mlp2"], seeds=[0, 1], epochs=2, batch_size=64)
+    result = compare_losses({"ce": "ce", "nan": NaNLoss, "huge": huge}, tiny_task, protocol)
     chance = 1 / tiny_task.num_classes
     for label in ("nan", "huge"):
         summary = result.summaries[result.losses.index(label)]
@@ -368,3 +367,19 @@ def test_architecture_kwargs_are_checked_at_load_time():
     assert "architectures.0" in message and "width" in message and "mlp2" in message
     config = validate(EvaluationConfig, {**BASE, "architectures": [{"name": "small_cnn", "kwargs": {"width": 8}}]})
     assert config.architectures[0].display == "small_cnn(width=8)"
+
+
+def test_training_protocol_is_validated_and_an_evaluation_config_is_one(monkeypatch, tiny_task):
+    with pytest.raises(ConfigError, match="seeds"):
+        validate(TrainingProtocol, {"architectures": ["mlp2"], "seeds": [0, 0]})
+    with pytest.raises(ConfigError, match="device"):
+        validate(TrainingProtocol, {"architectures": ["mlp2"], "device": "gpu7"})
+    with pytest.raises(ConfigError, match="architectures: duplicate"):
+        validate(TrainingProtocol, {"architectures": ["mlp2", "mlp2"]})
+    with pytest.raises(TypeError, match="TrainingProtocol"):
+        compare_losses({"ce": "ce"}, tiny_task, {"architectures": ["mlp2"]})
+    # an EvaluationConfig carries the protocol itself: compare_losses takes it as is
+    monkeypatch.setattr(train_module, "fit", fake_fit(lambda *_: ([0.5], [0.5], False)))
+    config = validate(EvaluationConfig, {**BASE, "epochs": 1, "lr": 0.05})
+    result = compare_losses({"ce": "ce"}, tiny_task, config)
+    assert result.settings["lr"] == 0.05 and result.settings["epochs"] == 1

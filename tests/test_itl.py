@@ -24,6 +24,7 @@ from metaopt_core.losses.registry import get_loss
 from metaopt_core.losses.robust import SymmetricCrossEntropy
 from metaopt_core.losses.taylor import PRESETS, TaylorLoss
 from metaopt_core.meta import itl
+from metaopt_core.meta.itl import inner as itl_inner
 from metaopt_core.meta.loss_families import ISCEFamily, TaylorFamily, build_family, family_from_dict, softplus_inverse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,7 +306,7 @@ def test_batched_chunk_that_does_not_fit_is_split_down_to_single_jobs(data, monk
     state = itl.ITLState.initial(config)
     domains = itl.domain_set(config, data)
     jobs = [itl.make_job(config, domains, 0, d) for d in range(3)]
-    real = itl._train_batched
+    real = itl_inner.train_jobs_batched
     sizes: list[int] = []
 
     def only_one_fits(config, data, chunk, *args):
@@ -314,15 +315,15 @@ def test_batched_chunk_that_does_not_fit_is_split_down_to_single_jobs(data, monk
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(config, data, chunk, *args)
 
-    monkeypatch.setattr(itl, "_train_batched", only_one_fits)
+    monkeypatch.setattr(itl_inner, "train_jobs_batched", only_one_fits)
     split = itl.train_inner(config, domains, jobs, state.omega, batched=True)
     assert sizes == [3, 1, 2, 1, 1]
-    monkeypatch.setattr(itl, "_train_batched", real)
+    monkeypatch.setattr(itl_inner, "train_jobs_batched", real)
     whole = itl.train_inner(config, domains, jobs, state.omega, batched=True)
     for a, b in zip(split, whole):
         for name in a.params:
             assert torch.allclose(a.params[name], b.params[name], atol=2e-5, rtol=1e-4)
-    monkeypatch.setattr(itl, "_train_batched", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    monkeypatch.setattr(itl_inner, "train_jobs_batched", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not swallowed
         itl.train_inner(config, domains, jobs, state.omega, batched=True)
 

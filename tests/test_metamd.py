@@ -12,22 +12,21 @@ import torch
 import yaml
 
 from metaopt_core.config import ConfigError, load_config
-from metaopt_core.meta import metamd, quadratics
+from metaopt_core.meta import metamd
 from metaopt_core.meta.metamd import (
     Hypergradient,
     MetaMDConfig,
     MetaMDState,
     Task,
-    agreement,
-    generalisation_bound_terms,
-    hypergradients_by_method,
     inner_hypergrad,
     inner_hypergrads,
     outer_update,
+    quadratics,
     run,
     task_set,
     tasks_for_step,
 )
+from metaopt_core.meta.metamd.analysis import agreement, generalisation_bound_terms, hypergradients_by_method
 from metaopt_core.optim import DenseBregman, DiagonalBregman, KroneckerBregman, MirrorDescent, load_divergence
 
 
@@ -84,7 +83,7 @@ def task_value(config: MetaMDConfig, omega: torch.Tensor, index: int) -> float:
     tasks = task_set(config)
     problem = tasks.meta_train.subset([index])
     div = metamd.divergence_at(config, omega, tasks)
-    theta_T, trajectory_value = metamd._mirror_descent_quadratic(config, div, problem)
+    theta_T, trajectory_value = metamd.quadratic_mirror_descent(config, div, problem)
     if config.objective.kind == "trajectory":
         return trajectory_value
     with torch.no_grad():
@@ -359,7 +358,7 @@ def test_result_saves_a_loadable_optimiser(tmp_path):
     div, manifest = load_divergence(paths["divergence"])
     assert manifest["lr"] == config.inner.lr and manifest["metadata"]["algorithm"] == "metamd"
     assert torch.equal(torch.cat([p.flatten() for p in div.parameters()]), result.state.omega)
-    model = metamd._base_model(config, task_set(config), seed=5)
+    model = metamd.base_model(config, task_set(config), seed=5)
     optimizer = MirrorDescent.from_pretrained(paths["divergence"], model)
     assert optimizer.param_groups[0]["lr"] == config.inner.lr
     assert json.loads(paths["history"].read_text())[0]["step"] == 1

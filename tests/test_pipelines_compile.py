@@ -15,8 +15,8 @@ import yaml
 
 from components.images import IMAGE, IMAGE_CUDA
 from pipelines import remote
-from pipelines.common import (
-    DEFAULT_META_TEST,
+from metaopt_core.meta import registry
+from pipelines.builder import (
     RUNTIME_CONFIG_MAP,
     S3_SECRET,
     PipelineOptions,
@@ -25,13 +25,8 @@ from pipelines.common import (
     parameter_config,
 )
 
-ALGORITHMS = ("arl", "itl", "metamd")
+ALGORITHMS = tuple(registry.BUILTIN)
 PARAMETERS = {"config_uri", "config", "meta_test_settings", "model_name", "experiment", "force_retrain", "promotion_margin"}
-FAN = {  # (fan-out component, fan-in component, ask component or None)
-    "arl": ("arl-evaluate", "arl-tell", "arl-ask"),
-    "itl": ("itl-inner-hypergrad", "itl-outer-update", None),
-    "metamd": ("metamd-inner-hypergrad", "metamd-outer-update", None),
-}
 
 
 def _load(path: Path) -> tuple[dict, dict]:
@@ -95,7 +90,7 @@ def test_parameters_have_defaults_and_descriptions(compiled, algorithm):
     assert parameters["config_uri"]["defaultValue"] == ""
     # the config default is the demo configuration (numbers arrive as floats: KFP structs)
     assert json.loads(json.dumps(parameters["config"]["defaultValue"])) == json.loads(json.dumps(_as_floats(default_config(algorithm))))
-    assert parameters["meta_test_settings"]["defaultValue"] == _as_floats(DEFAULT_META_TEST[algorithm])
+    assert parameters["meta_test_settings"]["defaultValue"] == _as_floats(dict(registry.get(algorithm).default_meta_test))
     assert spec["pipelineInfo"]["name"] == f"metaopt-{algorithm}"
 
 
@@ -117,15 +112,15 @@ def test_dag_shape(compiled, algorithm):
     assert {"prepare-data", "check-new-data"} <= set(root)
     assert _upstream_producers(root["check-new-data"]) == {"prepare-data"}
     tasks = _all_tasks(spec)
-    blocks = [f"{algorithm}-block", f"{algorithm}-block-2", f"{algorithm}-block-3"]
-    expected = {"start-tracking", f"{algorithm}-init", *blocks, "meta-test", "register-and-promote", "report-skipped"}
+    blocks = ["run-block", "run-block-2", "run-block-3"]
+    expected = {"start-tracking", "init-state", *blocks, "meta-test", "register-and-promote", "report-skipped"}
     assert expected <= set(tasks)
     # the meta-training branch and the skip branch sit under the two conditions of one If/Else
     trained = next(dag for dag in dags.values() if "register-and-promote" in dag)
     skipped = next(dag for dag in dags.values() if "report-skipped" in dag)
     assert trained is not skipped and "report-skipped" not in trained
     # state handed block to block; meta-test and registration take the last block's result
-    assert _upstream_producers(tasks[blocks[0]]) >= {f"{algorithm}-init", "start-tracking"}
+    assert _upstream_producers(tasks[blocks[0]]) >= {"init-state", "start-tracking"}
     assert f"{blocks[0]}" in _upstream_producers(tasks[blocks[1]])
     assert f"{blocks[1]}" in _upstream_producers(tasks[blocks[2]])
     assert tasks["meta-test"]["inputs"]["artifacts"]["learned"]["taskOutputArtifact"]["producerTask"] == blocks[2]
@@ -144,7 +139,7 @@ def test_caching_retries_and_cpu_resources(compiled, algorithm):
     tasks = _all_tasks(spec)
     for name in ("prepare-data", "check-new-data", "start-tracking", "register-and-promote"):
         assert not tasks[name].get("cachingOptions", {}).get("enableCache"), f"{name} must not be cached"
-    for name in (f"{algorithm}-block", f"{algorithm}-block-2", f"{algorithm}-block-3", "meta-test"):
+    for name in ("run-block", "run-block-2", "run-block-3", "meta-test"):
         policy = tasks[name]["retryPolicy"]
         assert policy["maxRetryCount"] == 3 and policy["backoffDuration"] == "60s"
         container = _executor(spec, tasks[name])
@@ -162,7 +157,7 @@ def test_gpu_steps_request_an_accelerator_on_gpu_nodes(compiled, algorithm):
     spec, platform = _load(compiled[(algorithm, "gpu")])
     tasks = _all_tasks(spec)
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    gpu_steps = [f"{algorithm}-block", f"{algorithm}-block-2", f"{algorithm}-block-3", "meta-test"]
+    gpu_steps = ["run-block", "run-block-2", "run-block-3", "meta-test"]
     for name in gpu_steps:
         container = _executor(spec, tasks[name])
         assert container["image"] == IMAGE_CUDA
@@ -181,7 +176,7 @@ def test_gpu_steps_request_an_accelerator_on_gpu_nodes(compiled, algorithm):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_sharded_pipeline_fans_out_with_parallel_for(compiled, algorithm):
     spec, _ = _load(compiled[(algorithm, "sharded")])
-    fan_out, fan_in, ask = FAN[algorithm]
+    fan_out, fan_in, ask = "evaluate", "tell", "ask"
     dags = _dags(spec)
     loops = {name: dag for name, dag in dags.items() if name.startswith("comp-for-loop")}
     assert len(loops) == 2  # one fan-out per block (= per outer step)
@@ -195,9 +190,8 @@ def test_sharded_pipeline_fans_out_with_parallel_for(compiled, algorithm):
         collected = [a for a in tasks[merge]["inputs"]["artifacts"].values() if "taskOutputArtifact" in a]
         assert any(a["taskOutputArtifact"]["producerTask"].startswith("for-loop") for a in collected)
     # sharded: one outer step per block, so the run's length is fixed at compile time
-    assert tasks[f"{algorithm}-init"]["inputs"]["parameters"]["total_steps"]["runtimeValue"]["constant"] == 2
-    if ask:
-        assert {ask, f"{ask}-2"} <= set(tasks)
+    assert tasks["init-state"]["inputs"]["parameters"]["total_steps"]["runtimeValue"]["constant"] == 2
+    assert {ask, f"{ask}-2"} <= set(tasks)
     assert _executor(spec, tasks[fan_out])["resources"]["accelerator"]["resourceCount"] == "1"
     assert tasks[fan_out]["retryPolicy"]["maxRetryCount"] == 3
     assert tasks[fan_out].get("cachingOptions", {}).get("enableCache") is True  # pure computation: cacheable
@@ -234,7 +228,7 @@ def test_pipeline_options_are_checked():
 
 
 def test_block_targets_split_the_run_and_end_at_the_total():
-    from metaopt_core.meta.blocks import block_target
+    from metaopt_core.meta.runner import block_target
 
     assert [block_target(8, b, 3) for b in range(3)] == [3, 6, 8]
     assert [block_target(2, b, 3) for b in range(3)] == [1, 2, 2]
@@ -244,7 +238,7 @@ def test_block_targets_split_the_run_and_end_at_the_total():
 
 
 def test_shards_partition_the_jobs():
-    from metaopt_core.meta.blocks import shard_slice
+    from metaopt_core.meta import shard_slice
 
     for count in (0, 1, 5, 6, 7):
         for shards in (1, 2, 3, 4):
@@ -254,12 +248,13 @@ def test_shards_partition_the_jobs():
 
 
 def test_kfp_struct_numbers_become_ints_again():
-    from metaopt_core.meta.blocks import integral_floats_to_int, resolve_config
+    from metaopt_core.meta.inputs import integral_floats_to_int
 
     assert integral_floats_to_int({"a": 8.0, "b": [1.0, 2.5], "c": {"d": 0.0}, "e": True}) == {"a": 8, "b": [1, 2.5], "c": {"d": 0}, "e": True}
     # what a KFP dict parameter delivers validates like the YAML it came from
     doc = _as_floats(default_config("arl"))
-    assert resolve_config("arl", doc).model_dump() == resolve_config("arl", default_config("arl")).model_dump()
+    learner = registry.get("arl")
+    assert learner.resolve_config(doc).model_dump() == learner.resolve_config(default_config("arl")).model_dump()
 
 
 def test_config_parameter_drops_nulls_only_where_they_are_the_default():
@@ -384,12 +379,12 @@ def test_compile_command_writes_yaml(tmp_path, capsys):
     assert _cli(["compile", "arl", "-o", str(out), "--blocks", "2", "--gpu"]) == 0
     spec, _ = _load(out)
     tasks = _all_tasks(spec)
-    assert {"arl-block", "arl-block-2"} <= set(tasks) and "arl-block-3" not in tasks
+    assert {"run-block", "run-block-2"} <= set(tasks) and "run-block-3" not in tasks
     assert "wrote" in capsys.readouterr().out
 
 
 def test_cli_errors_are_clear():
-    with pytest.raises(ValueError, match="with one algorithm"):
+    with pytest.raises(ValueError, match="with one learner"):
         _cli(["run", "all", "--config", "configs/itl-tiny.yaml"])
     with pytest.raises(ValueError, match="local runner is CPU only"):
         _cli(["run", "arl", "--local", "--gpu"])
@@ -401,30 +396,33 @@ def test_cli_errors_are_clear():
 
 @pytest.mark.parametrize("algorithm", ["itl", "metamd"])
 def test_sharded_outer_steps_equal_the_in_process_block(algorithm, tmp_path):
-    """What the sharded DAG computes (fan-out over 2 shards, fan-in) is what one block computes in
-    process: the same state after every step (ARL: checked end to end in test_pipelines_local)."""
+    """What the sharded DAG computes (ask, evaluate over 2 shards, tell) is what one block computes
+    in process: the same state after every step (ARL: checked end to end in test_pipelines_local)."""
     import torch
 
-    from metaopt_core.meta import blocks
+    from metaopt_core.meta import runner
 
-    config = blocks.resolve_config(algorithm, yaml.safe_load(Path(f"configs/{algorithm}-tiny.yaml").read_text()))
-    inputs = blocks.prepare_inputs(config)
-    blocks.save_state(blocks.initial_state(config, inputs), tmp_path / "block")
-    result = blocks.run_block(config, inputs, tmp_path / "block", blocks.total_steps(config))
-    sharded = blocks.initial_state(config, inputs)
-    for step in range(blocks.total_steps(config)):
-        parts = [blocks.fan_out(config, inputs, sharded, index, 2, tmp_path / f"part-{step}-{index}") for index in range(2)]
-        sharded = blocks.fan_in(config, inputs, sharded, parts)
-    assert blocks.state_step(sharded) == blocks.state_step(result.state) == blocks.total_steps(config)
-    assert torch.equal(sharded.omega, result.state.omega)
-    assert blocks.step_metrics(algorithm, sharded)["step"] == blocks.total_steps(config)
-    # a part is a plain JSON file naming its shard and step
+    learner = registry.get(algorithm)
+    config = learner.resolve_config(yaml.safe_load(Path(f"configs/{algorithm}-tiny.yaml").read_text()))
+    inputs = learner.prepare(config)
+    total = learner.total_steps(config)
+    learner.save_state(learner.init(config, inputs), tmp_path / "block")
+    in_process = runner.run_block(learner, config, inputs, tmp_path / "block", total)
+    sharded = learner.init(config, inputs)
+    for step in range(total):
+        work = runner.write_work(learner, sharded, inputs, tmp_path / f"work-{step}")
+        parts = [runner.write_part(learner, sharded, work, index, 2, inputs, tmp_path / f"part-{step}-{index}") for index in range(2)]
+        sharded = runner.tell_parts(learner, sharded, parts, inputs)
+    assert learner.step(sharded) == learner.step(in_process) == total
+    assert torch.equal(sharded.omega, in_process.omega)
+    assert learner.metrics(sharded)["step"] == total
+    # a part is a plain JSON file naming its learner and shard
     doc = json.loads((tmp_path / "part-0-1" / "part.json").read_text())
-    assert doc["shard"] == [1, 2] and doc["step"] == 0 and doc["algorithm"] == algorithm
+    assert doc["shard"] == [1, 2] and doc["learner"] == algorithm
 
 
 def test_overrides_set_dot_paths_and_name_bad_ones():
-    from pipelines.common import apply_overrides
+    from pipelines.builder import apply_overrides
 
     doc = {"train": {"epochs": 25, "lr": 0.1}, "generations": 8}
     out = apply_overrides(doc, {"train.epochs": 4, "generations": 3, "outer.steps": 2})
@@ -436,20 +434,20 @@ def test_overrides_set_dot_paths_and_name_bad_ones():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_quick_preset_is_a_valid_shorter_run(algorithm):
-    from metaopt_core.meta.blocks import resolve_config, total_steps
-    from pipelines.common import apply_overrides, preset_overrides
+    from pipelines.builder import apply_overrides, preset_overrides
 
-    demo = resolve_config(algorithm, default_config(algorithm))
-    quick = resolve_config(algorithm, apply_overrides(default_config(algorithm), preset_overrides("quick", algorithm)))
-    assert total_steps(quick) < total_steps(demo)
+    learner = registry.get(algorithm)
+    demo = learner.resolve_config(default_config(algorithm))
+    quick = learner.resolve_config(apply_overrides(default_config(algorithm), preset_overrides("quick", algorithm)))
+    assert learner.total_steps(quick) < learner.total_steps(demo)
     assert preset_overrides("demo", algorithm) == {}
     with pytest.raises(ValueError, match="preset: got 'fast'"):
         preset_overrides("fast", algorithm)
 
 
 def test_local_runs_of_the_demo_default_to_the_quick_preset():
+    from pipelines.builder import preset_overrides
     from pipelines.commands import _overrides
-    from pipelines.common import preset_overrides
 
     args = argparse.Namespace(preset=None, config=None, overrides=["outer.steps=7"])
     assert _overrides(args, "itl", local=True) == {**preset_overrides("quick", "itl"), "outer.steps": 7}
@@ -467,26 +465,27 @@ def test_local_compile_has_no_retries_and_no_cluster_wiring(tmp_path):
 
 
 def test_arl_shards_beyond_the_jobs_evaluate_nothing_and_merge(tmp_path):
-    from metaopt_core.meta import arl, blocks
+    from metaopt_core.meta import arl, runner
 
-    config = blocks.resolve_config("arl", {**yaml.safe_load(Path("configs/arl-tiny.yaml").read_text()), "population_size": 2})
-    inputs = blocks.prepare_inputs(config)
-    state = blocks.initial_state(config, inputs)
-    candidates = blocks.ask(config, state)
-    parts = [blocks.fan_out(config, inputs, candidates, index, 3, tmp_path / f"part-{index}") for index in range(3)]  # 2 jobs, 3 shards
-    evaluated = [np.asarray(json.loads(p.read_text())["fitness"]["evaluated"]).sum() for p in parts]
+    learner = registry.get("arl")
+    config = learner.resolve_config({**yaml.safe_load(Path("configs/arl-tiny.yaml").read_text()), "population_size": 2})
+    inputs = learner.prepare(config)
+    state = learner.init(config, inputs)
+    work = runner.write_work(learner, state, inputs, tmp_path / "work")
+    parts = [runner.write_part(learner, state, work, index, 3, inputs, tmp_path / f"part-{index}") for index in range(3)]  # 2 jobs, 3 shards
+    evaluated = [np.asarray(json.loads(p.read_text())["part"]["fitness"]["evaluated"]).sum() for p in parts]
     assert sorted(evaluated) == [0, 1, 1]
-    merged = blocks.fan_in(config, inputs, state, parts)
+    merged = runner.tell_parts(learner, state, parts, inputs)
+    candidates = arl.Candidates.from_dict(work["candidates"])
     reference = arl.tell(state, arl.evaluate(candidates, arl.build_pool(config, inputs.datasets)))
     assert merged.records[-1]["fitness"] == reference.records[-1]["fitness"]
 
 
 def test_meta_test_settings_errors_name_the_field():
     from metaopt_core.config import ConfigError
-    from metaopt_core.meta.blocks import meta_test_settings
 
     with pytest.raises(ConfigError, match="meta_test: field 'epochs': got 0"):
-        meta_test_settings("arl", {"epochs": 0})
+        registry.get("arl").resolve_meta_test({"epochs": 0})
     with pytest.raises(ConfigError, match="meta_test: field 'held': got 1: unknown field"):
-        meta_test_settings("itl", {"held": 1})
-    assert meta_test_settings("metamd", {"seeds": 3.0}).seeds == 3  # a KFP struct's float
+        registry.get("itl").resolve_meta_test({"held": 1})
+    assert registry.get("metamd").resolve_meta_test({"seeds": 3.0}).seeds == 3  # a KFP struct's float

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from metaopt_core.files import current_umask
 from metaopt_core.mlops import storage
 from metaopt_core.mlops.storage import StorageError, StorageNotFoundError
 from tests.fixtures_s3 import (  # noqa: F401  (pytest fixtures)
@@ -241,7 +243,7 @@ def test_failed_serialisation_leaves_previous_content_untouched(tmp_path: Path) 
 def test_atomic_write_gives_normal_permissions_and_hides_temp_files(tmp_path: Path) -> None:
     target = tmp_path / "a.bin"
     storage.write_bytes(target, b"x")
-    expected_mode = 0o666 & ~storage._current_umask()
+    expected_mode = 0o666 & ~current_umask()
     assert (target.stat().st_mode & 0o777) == expected_mode
     # A temp file of a write in progress (e.g. of a crashed writer) is never listed.
     (tmp_path / ".b.bin.k3j4.metaopt-tmp").write_bytes(b"partial")
@@ -524,8 +526,9 @@ def test_storage_errors_survive_pickling() -> None:
 
 def test_open_read_on_s3_reports_a_broken_stream(s3_endpoint: S3Endpoint) -> None:
     storage.write_bytes(s3_endpoint.uri("obj"), b"abcdef" * 1000)
-    stream = storage.open_read(s3_endpoint.uri("obj"))
-    raw = stream.raw
+    with storage.open_read(s3_endpoint.uri("obj")) as healthy:
+        assert isinstance(healthy.raw, storage.S3ReadStream)
+        assert healthy.read(6) == b"abcdef"
 
     class Broken:
         def read(self, amount: int) -> bytes:
@@ -536,7 +539,7 @@ def test_open_read_on_s3_reports_a_broken_stream(s3_endpoint: S3Endpoint) -> Non
         def close(self) -> None:
             pass
 
-    raw._body = Broken()
+    stream = io.BufferedReader(storage.S3ReadStream(Broken(), s3_endpoint.uri("obj")))
     with pytest.raises(StorageError) as info, stream:
         stream.read()
     assert info.value.code == "ReadTimeoutError"

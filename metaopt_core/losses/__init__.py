@@ -1,6 +1,18 @@
 """Loss functions: the learnable Taylor family and the hand-designed robust baselines."""
 
-from metaopt_core.losses.registry import UnknownLossError, get_loss, list_losses, loss_parameters
+from metaopt_core.losses.document import (
+    LossDocumentError,
+    document_of_loss,
+    loss_from_document,
+    validate_loss_document,
+)
+from metaopt_core.losses.registry import (
+    UnknownLossError,
+    get_loss,
+    hand_designed_losses,
+    list_losses,
+    loss_parameters,
+)
 from metaopt_core.losses.robust import (
     BaikalLoss,
     BiTemperedLogisticLoss,
@@ -43,6 +55,7 @@ __all__ = [
     "FocalLoss",
     "ForwardCorrectedCrossEntropy",
     "GeneralizedCrossEntropy",
+    "LossDocumentError",
     "HardBootstrap",
     "HuberProbabilityLoss",
     "LabelSmoothingCrossEntropy",
@@ -54,13 +67,17 @@ __all__ = [
     "SymmetricCrossEntropy",
     "TaylorLoss",
     "UnknownLossError",
+    "document_of_loss",
     "estimate_transition_matrix",
     "exponents",
     "get_loss",
+    "hand_designed_losses",
     "list_losses",
+    "loss_from_document",
     "loss_parameters",
     "num_params",
     "polynomial",
     "taylor_loss",
     "tempered_softmax",
+    "validate_loss_document",
 ]

@@ -61,6 +61,11 @@ def list_losses() -> list[str]:
     return sorted(_HAND_DESIGNED) + ["taylor"] + [TAYLOR_PREFIX + name for name in sorted(PRESETS)]
 
 
+def hand_designed_losses() -> dict[str, type[nn.Module]]:
+    """The hand-designed losses by name (a copy): ``{"ce": CrossEntropy, "gce": ...}``."""
+    return dict(_HAND_DESIGNED)
+
+
 def loss_parameters(name: str) -> dict[str, object]:
     """Constructor parameters of the loss ``name`` and their defaults (``inspect.Parameter.empty``
     for required ones), e.g. for logging or a config schema."""
@@ -130,4 +135,4 @@ def _resolve(name: str) -> tuple[Callable[..., nn.Module], dict[str, object]]:
     raise UnknownLossError(f"loss name: got {name!r}; known: {list_losses()}")
 
 
-__all__ = ["TAYLOR_PREFIX", "UnknownLossError", "get_loss", "list_losses", "loss_parameters"]
+__all__ = ["TAYLOR_PREFIX", "UnknownLossError", "get_loss", "hand_designed_losses", "list_losses", "loss_parameters"]

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .taylor_fused import SMALL_CLASS_COUNT, hard_label_taylor
+
 Form = Literal["taylor", "monomial"]
 Reduction = Literal["mean", "sum", "none"]
 ORDERS = (2, 3, 4, 5)
@@ -57,9 +59,6 @@ def term_factors(order: int, form: Form) -> list[float]:
     raise ValueError(f"form: got {form!r}; allowed: ['taylor', 'monomial']")
 
 
-# Above this many classes torch.softmax's fused kernel is faster on CPU; below it the kernel's fixed
-# cost dominates and four elementwise ops (max-shift, exp, sum, divide) are cheaper.
-_SMALL_CLASS_COUNT = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,7 +153,7 @@ def _horner(coefficients: tuple[Tensor, ...], x: Tensor) -> Tensor:
 
 def _centred_softmax(logits: Tensor, c0: Tensor) -> Tensor:
     """softmax(logits) - c0, with ``c0`` broadcastable to logits."""
-    if logits.shape[-1] <= _SMALL_CLASS_COUNT and logits.device.type == "cpu":
+    if logits.shape[-1] <= SMALL_CLASS_COUNT and logits.device.type == "cpu":
         # max-shift for stability; the shift has no effect on the value, so its gradient is dropped
         shifted = (logits - logits.detach().amax(-1, keepdim=True)).exp()
         return torch.addcdiv(-c0, shifted, shifted.sum(-1, keepdim=True))
@@ -226,9 +225,9 @@ def taylor_loss(
     ``target``: integer class indices of shape logits.shape[:-1] (or (N,), shared by the population),
     or float probabilities of logits' shape (or (N, C), shared).
 
-    Hard labels take the fast path: f(., y) is a univariate polynomial in d = y_hat - c0 for y in
-    {0, 1}, so every class costs one degree-``order`` Horner evaluation (``_hard_label_loss``).
-    Soft targets evaluate the bivariate polynomial.
+    Hard labels take the fused path: f(., y) is a univariate polynomial in d = y_hat - c0 for y in
+    {0, 1}, evaluated with its analytic logits gradient as one autograd node (``HardLabelTaylor``,
+    exact to any derivative order). Soft targets evaluate the bivariate polynomial eagerly.
     """
     _check_order_form(order, form)
     if reduction not in ("mean", "sum", "none"):
@@ -268,37 +267,18 @@ def _reduce(bracket: Tensor, d: Tensor, reduction: str) -> Tensor:
     return torch.linalg.vecdot(bracket.flatten(-2), d.flatten(-2))
 
 
-def _as_scalars(coefficients: Tensor) -> tuple[Tensor, ...]:
-    """(..., order) -> order tensors of shape (..., 1, 1), one per power of d."""
-    return coefficients.unsqueeze(-1).unsqueeze(-1).unbind(-3)
-
-
 def _hard_label_loss(
     params: Tensor, logits: Tensor, target: Tensor, order: int, form: Form, c0: Tensor,
     factor: Tensor | float, reduction: str,
 ) -> Tensor:
-    """Integer labels. Which evaluation is cheapest depends on C (both are exact):
-
-    - many classes: at y in {0, 1} the loss is univariate in d, f(d, y) = sum_i (a_i + y b_i) d^i
-      with a, b cheap functions of params (``label_coefficients``). The y = 0 polynomial runs over
-      all classes with shared scalar coefficients and the y = 1 increment only on the gathered
-      labelled column: the fewest passes over the (N, C) data, which is what costs at large C;
-    - few classes: the (N, C) passes are cheap and op count is what costs, so the one-hot
-      targets go through the bivariate evaluation, which needs fewer ops than building a, b.
+    """Integer labels: at y in {0, 1} the loss is univariate in d, f(d, y) = sum_i (a_i + y b_i) d^i
+    with a, b cheap functions of params (``label_coefficients``). One autograd node
+    (``HardLabelTaylor``) evaluates it and returns the logits gradient analytically,
+    g = p * (f' - <p, f'>), with a differentiable backward (exact second derivatives for ITL).
     """
     index = target.long().expand(logits.shape[:-1])
-    if logits.shape[-1] <= _SMALL_CLASS_COUNT:
-        # not F.one_hot: its range check is a data-dependent op vmap rejects (and out-of-place
-        # scatter: the in-place one has no vmap batching rule)
-        one_hot = torch.zeros_like(logits).scatter(-1, index.unsqueeze(-1), 1.0)
-        return _soft_label_loss(params, logits, one_hot, order, form, c0, factor, reduction)
     coefficients = label_coefficients(params, order, form) * factor  # (..., 2, order)
-    d = _centred_softmax(logits, c0)
-    index = index.expand(d.shape[:-1])
-    unlabelled = _reduce(_horner(_as_scalars(coefficients[..., 0, :]), d), d, reduction)
-    labelled_d = d.gather(-1, index.unsqueeze(-1))  # (..., N, 1)
-    labelled = _reduce(_horner(_as_scalars(coefficients[..., 1, :]), labelled_d), labelled_d, reduction)
-    return unlabelled + labelled
+    return hard_label_taylor(logits, coefficients, c0, index, reduction == "none")
 
 
 def _soft_label_loss(

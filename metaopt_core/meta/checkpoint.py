@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
+
+from metaopt_core.files import atomic_write_bytes, atomic_write_text
 
 STATE_FILE = "state.json"
 
@@ -25,14 +26,10 @@ def save_checkpoint(directory: str | Path, step: int, doc: dict, tensors: dict[s
     directory.mkdir(parents=True, exist_ok=True)
     tensor_name = f"state-{step:06d}.safetensors"
     tensor_path = directory / tensor_name
-    scratch = directory / (tensor_name + ".tmp")
-    save_file(tensors, str(scratch))
-    os.replace(scratch, tensor_path)
-    doc = {**doc, "tensors": tensor_name, "tensors_sha256": hashlib.sha256(tensor_path.read_bytes()).hexdigest()}
-    path = directory / STATE_FILE
-    json_scratch = path.with_suffix(".json.tmp")
-    json_scratch.write_text(json.dumps(doc))
-    os.replace(json_scratch, path)
+    tensor_bytes = save(tensors)
+    atomic_write_bytes(tensor_path, tensor_bytes)
+    doc = {**doc, "tensors": tensor_name, "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest()}
+    path = atomic_write_text(directory / STATE_FILE, json.dumps(doc))
     for stale in directory.glob("state-*.safetensors"):
         if stale.name != tensor_name:
             stale.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ Every family offers
   shape :mod:`metaopt_core.population` vmaps over (so CMA-ES can search any family too);
 - ``to_module(params)``: a drop-in ``nn.Module`` for ``nn.CrossEntropyLoss``;
 - ``to_dict(params)`` / :func:`family_from_dict`: the white-box JSON document the model registry
-  stores (``metaopt_core.mlops.registry.loss_from_doc`` rebuilds the module from it).
+  stores (schema and ``loss_from_document``: :mod:`metaopt_core.losses.document`).
 
 Families:
 
@@ -36,14 +36,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Literal, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metaopt_core.losses.document import loss_from_document, validate_loss_document
 from metaopt_core.losses.robust import SymmetricCrossEntropy, reverse_cross_entropy
-from metaopt_core.losses.taylor import ORDERS, PRESETS, Form, TaylorLoss, exponents, num_params, taylor_loss
+from metaopt_core.losses.taylor import (
+    ORDERS,
+    PRESETS,
+    Form,
+    TaylorLoss,
+    exponents,
+    normalisation_scale,
+    num_params,
+    taylor_loss,
+)
 
 InitSpec = str | Sequence[float]
 CE_LIKE = "ce-like"
@@ -97,11 +107,16 @@ class TaylorFamily:
     """The Taylor-polynomial loss of any order (2–5) and form ("taylor" factors or plain "monomial").
 
     ``ce_centre`` is the expansion point c0 of the ``"ce-like"`` start (see the module docstring).
+    ``normalise``, ``eta`` and ``class_reduction`` are those of ``TaylorLoss`` (a family read back
+    from a document keeps them, so ``to_module`` rebuilds the same loss).
     """
 
     order: int = 4
     form: Form = "monomial"
     ce_centre: float = 0.5
+    normalise: bool = False
+    eta: float = 1.0
+    class_reduction: Literal["sum", "mean"] = "sum"
     kind: str = "taylor"
 
     def __post_init__(self):
@@ -111,6 +126,12 @@ class TaylorFamily:
             raise ValueError(f"form: got {self.form!r}; allowed: ['taylor', 'monomial']")
         if not (isinstance(self.ce_centre, (int, float)) and 0.0 < self.ce_centre <= 1.0):
             raise ValueError(f"ce_centre: got {self.ce_centre!r}; allowed: a number in (0, 1]")
+        if not isinstance(self.normalise, bool):
+            raise ValueError(f"normalise: got {self.normalise!r}; allowed: true or false")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not (0 < self.eta < math.inf):
+            raise ValueError(f"eta: got {self.eta!r}; allowed: a finite number > 0")
+        if self.class_reduction not in ("sum", "mean"):
+            raise ValueError(f"class_reduction: got {self.class_reduction!r}; allowed: ['sum', 'mean']")
 
     @property
     def num_params(self) -> int:
@@ -147,22 +168,35 @@ class TaylorFamily:
         return torch.tensor(params, dtype=torch.float32)
 
     def functional(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor:
-        return taylor_loss(params, logits, target, self.order, self.form, reduction="mean")
+        scale = normalisation_scale(params, self.order, self.form, self.eta) if self.normalise else 1.0
+        return taylor_loss(params, logits, target, self.order, self.form, scale, "mean", self.class_reduction)
 
     def scales(self, params: Tensor) -> Tensor:
+        if self.normalise:
+            return normalisation_scale(params, self.order, self.form, self.eta)
         return torch.ones(params.shape[0], dtype=params.dtype, device=params.device)
 
     def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
-        return taylor_loss(params, logits, target, self.order, self.form, scale, reduction="none")
+        return taylor_loss(params, logits, target, self.order, self.form, scale, "none", self.class_reduction)
 
     def to_module(self, params: Tensor | Sequence[float]) -> TaylorLoss:
-        return TaylorLoss(_as_vector(params, self.num_params), order=self.order, form=self.form)
+        return TaylorLoss(
+            _as_vector(params, self.num_params),
+            order=self.order,
+            form=self.form,
+            normalise=self.normalise,
+            eta=self.eta,
+            class_reduction=self.class_reduction,
+        )
 
     def to_dict(self, params: Tensor | Sequence[float]) -> dict:
         return self.to_module(params).to_dict()
 
     def describe(self) -> dict:
-        return {"kind": "taylor", "order": self.order, "form": self.form, "ce_centre": self.ce_centre}
+        described = {"kind": "taylor", "order": self.order, "form": self.form, "ce_centre": self.ce_centre}
+        if self.normalise or self.class_reduction != "sum":  # the defaults stay out: older descriptions match
+            described.update(normalise=self.normalise, eta=self.eta, class_reduction=self.class_reduction)
+        return described
 
 
 # --------------------------------------------------------------------------------------------- iSCE
@@ -239,7 +273,7 @@ class ISCEFamily:
 
     def to_dict(self, params: Tensor | Sequence[float]) -> dict:
         """``{"family": "sce", "params": {alpha, beta, log_zero}}`` — what the registry's
-        ``loss_from_doc`` builds through ``get_loss`` — plus the raw ω for exact reloading."""
+        ``loss_from_document`` builds through ``get_loss`` — plus the raw ω for exact reloading."""
         alpha, beta = self.natural(params)
         return {
             "family": "sce",
@@ -272,13 +306,20 @@ def build_family(kind: str, **options: Any) -> TaylorFamily | ISCEFamily:
 
 
 def family_from_dict(doc: Mapping[str, Any]) -> tuple[TaylorFamily | ISCEFamily, Tensor]:
-    """Inverse of ``to_dict``: the family and its ω from a white-box document."""
-    if not isinstance(doc, Mapping):
-        raise ValueError(f"loss document: got {type(doc).__name__}; allowed: a JSON object")
+    """Inverse of ``to_dict``: the family and its ω from a white-box document
+    (schema: :mod:`metaopt_core.losses.document`; raises its ``LossDocumentError``, a ValueError)."""
+    doc = validate_loss_document(doc)
     family = doc.get("family")
     if family == "taylor":
-        taylor = TaylorLoss.from_dict(dict(doc))  # validates order, form and the parameter count
-        return TaylorFamily(order=taylor.order, form=taylor.form), taylor.params.detach().clone()
+        taylor = loss_from_document(doc)  # a TaylorLoss: the family is "taylor"
+        rebuilt = TaylorFamily(
+            order=taylor.order,
+            form=taylor.form,
+            normalise=taylor.normalise,
+            eta=taylor.eta,
+            class_reduction=taylor.class_reduction,
+        )
+        return rebuilt, taylor.params.detach().clone()
     if family == "sce":
         learned = doc.get("learned_as") or {}
         params = doc.get("params") or {}

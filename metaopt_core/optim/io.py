@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -24,8 +23,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
+
+from metaopt_core.files import atomic_write_bytes, atomic_write_text
 
 from .divergence import DIVERGENCE_KINDS, Divergence
 
@@ -76,9 +77,7 @@ def save_divergence(
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in div.state_dict().items()}
     tensor_path = directory / TENSOR_FILE
-    tmp = tensor_path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "kind": div.kind})
-    os.replace(tmp, tensor_path)
+    atomic_write_bytes(tensor_path, save(tensors, metadata={"format": FORMAT, "kind": div.kind}))
 
     description = div.description()
     manifest = {
@@ -94,10 +93,7 @@ def save_divergence(
         "tensor_sha256": _sha256(tensor_path),
         "metadata": metadata,
     }
-    manifest_path = directory / MANIFEST_FILE
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return directory
 
 

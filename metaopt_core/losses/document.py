@@ -1,0 +1,206 @@
+"""The white-box loss document: the JSON that describes a learned or hand-designed loss.
+
+One schema, used by the model registry (``loss.json``), the meta-learners' exported results and
+the evaluation configs. A document is plain JSON, nothing executable::
+
+    {"format": "metaopt.loss", "format_version": 1,          # optional (older documents lack them)
+     "family": "taylor", "order": 4, "form": "monomial",
+     "sign": "negative-sum-over-classes", "class_reduction": "sum",
+     "params": [c0, c1, theta_2, ...],
+     "normalisation": {"enabled": true, "eta": 1.0},
+     "meta": {...}}                                            # optional provenance, not interpreted
+
+Fields of the Taylor family: ``order`` in :data:`~metaopt_core.losses.taylor.ORDERS`, ``form`` in
+:data:`TAYLOR_FORMS`, ``params`` a list of ``order (order + 1) / 2 + 2`` finite numbers; optional
+``sign`` (only :data:`TAYLOR_SIGN`: the loss is minus the sum over classes of the polynomial),
+``class_reduction`` (:data:`CLASS_REDUCTIONS`, default sum), ``normalisation`` (``{enabled: bool,
+eta: number > 0}`` or null; default disabled, eta 1).
+
+Any other ``family`` is a loss name of :func:`metaopt_core.losses.registry.get_loss` (``gce``,
+``sce``, ``taylor:itl`` ...) and ``params`` a JSON object of its keyword arguments. A learned iSCE
+is stored as ``sce`` plus ``learned_as`` (its raw meta-parameters, read by
+``meta.loss_families.family_from_dict``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from metaopt_core.losses.registry import get_loss, hand_designed_losses, list_losses, loss_parameters
+from metaopt_core.losses.taylor import ORDERS, TaylorLoss, num_params
+
+__all__ = [
+    "CLASS_REDUCTIONS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LossDocumentError",
+    "REDUCTIONS",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "TAYLOR_FAMILY",
+    "TAYLOR_FORMS",
+    "TAYLOR_SIGN",
+    "document_of_loss",
+    "loss_from_document",
+    "validate_loss_document",
+]
+
+FORMAT = "metaopt.loss"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+TAYLOR_FAMILY = "taylor"
+TAYLOR_FORMS = ("taylor", "monomial")
+TAYLOR_SIGN = "negative-sum-over-classes"
+CLASS_REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("mean", "sum", "none")
+_MAX_SHOWN = 200  # characters of an offending value quoted in an error
+
+
+class LossDocumentError(ValueError):
+    """A loss document is malformed; the message names the field, the value found and what is allowed."""
+
+
+def _fail(source: str, field: str, value: Any, allowed: str) -> LossDocumentError:
+    shown = repr(value)
+    shown = shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN] + "..."
+    return LossDocumentError(f"{source}: field {field!r}: got {shown}; allowed: {allowed}")
+
+
+def _is_finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _named_families() -> list[str]:
+    return [name for name in list_losses() if name != TAYLOR_FAMILY]
+
+
+def validate_loss_document(doc: Any, source: str = "loss document") -> dict:
+    """Check ``doc`` against the schema (module docstring) and return it as a plain dict (a copy,
+    otherwise unchanged). Raises :class:`LossDocumentError` naming the first bad field, the value
+    found and the allowed values; ``source`` (e.g. a path) starts the message."""
+    if not isinstance(doc, Mapping):
+        raise LossDocumentError(f"{source}: got a JSON {type(doc).__name__}; allowed: an object")
+    if "format" in doc and doc["format"] != FORMAT:
+        raise _fail(source, "format", doc["format"], repr(FORMAT))
+    if "format_version" in doc and (
+        isinstance(doc["format_version"], bool) or doc["format_version"] not in SUPPORTED_FORMAT_VERSIONS
+    ):
+        raise _fail(source, "format_version", doc["format_version"], f"one of {list(SUPPORTED_FORMAT_VERSIONS)}")
+    family = doc.get("family")
+    if not isinstance(family, str) or not family:
+        raise _fail(source, "family", family, "'taylor' or a loss name of metaopt_core.losses.registry")
+    if "meta" in doc and doc["meta"] is not None and not isinstance(doc["meta"], Mapping):
+        raise _fail(source, "meta", doc["meta"], "an object (free-form provenance) or null")
+    if family == TAYLOR_FAMILY:
+        _validate_taylor(doc, source)
+        return dict(doc)
+    known = _named_families()
+    if family.strip().lower() not in known:
+        raise _fail(source, "family", family, f"'taylor' or one of {known}")
+    params = doc.get("params", {})
+    if not isinstance(params, Mapping):
+        raise _fail(source, "params", params, f"an object of keyword arguments of the {family!r} loss")
+    return dict(doc)
+
+
+def _validate_taylor(doc: Mapping[str, Any], source: str) -> None:
+    order = doc.get("order")
+    if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS:
+        raise _fail(source, "order", order, f"one of {list(ORDERS)}")
+    form = doc.get("form")
+    if form not in TAYLOR_FORMS:
+        raise _fail(source, "form", form, " or ".join(repr(f) for f in TAYLOR_FORMS))
+    params = doc.get("params")
+    n = num_params(order)
+    if not isinstance(params, list) or len(params) != n:
+        got = f"{len(params)} values" if isinstance(params, list) else params
+        raise _fail(source, "params", got, f"a list of {n} numbers (order {order})")
+    for k, value in enumerate(params):
+        if not _is_finite_number(value):
+            raise _fail(source, f"params[{k}]", value, "a finite number")
+    if "sign" in doc and doc["sign"] != TAYLOR_SIGN:
+        raise _fail(source, "sign", doc["sign"], repr(TAYLOR_SIGN))
+    if doc.get("class_reduction", "sum") not in CLASS_REDUCTIONS:
+        raise _fail(source, "class_reduction", doc.get("class_reduction"), " or ".join(repr(r) for r in CLASS_REDUCTIONS))
+    norm = doc.get("normalisation", {"enabled": False, "eta": 1.0})
+    if norm is not None:
+        if not isinstance(norm, Mapping):
+            raise _fail(source, "normalisation", norm, "an object {enabled: bool, eta: number > 0}")
+        if not isinstance(norm.get("enabled", False), bool):
+            raise _fail(source, "normalisation.enabled", norm.get("enabled"), "true or false")
+        eta = norm.get("eta", 1.0)
+        if not _is_finite_number(eta) or eta <= 0:
+            raise _fail(source, "normalisation.eta", eta, "a finite number > 0")
+
+
+def loss_from_document(doc: Any, reduction: str = "mean", source: str = "loss document") -> nn.Module:
+    """The loss module ``doc`` describes: a ``TaylorLoss`` or a named loss from ``get_loss``.
+
+    ``reduction`` (mean | sum | none) is the batch reduction of the built module; a named loss's
+    own ``params.reduction``, if the document has one, wins. Raises :class:`LossDocumentError`
+    for a malformed document or keyword arguments the named loss does not accept.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: got {reduction!r}; allowed: {list(REDUCTIONS)}")
+    doc = validate_loss_document(doc, source)
+    if doc["family"] == TAYLOR_FAMILY:
+        norm = doc.get("normalisation") or {}
+        return TaylorLoss(
+            doc["params"],
+            order=doc["order"],
+            form=doc["form"],
+            reduction=reduction,
+            normalise=bool(norm.get("enabled", False)),
+            eta=float(norm.get("eta", 1.0)),
+            class_reduction=doc.get("class_reduction", "sum"),
+        )
+    kwargs = dict(doc.get("params") or {})
+    kwargs.setdefault("reduction", reduction)
+    try:
+        return get_loss(doc["family"], **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise LossDocumentError(f"{source}: field 'params': {exc}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def document_of_loss(loss: nn.Module) -> dict:
+    """The document of a ``TaylorLoss`` or of a hand-designed loss of ``get_loss`` (its name and
+    constructor arguments, without ``reduction``, which is chosen when loading). The inverse of
+    :func:`loss_from_document`; raises ``TypeError`` for any other module."""
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    if isinstance(loss, TaylorLoss):
+        return {
+            **header,
+            "family": TAYLOR_FAMILY,
+            "order": loss.order,
+            "form": loss.form,
+            "sign": TAYLOR_SIGN,
+            "class_reduction": loss.class_reduction,
+            "params": [float(v) for v in loss.params.detach().cpu()],
+            "normalisation": {"enabled": bool(loss.normalise), "eta": float(loss.eta)},
+        }
+    for name, cls in hand_designed_losses().items():
+        if type(loss) is cls:
+            params = {}
+            for parameter, default in loss_parameters(name).items():
+                if parameter == "reduction":
+                    continue
+                if not hasattr(loss, parameter):
+                    if default is inspect.Parameter.empty:
+                        raise TypeError(f"loss: {cls.__name__} does not expose its argument {parameter!r}")
+                    continue
+                params[parameter] = _jsonable(getattr(loss, parameter))
+            return {**header, "family": name, "params": params}
+    known = ["TaylorLoss"] + sorted(cls.__name__ for cls in hand_designed_losses().values())
+    raise TypeError(f"loss: got {type(loss).__name__}; allowed: {known}")

@@ -1,0 +1,138 @@
+"""ITL's run configuration (``algorithm: itl`` in a YAML config): the loss family, inner
+training, the implicit hypergradient and the outer optimiser on ω."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor
+
+from metaopt_core.config import Betas, DataSpec, DeviceName, ModelName, StrictModel, validate
+from metaopt_core.losses.taylor import ORDERS
+from metaopt_core.meta.loss_families import ISCEFamily, TaylorFamily
+from metaopt_core.population import Schedule
+
+
+class FamilyConfig(StrictModel):
+    """The loss family whose parameters ω are meta-learned.
+
+    ``taylor``: ``order`` 2–5, ``form`` "monomial" (ITL, eq B.1) or "taylor" (ARL's factors,
+    eq 3.5); ``ce_centre`` is the expansion point of the ``"ce-like"`` start. ``isce``: SCE's
+    (α, β) = softplus(ω), ``log_zero`` = RCE's A.
+    """
+
+    kind: Literal["taylor", "isce"] = "taylor"
+    order: int = 4
+    form: Literal["taylor", "monomial"] = "monomial"
+    ce_centre: float = Field(0.5, gt=0.0, le=1.0)
+    log_zero: float = Field(-4.0, lt=0.0)
+
+    @field_validator("order")
+    @classmethod
+    def _known_order(cls, value: int) -> int:
+        if value not in ORDERS:
+            raise ValueError(f"order {value!r} is not supported; allowed: {list(ORDERS)}")
+        return value
+
+    def build(self) -> TaylorFamily | ISCEFamily:
+        if self.kind == "taylor":
+            return TaylorFamily(order=self.order, form=self.form, ce_centre=self.ce_centre)
+        return ISCEFamily(log_zero=self.log_zero)
+
+
+class InnerConfig(StrictModel):
+    """Inner training of one base model: SGD (heavy-ball momentum, PyTorch's convention) until the
+    gradient norm of the inner objective on the check subset is ``<= grad_tol`` (checked after
+    every epoch; 0 disables the check) or ``max_epochs`` epochs have run."""
+
+    model: ModelName = "mlp_itl"
+    model_options: dict[str, int | float] = {}
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(10, ge=1)
+    grad_tol: float = Field(1e-3, ge=0.0)
+    eval_batch_size: int = Field(1000, ge=1)
+
+    def schedule(self) -> Schedule:
+        """These settings as the batched trainer's schedule (``max_epochs`` epochs at most)."""
+        return Schedule(self.lr, self.momentum, self.weight_decay, self.max_epochs, self.batch_size, self.eval_batch_size)
+
+
+class HypergradConfig(StrictModel):
+    """The implicit hypergradient (thesis Alg 8): ``neumann`` (J = ``terms``, step ``alpha``) or
+    ``cg`` (at most ``terms`` iterations). ``inner_examples``: size of the seeded source subset the
+    inner loss's derivatives (and the convergence check) use; ``outer_examples``: size of the
+    held-out subset for ∂M/∂θ (None = all)."""
+
+    method: Literal["neumann", "cg"] = "neumann"
+    terms: int = Field(15, ge=0)
+    alpha: float = Field(0.01, gt=0.0)
+    damping: float = Field(0.0, ge=0.0)
+    inner_examples: int | None = Field(1024, ge=1)
+    outer_examples: int | None = Field(None, ge=1)
+
+
+class OuterConfig(StrictModel):
+    """Aggregation of the m hypergradients and the optimiser on ω."""
+
+    aggregation: Literal["pcgrad", "mean"] = "pcgrad"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)  # sgd only
+    betas: Betas = (0.9, 0.999)  # adam only
+    eps: float = Field(1e-8, gt=0.0)  # adam only
+    clip_norm: float | None = Field(None, gt=0.0)  # rescale the aggregated hypergradient to at most this norm
+    steps: int = Field(200, ge=1)
+
+
+class ITLConfig(StrictModel):
+    """One ITL meta-training run (``algorithm: itl`` in a YAML config).
+
+    ``init``: where ω starts — a Taylor preset name (``itl``, …; its order/form must match the
+    family), ``ce-like`` (the Taylor expansion of CE, or α = 1, β = 0.01 for iSCE), ``sce``
+    (iSCE only: α = 0.1, β = 1) or explicit numbers (Taylor: the parameter vector; iSCE: [α, β]).
+    """
+
+    algorithm: Literal["itl"] = "itl"
+    name: str = "itl"
+    data: DataSpec = DataSpec(source="mnist5k", domains="rotated")
+    family: FamilyConfig = FamilyConfig()
+    init: str | list[float] = "itl"
+    inner: InnerConfig = InnerConfig()
+    hypergrad: HypergradConfig = HypergradConfig()
+    outer: OuterConfig = OuterConfig()
+    seed: int = Field(0, ge=0)
+    batched: bool = True
+    max_batch: int | None = Field(None, ge=1)
+    device: DeviceName = "cpu"
+
+    @field_validator("data")
+    @classmethod
+    def _has_domains(cls, value: DataSpec) -> DataSpec:
+        if value.domains == "none" and not value.source.startswith("folder:"):
+            raise ValueError("ITL needs several domains: set domains: rotated | colored (or use a folder: source)")
+        if value.domains == "rotated" and len(value.angles) < 2:
+            raise ValueError(f"angles: got {value.angles}; leave-one-domain-out needs at least 2 domains")
+        return value
+
+    @model_validator(mode="after")
+    def _init_fits_family(self) -> "ITLConfig":
+        try:
+            self.family.build().init(self.init)
+        except ValueError as error:
+            raise ValueError(str(error)) from None
+        return self
+
+    def loss_family(self) -> TaylorFamily | ISCEFamily:
+        return self.family.build()
+
+    def initial_omega(self) -> Tensor:
+        return self.loss_family().init(self.init)
+
+
+def as_config(config: ITLConfig | Mapping[str, Any], source: str = "config") -> ITLConfig:
+    """``config`` itself, or the mapping validated as an :class:`ITLConfig` (errors name ``source``)."""
+    return config if isinstance(config, ITLConfig) else validate(ITLConfig, dict(config), source=source)  # type: ignore[return-value]

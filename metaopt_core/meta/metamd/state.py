@@ -1,0 +1,124 @@
+"""MetaMD's serialisable records: :class:`MetaMDState` (ω, the outer optimiser's state, step,
+history; a crash-safe checkpoint) and :class:`Hypergradient` (one task's result of one outer step,
+the unit the pipeline's fan-out ships between machines)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from metaopt_core.data.prepare import PreparedData
+from metaopt_core.meta.checkpoint import load_checkpoint, save_checkpoint
+from metaopt_core.meta.metamd.config import MetaMDConfig, as_config
+from metaopt_core.meta.metamd.divergence import divergence_at, initial_omega, omega_digest
+from metaopt_core.meta.metamd.tasks import Task, TaskSet
+from metaopt_core.optim import Divergence
+
+STATE_FORMAT = "metaopt.metamd.state/1"
+HYPERGRAD_FORMAT = "metaopt.metamd.hypergradient/1"
+
+
+@dataclass
+class Hypergradient:
+    """dE_task/dω for one task at one outer step (ω-only terms k/λ, ρ‖M − I‖² included, so the mean
+    over a step's tasks is the gradient of the meta-objective), plus how the inner run went.
+
+    ``omega_sha256`` identifies the ω it was computed at (``outer_update`` checks it). A non-finite
+    inner run or hypergradient gives ``diverged = True`` and a zero gradient, left out of the mean.
+    """
+
+    step: int
+    task: Task
+    omega_sha256: str
+    grad: Tensor
+    value: float
+    diverged: bool
+    metrics: dict
+
+    def to_dict(self) -> dict:
+        return {"format": HYPERGRAD_FORMAT, "step": self.step, "task": self.task.to_dict(), "omega_sha256": self.omega_sha256,
+                "grad": [float(v) for v in self.grad], "dtype": str(self.grad.dtype).removeprefix("torch."),
+                "value": self.value, "diverged": self.diverged, "metrics": self.metrics}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, doc: Mapping) -> "Hypergradient":
+        if doc.get("format") != HYPERGRAD_FORMAT:
+            raise ValueError(f"hypergradient: format {doc.get('format')!r}; expected {HYPERGRAD_FORMAT!r}")
+        dtype = getattr(torch, str(doc.get("dtype", "float64")))
+        return cls(int(doc["step"]), Task.from_dict(doc["task"]), str(doc["omega_sha256"]), torch.tensor(doc["grad"], dtype=dtype),
+                   float(doc["value"]), bool(doc["diverged"]), dict(doc["metrics"]))  # fmt: skip
+
+    def save(self, path: str | Path) -> Path:
+        """One JSON file (floats written with Python's round-trip repr: exact)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Hypergradient":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class MetaMDState:
+    """Everything the meta-training needs to continue: the flat ω (the divergence's tensors in
+    ``parameters()`` order), the outer optimiser's state, the step count and the history. Saved as
+    ``state.json`` (config, history, digests) plus a safetensors file (ω and optimiser tensors, exact)."""
+
+    config: dict
+    omega: Tensor
+    optimizer: dict[str, Tensor] = field(default_factory=dict)
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def initial(cls, config: MetaMDConfig | Mapping[str, Any], data: TaskSet | PreparedData | None = None) -> "MetaMDState":
+        config = as_config(config)
+        return cls(config=config.model_dump(mode="json"), omega=initial_omega(config, data))
+
+    @property
+    def metamd_config(self) -> MetaMDConfig:
+        return as_config(self.config, source="state.config")
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= int(self.config["outer"]["steps"])
+
+    def divergence(self, data: TaskSet | PreparedData | None = None) -> Divergence:
+        """The current divergence (CPU)."""
+        return divergence_at(self.metamd_config, self.omega, data)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"omega": self.omega.detach().cpu().contiguous()}
+        out.update({f"optimizer.{k}": v.detach().cpu().contiguous() for k, v in self.optimizer.items()})
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the checkpoint (crash-safe; see :mod:`metaopt_core.meta.checkpoint`)."""
+        doc = {
+            "format": STATE_FORMAT,
+            "config": self.config,
+            "step": self.step,
+            "omega_sha256": omega_digest(self.omega),
+            "optimizer_keys": sorted(self.optimizer),
+            "history": self.history,
+        }
+        return save_checkpoint(directory, self.step, doc, self.tensors())
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "MetaMDState":
+        doc, tensors, path = load_checkpoint(directory, STATE_FORMAT, "MetaMD")
+        tensor_path = Path(directory) / doc["tensors"]
+        optimizer = {key: tensors[f"optimizer.{key}"] for key in doc["optimizer_keys"]}
+        state = cls(doc["config"], tensors["omega"], optimizer, int(doc["step"]), list(doc["history"]))
+        if omega_digest(state.omega) != doc["omega_sha256"]:
+            raise ValueError(f"MetaMD state {path}: omega in {tensor_path.name} does not match the recorded digest")
+        return state
+
+
+__all__ = ["HYPERGRAD_FORMAT", "STATE_FORMAT", "Hypergradient", "MetaMDState"]

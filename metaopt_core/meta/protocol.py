@@ -1,0 +1,274 @@
+"""The one shape every meta-learner has, modelled on pycma's ask/tell.
+
+An outer step is *ask* (what must be evaluated: ARL's candidates × pool entries, ITL's
+leave-one-out domains, MetaMD's tasks), *evaluate* (the inner trainings of one shard of that work:
+what a pipeline fans out), *tell* (merge the shards' parts and take the outer step)::
+
+    learner = registry.get("itl")
+    state = learner.init(config, inputs)
+    while not learner.done(state):
+        work = learner.ask(state, inputs)
+        parts = [learner.evaluate(state, work, (i, k), inputs) for i in range(k)]   # anywhere
+        state = learner.tell(state, parts, inputs)
+        learner.save_state(state, "ckpt")                                           # resumable
+    learner.export(state, inputs, "learned")        # the white-box loss or divergence
+    report = learner.meta_test(config, read_result("learned"), inputs, settings)
+
+Work and parts are JSON-able dicts, so they cross process and machine boundaries unchanged.
+:class:`LearnerBase` implements the parts that do not depend on the algorithm (configuration,
+data preparation, checkpoints, an in-process loop over ask/evaluate/tell); a learner fills in the
+rest. The glue (``runner``, components, pipelines, CLI) only ever calls these methods: nothing
+outside a learner's package branches on its name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence, runtime_checkable
+
+from pydantic import BaseModel
+
+from metaopt_core.config import ConfigError, DataSpec, validate
+from metaopt_core.meta.inputs import PreparedInputs, combine_fingerprints, integral_floats_to_int
+
+Work = dict  # one outer step's jobs (JSON-able)
+Part = dict  # the evaluations of one shard of the work (JSON-able)
+ProgressReporter = Callable[[str], None]
+MetricsCallback = Callable[[dict], None]
+FINISHED = "finished"  # key of a work document when the run has nothing left to ask
+
+
+@dataclass
+class MetaTestReport:
+    """The meta-test's tables (Markdown), the scores the registry records and promotion compares
+    (``metric``, ``greater_is_better``), and the details as JSON."""
+
+    markdown: str
+    scores: dict[str, float]
+    metric: str
+    greater_is_better: bool
+    details: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class MetaLearner(Protocol):
+    """What the pipelines, components and CLI call. See :class:`LearnerBase` for the defaults."""
+
+    name: str  # the registry name, and the default registered-model name
+    kind: Literal["loss", "optimizer"]  # which registry call takes the export
+    description: str
+    config_class: type[BaseModel]
+    meta_test_class: type[BaseModel]
+
+    def resolve_config(self, doc: Mapping[str, Any] | BaseModel, source: str = "config") -> BaseModel: ...
+    def resolve_meta_test(self, settings: Mapping[str, Any] | BaseModel | None, source: str = "meta_test") -> BaseModel: ...
+    def config_of(self, state: Any) -> BaseModel: ...
+    def with_device(self, config: BaseModel, device: str | None) -> BaseModel: ...
+    def total_steps(self, config: BaseModel) -> int: ...
+    def with_total_steps(self, config: BaseModel, steps: int) -> BaseModel: ...
+    def prepare(self, config: BaseModel, progress: ProgressReporter | None = None) -> PreparedInputs: ...
+
+    def init(self, config: BaseModel, data: PreparedInputs) -> Any: ...
+    def ask(self, state: Any, data: PreparedInputs) -> Work: ...
+    def evaluate(self, state: Any, work: Work, shard: tuple[int, int], data: PreparedInputs) -> Part: ...
+    def tell(self, state: Any, parts: Sequence[Part], data: PreparedInputs) -> Any: ...
+    def done(self, state: Any) -> bool: ...
+    def step(self, state: Any) -> int: ...
+    def metrics(self, state: Any) -> dict: ...
+    def run(self, config: BaseModel, data: PreparedInputs, checkpoint_dir: str | Path, *,
+            progress: ProgressReporter | None = None, callback: MetricsCallback | None = None) -> Any: ...  # fmt: skip
+
+    def export(self, state: Any, data: PreparedInputs, directory: str | Path) -> dict[str, Path]: ...
+    def meta_test(self, config: BaseModel, exported: Mapping[str, Any], data: PreparedInputs, settings: BaseModel, *,
+                  progress: ProgressReporter | None = None) -> MetaTestReport: ...  # fmt: skip
+
+    def save_state(self, state: Any, directory: str | Path) -> Path: ...
+    def load_state(self, directory: str | Path) -> Any: ...
+    def has_state(self, directory: str | Path) -> bool: ...
+
+
+def shard_slice(count: int, index: int, shards: int) -> range:
+    """Positions of shard ``index`` of ``shards`` among ``count`` jobs: contiguous, sizes differ by at most one."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards: got {shards!r}; allowed: an int >= 1")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < shards:
+        raise ValueError(f"shard index: got {index!r}; allowed: 0..{shards - 1}")
+    return range(round(count * index / shards), round(count * (index + 1) / shards))
+
+
+class LearnerBase:
+    """Defaults for everything that does not depend on the algorithm.
+
+    A learner sets the class attributes and implements ``init``, ``ask``, ``evaluate``, ``tell``,
+    ``export`` and ``meta_test``; it overrides ``data_specs`` when it reads datasets, and ``run``
+    when it has a faster in-process loop than ask → evaluate (one shard) → tell (the results must
+    be the same). The state is the learner's own object with ``save(directory)``, a ``load``
+    classmethod (``state_class``), ``finished``, ``history`` (one dict per outer step) and ``config``.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[Literal["loss", "optimizer"]]
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[BaseModel]]
+    meta_test_class: ClassVar[type[BaseModel]]
+    state_class: ClassVar[type]
+    steps_field: ClassVar[str] = "outer.steps"  # dot path of the outer-step count in the config
+    step_attribute: ClassVar[str] = "step"  # the state's completed-steps attribute
+    # For the pipeline front end: demo configuration files (configs/<file>, first that exists),
+    # meta-test settings a pipeline defaults to, named overrides ("quick": for `make run`),
+    # and the meta-training curves worth plotting.
+    demo_configs: ClassVar[tuple[str, ...]] = ()
+    default_meta_test: ClassVar[Mapping[str, Any]] = {}
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    history_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # ---------------------------------------------------------------- configuration
+
+    def resolve_config(self, doc: Mapping[str, Any] | BaseModel, source: str = "config") -> BaseModel:
+        """The validated configuration from a dict (YAML/JSON/pipeline parameter). ``algorithm:``
+        may be missing (it is implied); another learner's name is an error."""
+        if isinstance(doc, BaseModel):
+            doc = doc.model_dump(mode="json")
+        if not isinstance(doc, Mapping):
+            raise ConfigError(f"{source}: got {type(doc).__name__}; allowed: a mapping (the {self.name} run configuration)")
+        data = integral_floats_to_int(dict(doc))
+        given = data.setdefault("algorithm", self.name)
+        if given != self.name:
+            raise ConfigError(f"{source}: field 'algorithm': got {given!r}; this learner is {self.name!r}")
+        return validate(self.config_class, data, source=source)
+
+    def resolve_meta_test(self, settings: Mapping[str, Any] | BaseModel | None, source: str = "meta_test") -> BaseModel:
+        if isinstance(settings, BaseModel):
+            return settings
+        return validate(self.meta_test_class, integral_floats_to_int(dict(settings or {})), source=source)
+
+    def _steps_path(self) -> list[str]:
+        return self.steps_field.split(".")
+
+    def total_steps(self, config: BaseModel) -> int:
+        node: Any = config
+        for key in self._steps_path():
+            node = getattr(node, key)
+        return int(node)
+
+    def with_total_steps(self, config: BaseModel, steps: int) -> BaseModel:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: got {steps!r}; allowed: an int >= 1")
+
+        def replace(model: BaseModel, keys: list[str]) -> BaseModel:
+            if len(keys) == 1:
+                return model.model_copy(update={keys[0]: steps})
+            return model.model_copy(update={keys[0]: replace(getattr(model, keys[0]), keys[1:])})
+
+        return replace(config, self._steps_path())
+
+    def with_device(self, config: BaseModel, device: str | None) -> BaseModel:
+        if not device:
+            return config
+        return self.resolve_config({**config.model_dump(mode="json"), "device": device})
+
+    # ---------------------------------------------------------------- data
+
+    def data_specs(self, config: BaseModel) -> list[DataSpec]:
+        """The datasets meta-training reads, in order (none: tasks generated from the config)."""
+        return []
+
+    def generated_inputs(self, config: BaseModel) -> PreparedInputs:
+        """Inputs of a learner that reads no dataset: an empty set whose fingerprint is the config's."""
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        return PreparedInputs(self.name, [], digest, {"kind": "generated from the config"})
+
+    def prepare(self, config: BaseModel, progress: ProgressReporter | None = None) -> PreparedInputs:
+        """Prepare every dataset the configuration reads (re-reading its source, so new data shows
+        up as a new fingerprint)."""
+        from metaopt_core.data.prepare import prepare
+
+        datasets = []
+        for spec in self.data_specs(config):
+            data = prepare(spec)
+            datasets.append(data)
+            if progress:
+                splits = sorted(data.splits)
+                progress(f"prepared {spec.source}: splits {splits[:4]}{'...' if len(splits) > 4 else ''}, fingerprint {data.fingerprint[:12]}")
+        if not datasets:
+            return self.generated_inputs(config)
+        return PreparedInputs(self.name, datasets, combine_fingerprints([d.fingerprint for d in datasets]), {"kind": "datasets"})
+
+    def check_inputs(self, config: BaseModel, data: PreparedInputs) -> None:
+        """The prepared inputs are the ones this configuration reads."""
+        if data.learner != self.name:
+            raise ValueError(f"inputs: prepared for {data.learner!r}; the config is {self.name!r}")
+        wanted = [spec.model_dump(mode="json") for spec in self.data_specs(config)]
+        have = [dataset.spec for dataset in data.datasets]
+        if wanted != have:
+            raise ValueError(f"inputs: prepared from data specs {have}; the config reads {wanted} (prepare the data again)")
+
+    # ---------------------------------------------------------------- state
+
+    def config_of(self, state: Any) -> BaseModel:
+        return self.resolve_config(state.config, source="state.config")
+
+    def done(self, state: Any) -> bool:
+        return bool(state.finished)
+
+    def step(self, state: Any) -> int:
+        return int(getattr(state, self.step_attribute))
+
+    def metrics(self, state: Any) -> dict:
+        """The scalar metrics of the last outer step, with its step number."""
+        if not state.history:
+            return {}
+        row = state.history[-1]
+        return {key: value for key, value in row.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+                or key == "step"}  # fmt: skip
+
+    def save_state(self, state: Any, directory: str | Path) -> Path:
+        return state.save(directory)
+
+    def load_state(self, directory: str | Path) -> Any:
+        return self.state_class.load(directory)
+
+    def has_state(self, directory: str | Path) -> bool:
+        return (Path(directory) / "state.json").exists()
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self, config: BaseModel, data: PreparedInputs, checkpoint_dir: str | Path, *,
+            progress: ProgressReporter | None = None, callback: MetricsCallback | None = None) -> Any:  # fmt: skip
+        """Outer steps up to ``total_steps(config)`` in this process, resuming the checkpoint in
+        ``checkpoint_dir`` when there is one and saving after every step."""
+        until = self.total_steps(config)
+        checkpoint = Path(checkpoint_dir)
+        state = self.load_state(checkpoint) if self.has_state(checkpoint) else self.init(config, data)
+        while not self.done(state) and self.step(state) < until:
+            work = self.ask(state, data)
+            state = self.tell(state, [self.evaluate(state, work, (0, 1), data)], data)
+            self.save_state(state, checkpoint)
+            row = self.metrics(state)
+            if progress:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step" and math.isfinite(float(v)))
+                progress(f"{self.name}: outer step {self.step(state)}/{until}: {shown}")
+            if callback:
+                callback(row)
+        return state
+
+
+__all__ = [
+    "FINISHED",
+    "LearnerBase",
+    "MetaLearner",
+    "MetaTestReport",
+    "MetricsCallback",
+    "Part",
+    "ProgressReporter",
+    "Work",
+    "shard_slice",
+]

@@ -1,0 +1,114 @@
+"""The MLflow model registry for learned losses and optimisers: register, promote, load.
+
+A downstream training job needs two lines::
+
+    from metaopt_core import load_loss, load_optimizer
+    criterion = load_loss("models:/itl/production")              # TaylorLoss, like nn.CrossEntropyLoss
+    optimizer = load_optimizer("models:/metamd/production", model)  # MirrorDescent
+
+What a registered version holds (an MLflow model with a pyfunc flavour, logged from code so
+nothing is pickled; see ``metaopt_core.mlops.pyfunc``):
+
+- ``artifacts/loss.json`` (a loss document, schema in ``metaopt_core.losses.document``), or
+  ``artifacts/divergence/{divergence.safetensors, manifest.json}`` (an optimiser);
+- a signature (probabilities + label -> loss; parameter + gradient -> step direction);
+- version tags: ``metaopt.kind``, ``metaopt.family``, the sha256 of every artifact file
+  (``metaopt.sha256.<file>``), the meta-train provenance (``metaopt.config`` JSON,
+  ``metaopt.data_fingerprint``, ``metaopt.git_commit``, meta-test scores as
+  ``metaopt.score.<metric>``) and, after a promotion attempt, ``metaopt.promotion.*``.
+
+Modules: ``common`` (tag names, errors, shared helpers), ``register`` (``register_loss``,
+``register_optimizer``), ``resolve`` (``models:/`` URIs to versions), ``load`` (``load_loss``,
+``load_optimizer``: only the white-box files, sha256-checked, never unpickled), ``promotion``
+(``promote``, its lock, and the pure ``decide_promotion``) and ``listing`` (``metaopt models``).
+"""
+
+from metaopt_core.mlops.registry.common import (
+    ALIAS,
+    DEFAULT_METRIC,
+    DIVERGENCE_DIR,
+    DIVERGENCE_FILES,
+    LOCK_EXPIRES,
+    LOCK_OWNER,
+    LOCK_SUFFIX,
+    LOSS_FILE,
+    PROMOTION_PREFIX,
+    PYFUNC_CODE,
+    SCORE_PREFIX,
+    SHA_PREFIX,
+    STAGE,
+    TAG_CONFIG,
+    TAG_FAMILY,
+    TAG_KIND,
+    TAG_SCORES,
+    ArtifactValidationError,
+    ModelNotFoundError,
+    NoProductionVersionError,
+    PromotionLockTimeout,
+    RegistryError,
+    WrongModelKindError,
+    loss_from_doc,
+    validate_loss_doc,
+)
+from metaopt_core.mlops.registry.listing import describe_model, describe_version, iter_versions, list_models
+from metaopt_core.mlops.registry.load import load_loss, load_loss_doc, load_optimizer
+from metaopt_core.mlops.registry.promotion import (
+    PromotionDecision,
+    PromotionVerdict,
+    decide_promotion,
+    production_version,
+    promote,
+    reconcile,
+)
+from metaopt_core.mlops.registry.register import RegisteredVersion, register_loss, register_optimizer
+from metaopt_core.mlops.registry.resolve import ModelRef, parse_models_uri, resolve_version
+from metaopt_core.mlops.tracking import TrackingServerUnreachable, resolve_tracking_uri
+
+__all__ = [
+    "ALIAS",
+    "ArtifactValidationError",
+    "DEFAULT_METRIC",
+    "DIVERGENCE_DIR",
+    "DIVERGENCE_FILES",
+    "LOCK_EXPIRES",
+    "LOCK_OWNER",
+    "LOCK_SUFFIX",
+    "LOSS_FILE",
+    "ModelNotFoundError",
+    "ModelRef",
+    "NoProductionVersionError",
+    "PROMOTION_PREFIX",
+    "PYFUNC_CODE",
+    "PromotionDecision",
+    "PromotionLockTimeout",
+    "PromotionVerdict",
+    "RegisteredVersion",
+    "RegistryError",
+    "SCORE_PREFIX",
+    "SHA_PREFIX",
+    "STAGE",
+    "TAG_CONFIG",
+    "TAG_FAMILY",
+    "TAG_KIND",
+    "TAG_SCORES",
+    "TrackingServerUnreachable",
+    "WrongModelKindError",
+    "decide_promotion",
+    "describe_model",
+    "describe_version",
+    "iter_versions",
+    "list_models",
+    "load_loss",
+    "load_loss_doc",
+    "load_optimizer",
+    "loss_from_doc",
+    "parse_models_uri",
+    "production_version",
+    "promote",
+    "reconcile",
+    "register_loss",
+    "register_optimizer",
+    "resolve_tracking_uri",
+    "resolve_version",
+    "validate_loss_doc",
+]

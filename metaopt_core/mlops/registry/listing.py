@@ -1,0 +1,113 @@
+"""Listing and describing registered models and versions (what ``metaopt models list/show`` print)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterator
+from typing import Any
+
+from metaopt_core.mlops.registry.common import (
+    DEFAULT_METRIC,
+    LOCK_SUFFIX,
+    PROMOTION_PREFIX,
+    TAG_FAMILY,
+    TAG_KIND,
+    score_tag,
+)
+from metaopt_core.mlops.registry.load import load_loss_doc
+from metaopt_core.mlops.registry.promotion import current_production
+from metaopt_core.mlops.registry.resolve import ModelRef, existing_store, list_versions, registered_model, resolve_version
+
+
+def list_models(*, metric: str = DEFAULT_METRIC, tracking_uri: str | None = None) -> list[dict]:
+    """One row per registered model: name, kind, latest version, production version and its score."""
+    client = existing_store(tracking_uri)
+    rows, token = [], None
+    while True:
+        page = client.search_registered_models(max_results=100, page_token=token)
+        for model in page:
+            if model.name.endswith(LOCK_SUFFIX) or model.tags.get(TAG_KIND) == "lock":
+                continue
+            versions = list_versions(client, model.name)
+            production = current_production(client, model.name)
+            prod = next((v for v in versions if str(v.version) == production), None)
+            rows.append(
+                {
+                    "name": model.name,
+                    "kind": model.tags.get(TAG_KIND, ""),
+                    "versions": len(versions),
+                    "latest": str(versions[-1].version) if versions else None,
+                    "production": production,
+                    metric: score_tag(prod, metric) if prod is not None else None,
+                    "updated": _timestamp(model.last_updated_timestamp),
+                }
+            )
+        token = page.token
+        if not token:
+            return sorted(rows, key=lambda r: r["name"])
+
+
+def describe_model(name: str, *, metric: str = DEFAULT_METRIC, tracking_uri: str | None = None) -> dict:
+    """A registered model and a row per version (stage, aliases, score, last promotion decision)."""
+    client = existing_store(tracking_uri)
+    model = registered_model(client, name)
+    by_version: dict[str, list[str]] = {}
+    for alias, v in model.aliases.items():
+        by_version.setdefault(str(v), []).append(alias)
+    versions = [
+        {
+            "version": str(v.version),
+            "stage": v.current_stage,
+            "aliases": ",".join(sorted(by_version.get(str(v.version), []))),
+            "family": v.tags.get(TAG_FAMILY, ""),
+            metric: score_tag(v, metric),
+            "decision": v.tags.get(PROMOTION_PREFIX + "decision", ""),
+            "created": _timestamp(v.creation_timestamp),
+            "run_id": v.run_id,
+        }
+        for v in list_versions(client, name)
+    ]
+    return {
+        "name": model.name,
+        "kind": model.tags.get(TAG_KIND, ""),
+        "description": model.description,
+        "production": current_production(client, name),
+        "aliases": dict(model.aliases),
+        "versions": versions,
+    }
+
+
+def describe_version(name: str, version: int | str, *, tracking_uri: str | None = None) -> dict:
+    """One version: where it comes from, its tags (provenance, scores, promotion) and its artifact."""
+    client = existing_store(tracking_uri)
+    mv = resolve_version(client, ModelRef(name, version=str(version)), f"models:/{name}/{version}")
+    out = {
+        "name": name,
+        "version": str(mv.version),
+        "stage": mv.current_stage,
+        "aliases": sorted(a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(mv.version)),
+        "source": mv.source,
+        "run_id": mv.run_id,
+        "created": _timestamp(mv.creation_timestamp),
+        "description": mv.description,
+        "tags": dict(sorted(mv.tags.items())),
+    }
+    if mv.tags.get(TAG_KIND) == "loss":
+        out["loss"] = load_loss_doc(f"models:/{name}/{mv.version}", tracking_uri=tracking_uri)
+    return out
+
+
+def _timestamp(millis: int | None) -> str:
+    if not millis:
+        return ""
+    return _dt.datetime.fromtimestamp(millis / 1000, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def iter_versions(name: str, *, tracking_uri: str | None = None) -> Iterator[Any]:
+    """All ``ModelVersion`` objects of ``name``, oldest first."""
+    client = existing_store(tracking_uri)
+    registered_model(client, name)
+    yield from list_versions(client, name)
+
+
+__all__ = ["describe_model", "describe_version", "iter_versions", "list_models"]

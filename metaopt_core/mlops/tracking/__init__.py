@@ -1,0 +1,86 @@
+"""MLflow tracking for meta-training runs, behind a small API the algorithms reach through a callback.
+
+The algorithm modules (``metaopt_core.meta.*``) never import MLflow: they accept a
+``callback(metrics: dict)`` and call it once per outer step. A component (or ``run()``) wires it::
+
+    from metaopt_core.mlops.tracking import Tracker
+
+    with Tracker(experiment="itl", run_name="itl-demo") as tracker:
+        tracker.log_config(config)                  # flattened params + config.json
+        tracker.set_fingerprint(data.fingerprint)   # tag metaopt.data_fingerprint
+        result = itl.run(config, callback=tracker.callback())   # {"step": k, "meta_loss": ...}
+        tracker.log_loss_plot({"learned": result.best_loss})
+        tracker.log_table("meta_test", rows)        # tables/meta_test.md + .json
+
+Where runs go (first match wins):
+
+1. the ``tracking_uri`` argument,
+2. ``MLFLOW_TRACKING_URI`` (a cluster's tracking server, ``http://mlflow:5000``),
+3. the embedded default ``sqlite:///<cwd>/mlflow.db`` (MLflow 3 refuses a plain ``./mlruns``
+   file store by default, so the local default is a SQLite file).
+
+``MLFLOW_RUN_ID`` (set by KFP's MLflow integration) resumes that run instead of creating one, and
+``MLFLOW_EXPERIMENT_ID`` selects the experiment of a new run. An HTTP tracking server is probed
+at ``/health`` with a few bounded retries first, so a wrong or dead URI fails in seconds with
+:class:`TrackingServerUnreachable` naming the URI, not after MLflow's minutes of retries.
+
+Every call goes through an explicit ``MlflowClient`` and run id; nothing here uses MLflow's
+process-global "active run", so two trackers in one process (threads, tests) do not interfere.
+"""
+
+from metaopt_core.mlops.tracking.server import (
+    DB_FILE,
+    DEFAULT_EXPERIMENT,
+    TAG_ALGORITHM,
+    TAG_FINGERPRINT,
+    TAG_GIT_COMMIT,
+    TrackingServerUnreachable,
+    connect,
+    default_tracking_uri,
+    ensure_reachable,
+    get_or_create_experiment,
+    git_commit,
+    is_http_uri,
+    resolve_tracking_uri,
+)
+from metaopt_core.mlops.tracking.tracker import Tracker, start_run
+from metaopt_core.mlops.tracking.values import (
+    STEP_KEYS,
+    flatten,
+    history_rows,
+    loss_curves_input,
+    markdown_table,
+    metric_key,
+    numeric_metrics,
+    param_value,
+    table_rows,
+    to_jsonable,
+)
+
+__all__ = [
+    "DB_FILE",
+    "DEFAULT_EXPERIMENT",
+    "STEP_KEYS",
+    "TAG_ALGORITHM",
+    "TAG_FINGERPRINT",
+    "TAG_GIT_COMMIT",
+    "Tracker",
+    "TrackingServerUnreachable",
+    "connect",
+    "default_tracking_uri",
+    "ensure_reachable",
+    "flatten",
+    "get_or_create_experiment",
+    "git_commit",
+    "history_rows",
+    "is_http_uri",
+    "loss_curves_input",
+    "markdown_table",
+    "metric_key",
+    "numeric_metrics",
+    "param_value",
+    "resolve_tracking_uri",
+    "start_run",
+    "table_rows",
+    "to_jsonable",
+]

@@ -1,0 +1,344 @@
+"""The one pipeline builder: any registered learner's meta-training DAG, and the options fixed
+when it is compiled.
+
+    prepare_data ─► check_new_data ─► If(should_train):
+                                         start_tracking ─► init_state ─► block 1 ─► … ─► block N
+                                           ─► meta_test ─► register_and_promote
+                                      Else:
+                                         report_skipped
+
+A *block* is, with ``shards == 1``, one component running several outer steps in process
+(``run_block``); with ``shards > 1`` it is one outer step fanned out over ``dsl.ParallelFor``:
+``ask`` ─► ``evaluate`` × shards ─► ``tell``. KFP DAGs are static, so the number of blocks (and,
+when sharded, of outer steps) is fixed at compile time; the number of outer steps a block runs is
+not (the run's total from the config, split evenly over the blocks).
+
+Everything learner-specific comes from the learner (``metaopt_core.meta.registry``): its demo
+configuration, meta-test defaults, presets and description. Every pipeline parameter has a
+default and a description (from the ``Args:`` section of the pipeline's docstring, which KFP
+copies into the compiled YAML), so a run can be started from the Kubeflow UI as is.
+"""
+
+# No ``from __future__ import annotations``: KFP reads the pipeline function's annotations as types.
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from components.images import IMAGE_CUDA
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# "demo" runs a configuration as written; the other presets are the learner's own overrides
+# ("quick": what `make run` uses to stay within minutes on 2 cores).
+PRESET_NAMES = ("demo", "quick")
+
+
+# Cluster wiring (infra/): the ConfigMap every step reads, and the S3 credentials Secret.
+RUNTIME_CONFIG_MAP = "metaopt-runtime"
+RUNTIME_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "METAOPT_S3_MAX_ATTEMPTS")
+S3_SECRET = "metaopt-s3"
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
+# Steps that run long enough to be preempted (spot / GPU nodes): retried, resuming from their inputs.
+RETRY = {"num_retries": 3, "backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """What is fixed when a pipeline is compiled.
+
+    ``blocks``: meta-training blocks (state handed block to block). ``shards``: 1 runs each block's
+    inner trainings batched in one process; > 1 fans each outer step out over that many parallel
+    tasks (then a block is one outer step, and the run takes ``blocks`` outer steps). ``gpu``: the
+    meta-training and meta-test steps request one NVIDIA GPU, run the CUDA image on GPU nodes and
+    compute on ``cuda``. ``cluster_env``: every step reads the ``metaopt-runtime`` ConfigMap and
+    the ``metaopt-s3`` Secret (``infra/``) as environment variables. ``retries``: meta-training and
+    meta-test steps are retried when they fail (preemption); the local runner turns it off, since
+    there a failure is a bug or a bad setting that a retry only repeats.
+    """
+
+    blocks: int = 3
+    shards: int = 1
+    gpu: bool = False
+    cluster_env: bool = True
+    retries: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("blocks", "shards"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise ValueError(f"{name}: got {value!r}; allowed: an int from 1 to 1000")
+        for name in ("gpu", "cluster_env", "retries"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: true or false")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpu else ""
+
+    def describe(self) -> str:
+        if self.shards > 1:
+            shape = f"{self.blocks} outer steps, each fanned out over {self.shards} shards"
+        else:
+            shape = f"{self.blocks} blocks of outer steps, inner trainings batched in process"
+        return f"{shape}; {'GPU (CUDA image, 1 GPU per meta-training step)' if self.gpu else 'CPU'}"
+
+
+def learner_of(name: str) -> Any:
+    """The registered learner called ``name`` (error: the names there are)."""
+    from metaopt_core.meta import registry
+
+    return registry.get(name)
+
+
+def default_config_path(name: str) -> Path | None:
+    """The demo configuration file a pipeline defaults to (None: the learner declares none, and
+    its configuration's defaults are the demo)."""
+    learner = learner_of(name)
+    for file in learner.demo_configs:
+        path = CONFIG_DIR / file
+        if path.exists():
+            return path
+    if learner.demo_configs:
+        raise FileNotFoundError(f"no default configuration for {name!r}: none of {list(learner.demo_configs)} in {CONFIG_DIR}")
+    return None
+
+
+def load_config_file(path: str | Path, algorithm: str | None = None) -> dict:
+    """A YAML/JSON run configuration as a plain dict (its ``algorithm:`` checked against the
+    learner name ``algorithm`` when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
+    if algorithm is not None and doc.setdefault("algorithm", algorithm) != algorithm:
+        raise ValueError(f"{path}: field 'algorithm': got {doc['algorithm']!r}; this pipeline runs {algorithm!r}")
+    return doc
+
+
+def default_config(name: str) -> dict:
+    path = default_config_path(name)
+    if path is None:
+        return learner_of(name).config_class().model_dump(mode="json")
+    return load_config_file(path, name)
+
+
+def apply_overrides(doc: dict, overrides: dict[str, Any] | None) -> dict:
+    """A copy of ``doc`` with ``{"train.epochs": 4, ...}`` set (dot paths into nested mappings).
+    A path through something that is not a mapping is an error naming it."""
+    out = json.loads(json.dumps(doc))
+    for path, value in (overrides or {}).items():
+        keys = str(path).split(".")
+        if not all(keys):
+            raise ValueError(f"override {path!r}: allowed: a dot path such as train.epochs")
+        node = out
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {path!r}: {'.'.join(keys[:depth + 1])} is {child!r}, not a mapping")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def preset_overrides(preset: str, name: str) -> dict[str, Any]:
+    """The learner's overrides for ``preset`` (``demo``: none; a preset it lacks: none)."""
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"preset: got {preset!r}; allowed: {list(PRESET_NAMES)}")
+    return {} if preset == "demo" else dict(learner_of(name).presets.get(preset, {}))
+
+
+def _without_nulls(value: Any) -> tuple[Any, bool]:
+    if isinstance(value, dict):
+        out, dropped = {}, False
+        for key, item in value.items():
+            if item is None:
+                dropped = True
+                continue
+            out[key], inner = _without_nulls(item)
+            dropped = dropped or inner
+        return out, dropped
+    if isinstance(value, list):
+        pairs = [_without_nulls(item) for item in value]
+        return [p[0] for p in pairs], any(p[1] for p in pairs) or any(item is None for item in value)
+    return value, False
+
+
+def parameter_config(algorithm: str, doc: dict) -> dict:
+    """``doc`` as a value for the ``config`` pipeline parameter. KFP dict parameters cannot hold
+    null, so null fields are dropped — allowed only where that leaves the configuration unchanged
+    (the field's default is null); otherwise the error says to pass the file as ``config_uri``."""
+    stripped, dropped = _without_nulls(doc)
+    if dropped:
+        learner = learner_of(algorithm)
+        if learner.resolve_config(stripped).model_dump() != learner.resolve_config(doc).model_dump():
+            raise ValueError(
+                "config: a field set to null differs from its default, and KFP dict parameters cannot hold null; "
+                "store the configuration in a file the cluster can read and pass it as config_uri (s3://...)"
+            )
+    return json.loads(json.dumps(stripped))
+
+
+# ----------------------------------------------------------------------------- per-task settings
+
+
+def _cluster_env(task: Any, options: PipelineOptions) -> Any:
+    if options.cluster_env:
+        from kfp import kubernetes
+
+        kubernetes.use_config_map_as_env(task, RUNTIME_CONFIG_MAP, {key: key for key in RUNTIME_KEYS})
+        # optional: with IRSA / workload identity there are no keys to mount
+        kubernetes.use_secret_as_env(task, S3_SECRET, {key: key for key in S3_KEYS}, optional=True)
+    return task
+
+
+def _fresh(task: Any) -> Any:
+    """No caching: the step re-reads data, talks to MLflow, or must run for every pipeline run."""
+    task.set_caching_options(False)
+    return task
+
+
+def _compute(task: Any, options: PipelineOptions) -> Any:
+    """A meta-training / meta-test step: retried when preempted; on GPU when compiled for it."""
+    if options.retries:
+        task.set_retry(**RETRY)
+    if options.gpu:
+        from kfp import kubernetes
+
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+        task.set_container_image(IMAGE_CUDA)
+        kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
+        kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    return task
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+PIPELINE_DOC = """{description}
+
+Compiled for {shape}. Data → new-data check → (if the data changed, or forced) MLflow run →
+meta-training → meta-test → register in the MLflow registry and promote if it beats production.
+
+Args:
+    config_uri: A run configuration (YAML or JSON) at a path, file:// or s3:// URI. Empty: use the 'config' parameter.
+    config: The run configuration itself (the {algorithm} schema of metaopt_core, as in {config_file}); used when config_uri is empty. Its default is that demo configuration.
+    meta_test_settings: Meta-test protocol: {meta_test_fields}. Unset fields take the defaults shown.
+    model_name: Registered model name in the MLflow registry; downstream jobs load models:/<model_name>/production.
+    experiment: MLflow experiment of the run (ignored when the cluster injects MLFLOW_EXPERIMENT_ID).
+    force_retrain: Meta-train even if the data fingerprint equals the production version's.
+    promotion_margin: The new version replaces production only if its meta-test metric is better by more than this.
+"""
+
+def _meta_test_fields(learner: Any) -> str:
+    return ", ".join(learner.meta_test_class.model_fields)
+
+
+def build_pipeline(name: str, options: PipelineOptions | None = None, config: dict | None = None) -> Callable:
+    """The pipeline (a KFP graph component) of the learner called ``name`` for ``options``;
+    ``config`` replaces the demo configuration as the ``config`` parameter's default."""
+    from kfp import dsl
+
+    from components import common
+    from components import learner as steps
+    from metaopt_core.meta import registry
+
+    learner = learner_of(name)
+    ref = registry.reference(name)  # what each step's fresh process finds the learner by
+    options = options or PipelineOptions()
+    default = parameter_config(name, config if config is not None else default_config(name))
+    meta_test_default = dict(learner.default_meta_test)
+    device = options.device
+    label_name = learner.name
+
+    def pipeline(
+        config_uri: str = "",
+        config: dict = default,
+        meta_test_settings: dict = meta_test_default,
+        model_name: str = learner.name,
+        experiment: str = "metaopt",
+        force_retrain: bool = False,
+        promotion_margin: float = 0.0,
+    ) -> str:
+        def wire(task: Any, display: str) -> Any:
+            task.set_display_name(display)
+            return _cluster_env(task, options)
+
+        prepared = wire(_fresh(common.prepare_data(learner=ref, config=config, config_uri=config_uri)), "prepare data")
+        resolved, data, fingerprint = prepared.outputs["config"], prepared.outputs["data"], prepared.outputs["fingerprint"]
+        check = wire(_fresh(common.check_new_data(fingerprint=fingerprint, model_name=model_name, force=force_retrain)), "check for new data")
+        with dsl.If(check.outputs["should_train"] == True, name="data-changed"):  # noqa: E712 (a KFP condition, not Python)
+            tracking = wire(_fresh(common.start_tracking(
+                learner=ref, config=resolved, data=data, fingerprint=fingerprint, model_name=model_name,
+                experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)), "start MLflow run")  # fmt: skip
+            run_id = tracking.outputs["run_id"]
+            init = wire(_fresh(steps.init_state(learner=ref, config=resolved, data=data, device=device,
+                                                total_steps=options.blocks if options.shards > 1 else 0)), f"{label_name} initial state")  # fmt: skip
+            state = init.outputs["state"]
+            learned = None
+            for block in range(options.blocks):
+                label = f"{block + 1}/{options.blocks}"
+                if options.shards == 1:
+                    step = steps.run_block(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id, block_index=block,
+                                           blocks=options.blocks, device=device)  # fmt: skip
+                    _compute(_fresh(wire(step, f"{label_name} block {label}")), options)
+                else:
+                    asked = wire(_fresh(steps.ask(learner=ref, config=resolved, data=data, state_in=state)), f"{label_name} ask {label}")
+                    with dsl.ParallelFor(items=list(range(options.shards)), parallelism=options.shards, name=f"shards-{block + 1}") as shard:
+                        fan_out = steps.evaluate(learner=ref, config=resolved, data=data, state_in=state, work=asked.outputs["work"],
+                                                 shard_index=shard, shards=options.shards)  # fmt: skip
+                        _compute(wire(fan_out, f"{label_name} evaluate {label}"), options)
+                    step = steps.tell(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id,
+                                      parts=dsl.Collected(fan_out.outputs["part"]))  # fmt: skip
+                    _fresh(wire(step, f"{label_name} tell {label}"))
+                state, learned = step.outputs["state"], step.outputs["learned"]
+            tested = common.meta_test(learner=ref, config=resolved, data=data, learned=learned, run_id=run_id,
+                                      settings=meta_test_settings, device=device)  # fmt: skip
+            _compute(_fresh(wire(tested, "meta-test")), options)
+            registered = wire(_fresh(common.register_and_promote(
+                learner=ref, config=resolved, learned=learned, fingerprint=fingerprint, run_id=run_id,
+                model_name=model_name, scores=tested.outputs["scores"], metric=tested.outputs["metric"],
+                greater_is_better=tested.outputs["greater_is_better"], margin=promotion_margin)), "register and promote")  # fmt: skip
+        with dsl.Else(name="data-unchanged"):
+            skipped = wire(_fresh(common.report_skipped(
+                learner=ref, model_name=model_name, production_version=check.outputs["production_version"],
+                fingerprint=fingerprint, reason=check.outputs["reason"])), "skip: data unchanged")  # fmt: skip
+        return dsl.OneOf(registered.outputs["summary"], skipped.outputs["summary"])
+
+    config_path = default_config_path(name) if config is None else None
+    pipeline.__name__ = f"{learner.name}_pipeline"
+    pipeline.__doc__ = PIPELINE_DOC.format(
+        description=learner.description, shape=options.describe(), algorithm=learner.name,
+        config_file=f"configs/{config_path.name}" if config_path else "<your file>", meta_test_fields=_meta_test_fields(learner),
+    )  # fmt: skip
+    return dsl.pipeline(name=f"metaopt-{learner.name}", description=f"{learner.description}. {options.describe()}.")(pipeline)
+
+
+def compile_pipeline(name: str, path: str | Path, options: PipelineOptions | None = None, config: dict | None = None) -> Path:
+    """Compile the pipeline of the learner called ``name`` to KFP IR YAML at ``path``."""
+    from kfp import compiler
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(name, options, config), str(path))
+    return path
+
+
+__all__ = [
+    "PRESET_NAMES",
+    "PipelineOptions",
+    "apply_overrides",
+    "build_pipeline",
+    "compile_pipeline",
+    "default_config",
+    "default_config_path",
+    "learner_of",
+    "load_config_file",
+    "parameter_config",
+    "preset_overrides",
+]
