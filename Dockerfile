@@ -1,14 +1,16 @@
 # syntax=docker/dockerfile:1
 #
-# The metaopt image that every Kubeflow component runs in. One Dockerfile, two variants:
+# The metaopt image that every Kubeflow component runs in. One Dockerfile, two variants, both
+# built by `make image` (docker or podman) and tagged <version>-<first 12 hex of the git commit>,
+# the tag `metaopt compile` uses by default:
 #
-#   CPU   ghcr.io/metaopt/metaopt:0.1.0
-#         docker build -t ghcr.io/metaopt/metaopt:0.1.0 .
+#   CPU   ghcr.io/metaopt/metaopt:<version>-<commit>         e.g. ghcr.io/metaopt/metaopt:0.1.0-d46a6b54547a
+#   CUDA  ghcr.io/metaopt/metaopt:<version>-<commit>-cuda    (TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130)
 #
-#   CUDA  ghcr.io/metaopt/metaopt:0.1.0-cuda
-#         docker build \
-#           --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 \
-#           -t ghcr.io/metaopt/metaopt:0.1.0-cuda .
+# By hand: docker build --build-arg GIT_COMMIT="$(git rev-parse HEAD)" -t ghcr.io/metaopt/metaopt:0.1.0-<commit> .
+# GIT_COMMIT is baked in as METAOPT_GIT_COMMIT (runs and registered versions record it as
+# metaopt.git_commit). constraints.txt pins every dependency (`make constraints` regenerates it),
+# so two builds of one commit install the same versions.
 #
 # Why the CUDA variant keeps the slim Python base: the CUDA torch wheels carry the CUDA 13.0
 # user-space libraries (cuBLAS, cuDNN, NCCL ... as nvidia-* pip packages), so an nvidia/cuda
@@ -65,34 +67,42 @@ RUN set -eux; \
 USER ${APP_UID}
 WORKDIR /app
 
-# Layer 2: the dependency list, extracted from pyproject.toml alone, so that source edits do
-# not invalidate the (large) dependency layers below.
-COPY --chown=metaopt:metaopt pyproject.toml /app/pyproject.toml
+# Layer 2: the dependency list, extracted from the two pyproject.toml files alone (the library
+# metaopt-core and the pipeline app, which depends on it), so that source edits do not invalidate
+# the (large) dependency layers below.
+COPY --chown=metaopt:metaopt pyproject.toml constraints.txt /app/
+COPY --chown=metaopt:metaopt app/pyproject.toml /app/app/pyproject.toml
 RUN python -c "\
 import re, tomllib; \
-deps = tomllib.load(open('/app/pyproject.toml', 'rb'))['project']['dependencies']; \
+deps = [d for f in ('/app/pyproject.toml', '/app/app/pyproject.toml') for d in tomllib.load(open(f, 'rb'))['project']['dependencies']]; \
 name = lambda d: re.match(r'[A-Za-z0-9_.-]+', d).group(0).lower(); \
 torch = [d for d in deps if name(d) in ('torch', 'torchvision')]; \
-rest = [d for d in deps if name(d) not in ('torch', 'torchvision')]; \
+rest = [d for d in deps if name(d) not in ('torch', 'torchvision', 'metaopt-core')]; \
 assert torch, 'pyproject.toml lists no torch dependency'; \
 open('/tmp/requirements-torch.txt', 'w').write('\n'.join(torch) + '\n'); \
 open('/tmp/requirements.txt', 'w').write('\n'.join(rest) + '\n')" \
  && python -m pip install --upgrade pip "setuptools>=68" wheel
 
 # Layer 3: torch and torchvision from the index of the chosen variant (CPU or CUDA wheels).
-RUN python -m pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/requirements-torch.txt
+RUN python -m pip install --index-url "${TORCH_INDEX_URL}" -c /app/constraints.txt -r /tmp/requirements-torch.txt
 
 # Layer 4: everything else from PyPI; torch is already satisfied and stays the variant's build.
-RUN python -m pip install -r /tmp/requirements.txt
+RUN python -m pip install -c /app/constraints.txt -r /tmp/requirements.txt
 
-# Layer 5: the project itself (small, changes often).
+# Layer 5: the project itself (small, changes often), and the commit it was built from: declared
+# here, after the dependency layers, so a new commit reuses them.
+ARG GIT_COMMIT=""
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.revision="${GIT_COMMIT}" \
+      org.opencontainers.image.version="${VERSION}"
+ENV METAOPT_GIT_COMMIT=${GIT_COMMIT}
 COPY --chown=metaopt:metaopt README.md /app/README.md
 COPY --chown=metaopt:metaopt metaopt_core /app/metaopt_core
 COPY --chown=metaopt:metaopt components /app/components
 COPY --chown=metaopt:metaopt pipelines /app/pipelines
 COPY --chown=metaopt:metaopt configs /app/configs
-RUN python -m pip install --no-deps --no-build-isolation /app \
- && rm -rf /app/build /app/*.egg-info \
+RUN python -m pip install --no-deps --no-build-isolation /app /app/app \
+ && rm -rf /app/build /app/*.egg-info /app/app/build /app/app/*.egg-info \
  && python -m pip check \
  && python -c "import metaopt_core, components, pipelines, torch; print('metaopt image ok, torch', torch.__version__)"
 

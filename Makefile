@@ -5,14 +5,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.metaopt-installed
 
-.PHONY: run test test-fast bench clean venv
+.PHONY: run test test-fast lint bench clean venv image constraints
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# One command installs both distributions: the library metaopt-core (the root project, what a
+# downstream job installs and registered models pin) and the pipeline app (app/: components,
+# pipelines, the `metaopt` CLI). An older checkout installed them as one "metaopt": removed first.
+$(STAMP): pyproject.toml app/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip uninstall --quiet --yes metaopt 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet -e ".[test]" -e ./app
 	touch $(STAMP)
 
 # The main job on the embedded default (local Kubeflow runner, local MLflow on ./mlflow.db):
@@ -21,13 +25,26 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/metaopt run all --local --preset quick
 
-# The whole suite, slow end-to-end tests included (CI runs exactly this).
-test: $(STAMP)
+# Lint and format check, then the whole suite, slow end-to-end tests included (CI runs exactly this).
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Everything but the slow end-to-end tests, for the edit-test loop.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The CPU and CUDA images, tagged <version>-<commit> (what compiled pipelines use by default), with
+# docker or podman; where neither engine runs this says so and fails. IMAGE_ARGS: e.g. --push.
+image: $(STAMP)
+	$(BIN)/python -m pipelines.image_build $(IMAGE_ARGS)
+
+# Re-pin the image's dependencies (constraints.txt) to what this environment has installed.
+constraints: $(STAMP)
+	$(BIN)/python -m pipelines.constraints > constraints.txt
 
 bench: $(STAMP)
 	for script in bench/*.py; do $(BIN)/python $$script --quick || exit 1; done

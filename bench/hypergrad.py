@@ -106,15 +106,18 @@ def _setup(device_name: str, threads: int) -> tuple[torch.device, WeightedLossML
         torch.set_num_threads(threads)
     device = torch.device(device_name)
     problem = WeightedLossMLP(device)
-    # Warm-up on a tiny copy of the problem (same code paths, lazy initialisation done) so that
-    # it neither raises the memory high-water mark nor pre-allocates the measured footprint.
+    _warm_up(device)
+    _sync(device)
+    return device, problem
+
+
+def _warm_up(device: torch.device) -> None:
+    """Run both hypergradients on a tiny copy of the problem (same code paths, lazy initialisation
+    done) so that it neither raises the memory high-water mark nor pre-allocates the measured footprint."""
     tiny = WeightedLossMLP(device, n_train=8, hidden=4)
     warm = tiny.train(2)
     implicit_hypergradient(lambda: tiny.inner(warm), lambda: tiny.outer(warm), warm, [tiny.omega], terms=2, alpha=LR)
     unrolled_hypergradient(tiny.init, tiny.inner, tiny.outer, [tiny.omega], steps=2, lr=LR)
-    del warm, tiny
-    _sync(device)
-    return device, problem
 
 
 def _run_implicit(problem: WeightedLossMLP, steps: int, device: torch.device):
@@ -124,8 +127,13 @@ def _run_implicit(problem: WeightedLossMLP, steps: int, device: torch.device):
     _sync(device)
     mid = time.perf_counter()
     result = implicit_hypergradient(
-        lambda: problem.inner(params), lambda: problem.outer(params), params, [problem.omega],
-        method="neumann", terms=NEUMANN_TERMS, alpha=LR,
+        lambda: problem.inner(params),
+        lambda: problem.outer(params),
+        params,
+        [problem.omega],
+        method="neumann",
+        terms=NEUMANN_TERMS,
+        alpha=LR,
     )
     _sync(device)
     return mid - start, time.perf_counter() - mid, result
@@ -196,40 +204,52 @@ def bench_implicit_vs_unrolled(steps_list: Sequence[int], repeats: int, device: 
     with tempfile.TemporaryDirectory() as tmp:
         for steps in steps_list:
             paths = {m: os.path.join(tmp, f"{m}_{steps}.pt") for m in ("implicit", "unrolled")}
-            mem = {m: _subprocess(["--worker", "memory", "--method", m, "--steps", str(steps), "--save-to", paths[m], *common])
-                   for m in ("implicit", "unrolled")}
+            mem = {
+                m: _subprocess(["--worker", "memory", "--method", m, "--steps", str(steps), "--save-to", paths[m], *common]) for m in ("implicit", "unrolled")
+            }
             timing = _subprocess(["--worker", "timing", "--steps", str(steps), "--repeats", str(repeats), *common])
             g_imp, g_unr = torch.load(paths["implicit"]), torch.load(paths["unrolled"])
             tr, hg, un = timing["train_s"], timing["implicit_s"], timing["unrolled_s"]
             rows[steps] = {
-                "train_s": min(tr), "implicit_s": min(hg), "implicit_total_s": min(a + b for a, b in zip(tr, hg)),
+                "train_s": min(tr),
+                "implicit_s": min(hg),
+                "implicit_total_s": min(a + b for a, b in zip(tr, hg)),
                 "unrolled_s": min(un),
                 "ratio_e2e": statistics.median(u / (a + b) for a, b, u in zip(tr, hg, un)),
                 "ratio_hg_only": statistics.median(u / b for b, u in zip(hg, un)),
-                "implicit_mem_mb": mem["implicit"]["peak_mem_mb"], "unrolled_mem_mb": mem["unrolled"]["peak_mem_mb"],
+                "implicit_mem_mb": mem["implicit"]["peak_mem_mb"],
+                "unrolled_mem_mb": mem["unrolled"]["peak_mem_mb"],
                 "cosine": float(F.cosine_similarity(g_imp, g_unr, dim=0)),
                 "inner_grad_norm": mem["implicit"]["inner_grad_norm"],
             }
     mem_label = "peak GPU MiB" if device.startswith("cuda") else "peak ΔRSS MiB"
-    print(f"\nImplicit (Neumann J={NEUMANN_TERMS}, α=lr) vs unrolled hypergradient: MLP {D_IN}-{HIDDEN}-{CLASSES} tanh, "
-          f"{N_TRAIN} examples full-batch, |ω|={N_TRAIN} loss weights, SGD lr {LR}, device={device}, "
-          f"threads={threads or torch.get_num_threads()}, {repeats} paired repeats")
-    header = (f"{'T':>6} | {'train s':>8} | {'IFT hg s':>8} | {'train+IFT s':>11} | {'unrolled s':>10} | "
-              f"{'ratio e2e':>9} | {'ratio hg-only':>13} | {'IFT ' + mem_label:>18} | {'unr ' + mem_label:>18} | "
-              f"{'mem ratio':>9} | {'cos(IFT,unr)':>12} | {'‖∂L/∂θ‖':>9}")
+    print(
+        f"\nImplicit (Neumann J={NEUMANN_TERMS}, α=lr) vs unrolled hypergradient: MLP {D_IN}-{HIDDEN}-{CLASSES} tanh, "
+        f"{N_TRAIN} examples full-batch, |ω|={N_TRAIN} loss weights, SGD lr {LR}, device={device}, "
+        f"threads={threads or torch.get_num_threads()}, {repeats} paired repeats"
+    )
+    header = (
+        f"{'T':>6} | {'train s':>8} | {'IFT hg s':>8} | {'train+IFT s':>11} | {'unrolled s':>10} | "
+        f"{'ratio e2e':>9} | {'ratio hg-only':>13} | {'IFT ' + mem_label:>18} | {'unr ' + mem_label:>18} | "
+        f"{'mem ratio':>9} | {'cos(IFT,unr)':>12} | {'‖∂L/∂θ‖':>9}"
+    )
     print(header)
     print("-" * len(header))
     for steps, r in rows.items():
         mem_ratio = r["unrolled_mem_mb"] / max(r["implicit_mem_mb"], 1e-3)
-        print(f"{steps:>6} | {r['train_s']:>8.3f} | {r['implicit_s']:>8.3f} | {r['implicit_total_s']:>11.3f} | "
-              f"{r['unrolled_s']:>10.3f} | {r['ratio_e2e']:>9.2f} | {r['ratio_hg_only']:>13.1f} | "
-              f"{r['implicit_mem_mb']:>18.1f} | {r['unrolled_mem_mb']:>18.1f} | {mem_ratio:>9.1f} | "
-              f"{r['cosine']:>12.3f} | {r['inner_grad_norm']:>9.2e}")
+        print(
+            f"{steps:>6} | {r['train_s']:>8.3f} | {r['implicit_s']:>8.3f} | {r['implicit_total_s']:>11.3f} | "
+            f"{r['unrolled_s']:>10.3f} | {r['ratio_e2e']:>9.2f} | {r['ratio_hg_only']:>13.1f} | "
+            f"{r['implicit_mem_mb']:>18.1f} | {r['unrolled_mem_mb']:>18.1f} | {mem_ratio:>9.1f} | "
+            f"{r['cosine']:>12.3f} | {r['inner_grad_norm']:>9.2e}"
+        )
     first, last = rows[steps_list[0]], rows[steps_list[-1]]
-    print(f"T {steps_list[0]} -> {steps_list[-1]}: implicit hypergradient time x{last['implicit_s'] / first['implicit_s']:.2f}, "
-          f"unrolled time x{last['unrolled_s'] / first['unrolled_s']:.2f}; implicit peak memory "
-          f"{first['implicit_mem_mb']:.1f} -> {last['implicit_mem_mb']:.1f} MiB, unrolled "
-          f"{first['unrolled_mem_mb']:.1f} -> {last['unrolled_mem_mb']:.1f} MiB")
+    print(
+        f"T {steps_list[0]} -> {steps_list[-1]}: implicit hypergradient time x{last['implicit_s'] / first['implicit_s']:.2f}, "
+        f"unrolled time x{last['unrolled_s'] / first['unrolled_s']:.2f}; implicit peak memory "
+        f"{first['implicit_mem_mb']:.1f} -> {last['implicit_mem_mb']:.1f} MiB, unrolled "
+        f"{first['unrolled_mem_mb']:.1f} -> {last['unrolled_mem_mb']:.1f} MiB"
+    )
     return rows
 
 
@@ -259,9 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 5)
     rows = bench_implicit_vs_unrolled(steps_list, repeats, args.device, args.threads)
     last = rows[steps_list[-1]]
-    print(f"ratios at T={steps_list[-1]} (unrolled / implicit): end-to-end {last['ratio_e2e']:.2f}x, "
-          f"hypergradient-only {last['ratio_hg_only']:.1f}x, "
-          f"peak memory {last['unrolled_mem_mb'] / max(last['implicit_mem_mb'], 1e-3):.1f}x")
+    print(
+        f"ratios at T={steps_list[-1]} (unrolled / implicit): end-to-end {last['ratio_e2e']:.2f}x, "
+        f"hypergradient-only {last['ratio_hg_only']:.1f}x, "
+        f"peak memory {last['unrolled_mem_mb'] / max(last['implicit_mem_mb'], 1e-3):.1f}x"
+    )
     print(f"RESULT hypergrad_unrolled_over_implicit_time_T{steps_list[-1]}={last['ratio_e2e']:.3f}")
     return 0
 

@@ -44,14 +44,16 @@ def convex_tables(problems, terms_list: Sequence[int]) -> dict[tuple[str, str, i
     out: dict[tuple[str, str, int], tuple[float, float]] = {}
     ridge = problems.Ridge()
     logistic = problems.WeightedLogistic()
-    H_log = torch.autograd.functional.hessian(
-        lambda t: logistic.inner_of(t, logistic.omega.detach()), logistic.theta.detach()
-    )
+    H_log = torch.autograd.functional.hessian(lambda t: logistic.inner_of(t, logistic.omega.detach()), logistic.theta.detach())
     cases = [
-        ("ridge (20 features)", ridge, ridge.exact(), 1.0 / ridge.hessian_max_eig(),
-         float(ridge.hessian_max_eig() / _min_eig_ridge(ridge))),
-        ("logistic (30 weights)", logistic, logistic.dense_ift(), 1.0 / float(torch.linalg.eigvalsh(H_log).max()),
-         float(torch.linalg.eigvalsh(H_log).max() / torch.linalg.eigvalsh(H_log).min())),
+        ("ridge (20 features)", ridge, ridge.exact(), 1.0 / ridge.hessian_max_eig(), float(ridge.hessian_max_eig() / _min_eig_ridge(ridge))),
+        (
+            "logistic (30 weights)",
+            logistic,
+            logistic.dense_ift(),
+            1.0 / float(torch.linalg.eigvalsh(H_log).max()),
+            float(torch.linalg.eigvalsh(H_log).max() / torch.linalg.eigvalsh(H_log).min()),
+        ),
     ]
     for name, prob, exact, alpha, kappa in cases:
         print(f"\n{name}: condition number of H = {kappa:.1f}, Neumann alpha = 1/lambda_max = {alpha:.4g}")
@@ -77,8 +79,7 @@ def _min_eig_ridge(ridge) -> float:
 def mlp_table(problems, steps_list: Sequence[int], lr: float = 0.5) -> None:
     """Cosine of implicit hypergradients (at θ_T) with the exact unrolled one through T steps."""
     print(f"\nMLP 5-16-3 (tanh), 40 per-example weights, SGD lr {lr}: cosine with the unrolled hypergradient")
-    print(f"{'T':>5} | {'||dL/dθ||':>9} | {'λ_min(H)':>9} | {'Neumann J=15':>12} | {'Neumann J=100':>13} | "
-          f"{'CG J=100':>9} | {'CG J=100 δ=0.01':>15}")
+    print(f"{'T':>5} | {'||dL/dθ||':>9} | {'λ_min(H)':>9} | {'Neumann J=15':>12} | {'Neumann J=100':>13} | {'CG J=100':>9} | {'CG J=100 δ=0.01':>15}")
     for steps in steps_list:
         prob = problems.WeightedMLP()
         unrolled = unrolled_hypergradient(prob.init, prob.inner, prob.outer, [prob.omega], steps=steps, lr=lr)[0]
@@ -96,22 +97,27 @@ def mlp_table(problems, steps_list: Sequence[int], lr: float = 0.5) -> None:
 
         lam_min = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(lambda v: prob.inner(unflatten(v)), flat)).min())
         cosines, inner_norm = [], 0.0
-        for kw in (dict(terms=15, alpha=lr), dict(terms=100, alpha=lr), dict(method="cg", terms=100),
-                   dict(method="cg", terms=100, damping=0.01)):
+        for kw in (dict(terms=15, alpha=lr), dict(terms=100, alpha=lr), dict(method="cg", terms=100), dict(method="cg", terms=100, damping=0.01)):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # CG meets negative curvature here
                 res = implicit_hypergradient(lambda: prob.inner(p), lambda: prob.outer(p), p, [prob.omega], **kw)
             cosines.append(problems.cosine(res.grads[0], unrolled))
             inner_norm = res.inner_grad_norm
-        print(f"{steps:>5} | {inner_norm:>9.2e} | {lam_min:>9.2e} | {cosines[0]:>12.4f} | {cosines[1]:>13.4f} | "
-              f"{cosines[2]:>9.4f} | {cosines[3]:>15.4f}")
+        print(f"{steps:>5} | {inner_norm:>9.2e} | {lam_min:>9.2e} | {cosines[0]:>12.4f} | {cosines[1]:>13.4f} | {cosines[2]:>9.4f} | {cosines[3]:>15.4f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python bench/hypergrad_agreement.py [--quick]``."""
+    """Entry point: ``python bench/hypergrad_agreement.py [--quick] [--device cpu|cuda]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="MLP only at T = 300")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="accepted like every bench's; these float64 agreement checks always run on the CPU "
+        "(they measure correctness, which does not depend on the device)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.device != "cpu":
+        print(f"--device {args.device}: agreement is checked in float64 on the CPU (a correctness table, not a timing)")
     torch.set_num_threads(1)  # tiny float64 problems: threads only add overhead on a shared CPU
     problems = _load_test_problems()
     results = convex_tables(problems, (5, 15, 50, 200))

@@ -141,12 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     ratio = cma / itl_total
     print(f"ITL outer step        : {itl_total:7.2f} s  ({m} inner trainings {itl_train:.2f} s + {m} hypergradients & update {itl_hyper:.2f} s)")
     print(f"CMA-ES generation K={args.population}: {cma:7.2f} s  ({args.population * m} inner trainings)")
-    print(f"per inner training    : ITL {itl_train / m:.3f} s, CMA-ES (arl.evaluate, metaopt_core.population) {cma / (args.population * m):.3f} s, "
-          f"ITL's trainer at {args.population * m} jobs {same_trainer / (args.population * m):.3f} s")
-    print(f"same-trainer ratio    : {same_trainer / itl_total:.2f}x ({args.population * m} trainings with ITL's trainer / one ITL step: "
-          "the count of trainings alone, without the two trainers' speed difference)")
-    print(f"ratio CMA-ES / ITL    : {ratio:.2f}x (the thesis's claim: about K = {args.population}x; "
-          f"the hypergradients cost {itl_hyper / itl_total * 100:.0f}% of the ITL step)")
+    print(
+        f"per inner training    : ITL {itl_train / m:.3f} s, CMA-ES (arl.evaluate, metaopt_core.population) {cma / (args.population * m):.3f} s, "
+        f"ITL's trainer at {args.population * m} jobs {same_trainer / (args.population * m):.3f} s"
+    )
+    print(
+        f"same-trainer ratio    : {same_trainer / itl_total:.2f}x ({args.population * m} trainings with ITL's trainer / one ITL step: "
+        "the count of trainings alone, without the two trainers' speed difference)"
+    )
+    print(
+        f"ratio CMA-ES / ITL    : {ratio:.2f}x (the thesis's claim: about K = {args.population}x; "
+        f"the hypergradients cost {itl_hyper / itl_total * 100:.0f}% of the ITL step)"
+    )
     print(f"RESULT itl_speedup_vs_cmaes_K{args.population}={ratio:.3f}")
     return 0
 

@@ -18,8 +18,12 @@ load from other processes hits them alike. Variants:
   every call, nested Horner loops in d and e over the bivariate polynomial), kept here as
   ``previous_taylor_loss`` to show what the rewrite bought.
 
-Usage: ``python bench/loss_cost.py [--repeats 400] [--threads 1]``. Last line:
-``RESULT taylor_over_ce_cpu_b256_c10=<ratio>`` (the frozen loss, the common use).
+- ``taylor_compiled`` (``--compile`` only): the frozen loss through ``torch.compile`` (inductor;
+  compiled once per shape before timing, the compile time is printed).
+
+Usage: ``python bench/loss_cost.py [--repeats 400] [--threads 1] [--device auto|cpu|cuda] [--compile]``.
+Last line: ``RESULT taylor_over_ce_<device>_b256_c10=<ratio>`` (the frozen loss, the common use; the
+device is CPU unless ``--device cuda``).
 """
 
 from __future__ import annotations
@@ -57,9 +61,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_candidates(
-    candidates: dict, device: torch.device, repeats: int, clock: str, warmup: int = 30
-) -> dict[str, tuple[float, float]]:
+def time_candidates(candidates: dict, device: torch.device, repeats: int, clock: str, warmup: int = 30) -> dict[str, tuple[float, float]]:
     """(median, minimum) seconds per call of each zero-argument callable, calls interleaved
     round-robin.
 
@@ -100,7 +102,7 @@ def _floor(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.dot(r.flatten(), d.flatten())
 
 
-def build_candidates(batch: int, classes: int, device: torch.device) -> dict:
+def build_candidates(batch: int, classes: int, device: torch.device, compile_loss: bool = False) -> dict:
     generator = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(batch, classes, generator=generator)).to(device).requires_grad_(True)
     target = torch.randint(0, classes, (batch,), generator=generator).to(device)
@@ -116,7 +118,7 @@ def build_candidates(batch: int, classes: int, device: torch.device) -> dict:
 
         return call
 
-    return {
+    candidates = {
         "ce": run(F.cross_entropy, target),
         "taylor": run(learnable, target),
         "taylor_frozen": run(frozen, target),
@@ -125,6 +127,13 @@ def build_candidates(batch: int, classes: int, device: torch.device) -> dict:
         "floor_softmax_horner": run(_floor, target),
         "taylor_previous": run(lambda x, y: previous_taylor_loss(frozen.params, x, y, 4, "monomial"), target),
     }
+    if compile_loss:
+        compiled = torch.compile(frozen)
+        start = time.perf_counter()
+        run(compiled, target)()
+        print(f"  (torch.compile of the frozen loss, {classes} classes: {time.perf_counter() - start:.1f} s)")
+        candidates["taylor_compiled"] = run(compiled, target)
+    return candidates
 
 
 def main() -> None:
@@ -132,12 +141,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise on a shared box)")
     parser.add_argument(
-        "--clock", choices=["cpu", "wall"], default="cpu",
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
         help="CPU runs: thread CPU time (default; needs --threads 1) or wall time. CUDA always uses wall time.",
     )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CPU, and CUDA too when present")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile'd frozen loss (slow to build)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.device == "auto":
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    else:
+        devices = [torch.device(args.device)]
+    headline_device = devices[0].type
     headline = None
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: use --threads 1 or --clock wall")
@@ -145,14 +163,15 @@ def main() -> None:
     for device in devices:
         for batch, classes in ((256, 10), (256, 1000)):
             clock = args.clock if device.type == "cpu" else "wall"
-            times = time_candidates(build_candidates(batch, classes, device), device, args.repeats, clock)
+            candidates = build_candidates(batch, classes, device, args.compile)
+            times = time_candidates(candidates, device, args.repeats, clock)
             base, base_min = times["ce"]
             print(f"{device.type} batch {batch} classes {classes} ({clock} time; median, then min, per call):")
             for name, (median, fastest) in times.items():
                 print(f"  {name:18s} {median * 1e6:9.1f} us  {median / base:5.2f}x   min {fastest * 1e6:9.1f} us  {fastest / base_min:5.2f}x")
-            if device.type == "cpu" and classes == 10:
+            if device.type == headline_device and classes == 10:
                 headline = times["taylor_frozen"][0] / base
-    print(f"RESULT taylor_over_ce_cpu_b256_c10={headline:.3f}")
+    print(f"RESULT taylor_over_ce_{headline_device}_b256_c10={headline:.3f}")
 
 
 if __name__ == "__main__":

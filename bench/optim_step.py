@@ -71,7 +71,7 @@ class SVDRoute:
             p.sub_(self.lr * step.reshape(p.shape))
 
 
-def make_optimisers(build: Callable[[], nn.Module], device: str, with_svd: bool):
+def make_optimisers(build: Callable[[], nn.Module], device: str, with_svd: bool, compile_step: bool = False):
     """Each optimiser gets its own copy of the model, all with identical weights and gradients."""
     torch.manual_seed(0)
     base = build().to(device)
@@ -94,6 +94,8 @@ def make_optimisers(build: Callable[[], nn.Module], device: str, with_svd: bool)
         "Adam": torch.optim.Adam(copy_with_grads(), lr=LR, weight_decay=WEIGHT_DECAY),
         "MetaMD (Kronecker, Sherman-Morrison)": MirrorDescent(copy_with_grads(), div, lr=LR, weight_decay=WEIGHT_DECAY),
     }
+    if compile_step:  # torch.compile'd update (inductor): compiled during the warm-up, not timed
+        optimisers["MetaMD compiled"] = MirrorDescent(copy_with_grads(), div, lr=LR, weight_decay=WEIGHT_DECAY, compile=True)
     if with_svd:
         optimisers["SVD route (thesis)"] = SVDRoute(copy_with_grads(), div, LR, WEIGHT_DECAY)
     return optimisers
@@ -113,9 +115,9 @@ def time_steps(opt, steps: int, device: str) -> tuple[float, float]:
     return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
-def bench_model(name: str, build, device: str, rounds: int, steps: int, with_svd: bool) -> dict[str, float]:
+def bench_model(name: str, build, device: str, rounds: int, steps: int, with_svd: bool, compile_step: bool = False) -> dict[str, float]:
     """Median seconds per step of each optimiser (CPU time on CPU, wall time on CUDA); prints a table."""
-    optimisers = make_optimisers(build, device, with_svd)
+    optimisers = make_optimisers(build, device, with_svd, compile_step)
     for label, opt in optimisers.items():  # warm-up (allocator, BLAS, autotuning); the SVD route takes
         if not (label.startswith("SVD") and device == "cpu"):  # seconds per step on CPU: no warm-up needed
             time_steps(opt, 1 if label.startswith("SVD") else 2, device)
@@ -135,10 +137,7 @@ def bench_model(name: str, build, device: str, rounds: int, steps: int, with_svd
     print(f"\n{name} on {device} ({n_params / 1e6:.2f} M parameters; medians of {rounds} interleaved rounds x {steps} steps)")
     print(f"  {'optimiser':<38}{kind + ' ms':>13}{'vs SGD':>11}{'wall ms':>13}{'vs SGD':>11}")
     for label, t in main_.items():
-        print(
-            f"  {label:<38}{t * 1e3:>13.3f}{t / main_['SGD']:>10.2f}x"
-            f"{wall[label] * 1e3:>13.3f}{wall[label] / wall['SGD']:>10.2f}x"
-        )
+        print(f"  {label:<38}{t * 1e3:>13.3f}{t / main_['SGD']:>10.2f}x{wall[label] * 1e3:>13.3f}{wall[label] / wall['SGD']:>10.2f}x")
     metamd = main_["MetaMD (Kronecker, Sherman-Morrison)"]
     if "SVD route (thesis)" in main_:
         print(f"  SVD route / MetaMD: {main_['SVD route (thesis)'] / metamd:.0f}x")
@@ -150,6 +149,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds; skip the ResNet-18 SVD route on CPU")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on shared hosts)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--compile", action="store_true", help="add MirrorDescent(compile=True) (torch.compile, inductor; slow to build)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
@@ -158,9 +158,9 @@ def main() -> None:
 
     results: dict[tuple[str, str], dict[str, float]] = {}
     for device in devices:
-        results[(device, "mlp")] = bench_model("MLP 784-1024-256-10", mlp, device, rounds, steps, with_svd=True)
+        results[(device, "mlp")] = bench_model("MLP 784-1024-256-10", mlp, device, rounds, steps, with_svd=True, compile_step=args.compile)
         svd_resnet = not (args.quick and device == "cpu")
-        results[(device, "resnet18")] = bench_model("ResNet-18", resnet18, device, rounds, steps, with_svd=svd_resnet)
+        results[(device, "resnet18")] = bench_model("ResNet-18", resnet18, device, rounds, steps, with_svd=svd_resnet, compile_step=args.compile)
 
     device = "cpu" if "cpu" in devices else devices[0]
     r18 = results[(device, "resnet18")]

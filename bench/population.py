@@ -99,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--P", type=int, default=16, help="population size (candidates trained together)")
     parser.add_argument("--model", default="mlp2", help="a VMAP_FRIENDLY model name (mlp2, mlp3, cnn4_gn, small_cnn, ...)")
-    parser.add_argument("--model-options", default="{}", help='JSON kwargs for build_model, e.g. \'{"width": 0.25}\'')
+    parser.add_argument("--model-options", default="{}", help="JSON kwargs for build_model, e.g. '{\"width\": 0.25}'")
     parser.add_argument("--source", default="mnist5k")
     parser.add_argument("--max-examples", type=int, default=None, help="subset of the source (default: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="the ARL demo's inner batch size")

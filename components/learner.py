@@ -17,9 +17,9 @@ from components.images import IMAGE
 def init_state(learner: str, config: str, data: Input[Dataset], state: Output[Artifact], device: str = "", total_steps: int = 0) -> int:
     """The learner's state before the first outer step. ``total_steps`` > 0 replaces the config's
     outer-step count. Returns the number of outer steps the run will take."""
-    from components import runtime
+    from components import outer_steps
 
-    return runtime.init_state(learner, config, data.path, device, total_steps, state)
+    return outer_steps.init_state(learner, config, data.path, device, total_steps, state)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -38,18 +38,18 @@ def run_block(
 ) -> int:
     """Outer steps up to this block's share of the run, in process (inner trainings batched), each
     logged to MLflow; hands on the state and what was learned so far. Returns the step reached."""
-    from components import runtime
+    from components import outer_steps
 
-    return runtime.run_block(learner, config, data.path, state_in.path, run_id, block_index, blocks, device, state, learned, metrics)
+    return outer_steps.run_block(learner, config, data.path, state_in.path, run_id, block_index, blocks, device, state, learned, metrics)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ask(learner: str, config: str, data: Input[Dataset], state_in: Input[Artifact], work: Output[Artifact]) -> int:
     """The next outer step's jobs (ARL: candidates × pool entries; ITL: held-out domains; MetaMD:
     tasks). Returns the step about to be taken."""
-    from components import runtime
+    from components import outer_steps
 
-    return runtime.ask(learner, config, data.path, state_in.path, work)
+    return outer_steps.ask(learner, config, data.path, state_in.path, work)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -64,9 +64,9 @@ def evaluate(
     part: Output[Artifact],
 ) -> None:
     """The inner trainings of one shard of the step's jobs (fitness or hypergradients)."""
-    from components import runtime
+    from components import outer_steps
 
-    runtime.evaluate(learner, config, data.path, state_in.path, work.path, shard_index, shards, part)
+    outer_steps.evaluate(learner, config, data.path, state_in.path, work.path, shard_index, shards, part)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -83,9 +83,9 @@ def tell(
 ) -> int:
     """Merge the shards' parts and take the outer step (CMA-ES tell, or the step on ω); log it.
     Returns the step reached."""
-    from components import runtime
+    from components import outer_steps
 
-    return runtime.tell(learner, config, data.path, state_in.path, [part.path for part in parts], run_id, state, learned, metrics)
+    return outer_steps.tell(learner, config, data.path, state_in.path, [part.path for part in parts], run_id, state, learned, metrics)
 
 
 __all__ = ["ask", "evaluate", "init_state", "run_block", "tell"]

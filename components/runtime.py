@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 PREFIX = "[metaopt]"
 DOWNSTREAM = {
@@ -42,7 +42,9 @@ def say(message: str) -> None:
 @contextlib.contextmanager
 def tracked(run_id: str) -> Iterator[Any]:
     """The pipeline's MLflow run (a ``Tracker``), resumed by id; None when ``run_id`` is empty.
-    The run is marked FAILED if the step raises."""
+    The run stays RUNNING whatever the step does: the pipeline's exit step ends it
+    (:func:`components.lineage.finish_tracking`), FAILED if any step failed. (A run that is not
+    RUNNING, e.g. a step run by hand, is reopened and ended with the step.)"""
     if not run_id:
         yield None
         return
@@ -52,7 +54,7 @@ def tracked(run_id: str) -> Iterator[Any]:
         yield tracker
 
 
-def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
         if isinstance(value, bool):
@@ -62,10 +64,10 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _log_kfp_metrics(artifact: Any, metrics: Mapping[str, Any]) -> None:
+def log_kfp_metrics(artifact: Any, metrics: Mapping[str, Any]) -> None:
     if artifact is None:
         return
-    for key, value in sorted(_numeric(metrics).items()):
+    for key, value in sorted(numeric(metrics).items()):
         artifact.log_metric(key, value)
 
 
@@ -79,7 +81,7 @@ def config_doc(config: str | Mapping[str, Any]) -> dict:
     return dict(config or {})
 
 
-def _copy_tree(source: str, destination: str) -> None:
+def copy_tree(source: str, destination: str) -> None:
     if os.path.exists(destination):
         shutil.rmtree(destination)
     shutil.copytree(source, destination)
@@ -101,181 +103,79 @@ def read_config(learner: str, config: Mapping[str, Any] | None, config_uri: str 
     return learner_of(learner).resolve_config(dict(config or {}), source="config")
 
 
-def prepare_data(learner: str, config: Mapping[str, Any], config_uri: str, data: Any) -> tuple[str, str, str]:
-    """Resolve the configuration and prepare what meta-training reads into ``data`` (a Dataset
-    artifact: ``inputs.json`` + one folder per dataset). Returns (fingerprint, the resolved config
-    as JSON text, a one-line summary)."""
+def prepare_data(
+    learner: str, config: Mapping[str, Any], config_uri: str, data: Any, meta_test_settings: Mapping[str, Any] | None = None
+) -> tuple[str, str, str]:
+    """Resolve the configuration and prepare what meta-training and the meta-test read into
+    ``data`` (a Dataset artifact: ``inputs.json``, ``split_manifest.json`` and one folder per
+    dataset). Returns (fingerprint, the resolved config as JSON text, a one-line summary)."""
+    from metaopt_core.mlops import datasets  # noqa: F401 (registers the s3:// folder source)
+
     meta_learner = learner_of(learner)
     resolved = read_config(learner, config, config_uri)
     say(f"{meta_learner.name}: config {getattr(resolved, 'name', meta_learner.name)!r} from {config_uri or 'the pipeline parameter'}")
-    inputs = meta_learner.prepare(resolved, progress=say)
+    inputs = meta_learner.prepare(resolved, meta_test_settings, progress=say)
+    for phase, row in inputs.manifest.get("summary", {}).items():
+        say(f"{meta_learner.name}: split manifest: {phase}: {row['examples']} examples of {row['sources']}"
+            + (f", domains {row['domains']}" if row["domains"] else ""))  # fmt: skip
     inputs.save(data.path)
     data.metadata.update({"fingerprint": inputs.fingerprint, "learner": meta_learner.name, "summary": inputs.summary()})
     say(f"{meta_learner.name}: data {inputs.summary()}")
     return inputs.fingerprint, json.dumps(resolved.model_dump(mode="json")), inputs.summary()
 
 
-def check_new_data(fingerprint: str, model_name: str, force: bool) -> tuple[bool, str, str, str]:
-    """Whether to meta-train: yes when forced, when ``model_name`` has no production version, or
-    when the production version was meta-trained on data with another fingerprint. Returns
-    (should_train, production version or "", its fingerprint or "", the reason)."""
+def check_new_data(fingerprint: str, model_name: str, force: bool, config: str | Mapping[str, Any] = "") -> tuple[bool, str, str, str]:
+    """Whether to meta-train: yes when forced, or when (data fingerprint, configuration hash)
+    differs from that of the last meta-training run of ``model_name`` that finished (recorded in
+    MLflow, whether or not its version was promoted), or when there is none. A skip names the run
+    it matched. Returns (should_train, production version or "", the matched run's fingerprint or
+    "", the reason)."""
     from metaopt_core.mlops import registry
-    from metaopt_core.mlops.tracking import TAG_FINGERPRINT
+    from metaopt_core.mlops.tracking import config_hash, last_finished_training
 
     try:
         production = registry.production_version(model_name)
     except registry.ModelNotFoundError:
         production = None
-    recorded = ""
-    if production is not None:
-        version = next(v for v in registry.iter_versions(model_name) if str(v.version) == str(production))
-        recorded = version.tags.get(TAG_FINGERPRINT, "")
+    digest = config_hash(config_doc(config)) if config else ""
+    last = last_finished_training(model_name)
+    recorded = last.fingerprint if last else ""
     if force:
         should, reason = True, "force_retrain is set"
-    elif production is None:
-        should, reason = True, f"model {model_name!r} has no production version yet"
-    elif recorded != fingerprint:
-        should, reason = True, f"the data changed: fingerprint {fingerprint[:12]}, production version {production} was trained on {recorded[:12] or 'unrecorded data'}"
+    elif last is None:
+        should, reason = True, f"no finished meta-training run of {model_name!r} is recorded"
+    elif last.fingerprint != fingerprint:
+        should, reason = (
+            True,
+            f"the data changed: fingerprint {fingerprint[:12]}, the last meta-training (MLflow run {last.run_id}) read {recorded[:12] or 'unrecorded data'}",
+        )
+    elif digest and last.config_hash != digest:
+        should, reason = (
+            True,
+            f"the configuration changed: hash {digest[:12]}, the last meta-training (MLflow run {last.run_id}) used {last.config_hash[:12] or 'an unrecorded one'}",
+        )
     else:
-        should, reason = False, f"the data is unchanged since production version {production} (fingerprint {fingerprint[:12]})"
+        should, reason = False, (f"the data and configuration are unchanged since MLflow run {last.run_id} (version {last.version or '?'}; "
+                                 f"fingerprint {fingerprint[:12]}, config {digest[:12] or 'not compared'})")  # fmt: skip
     say(f"{'meta-train' if should else 'skip meta-training'}: {reason}")
     return should, str(production or ""), recorded, reason
 
 
-def start_tracking(
-    learner: str, config: str | Mapping[str, Any], data: Any, fingerprint: str, experiment: str, model_name: str, pipeline_run: str
-) -> tuple[str, str, str]:
-    """Create the pipeline run's MLflow run (or adopt ``MLFLOW_RUN_ID``): config as params, data
-    fingerprint as a tag, the prepared inputs' manifest as an artifact. Returns (run id,
-    experiment id, tracking URI)."""
-    from metaopt_core.mlops.tracking import TAG_ALGORITHM, Tracker
+def record_meta_training(tracker: Any, model_name: str, fingerprint: str, config: str | Mapping[str, Any], version: str) -> None:
+    """Mark the pipeline's MLflow run as a finished meta-training on (fingerprint, config hash):
+    what the next run's new-data check compares with."""
+    from metaopt_core.mlops.tracking import config_hash, finished_training_tags
 
-    tags = {TAG_ALGORITHM: learner_of(learner).name, "metaopt.model_name": model_name, "metaopt.pipeline_run": pipeline_run}
-    # an injected MLFLOW_EXPERIMENT_ID (KFP's MLflow integration) wins over the parameter
-    name = None if os.environ.get("MLFLOW_EXPERIMENT_ID") else (experiment or None)
-    with Tracker(name, run_name=pipeline_run or model_name, tags=tags) as tracker:
-        tracker.log_config(config_doc(config))
-        tracker.set_fingerprint(fingerprint)
-        manifest = Path(data.path) / "inputs.json"
-        if manifest.exists():
-            tracker.log_artifact(manifest, "data")
-        run_id, experiment_id, uri = tracker.run_id, tracker.experiment_id, tracker.tracking_uri
-    say(f"MLflow run {run_id} (experiment {experiment_id}) at {uri}")
-    return run_id, experiment_id, uri
+    if tracker is not None:
+        tracker.set_tags(finished_training_tags(model_name, fingerprint, config_hash(config_doc(config)), version))
 
 
-# ============================================================================= meta-training
-
-
-def _setup(learner: str, config: str | Mapping[str, Any], data_path: str, device: str = "") -> tuple[Any, Any, Any]:
+def learner_setup(learner: str, config: str | Mapping[str, Any], data_path: str, device: str = "") -> tuple[Any, Any, Any]:
     """(the learner, its configuration on ``device``, the prepared inputs)."""
     from metaopt_core.meta.inputs import PreparedInputs
 
     meta_learner = learner_of(learner)
     return meta_learner, meta_learner.with_device(meta_learner.resolve_config(config_doc(config)), device), PreparedInputs.load(data_path)
-
-
-def _hand_on(meta_learner: Any, new_state: Any, inputs: Any, state: Any, learned: Any, metrics: Any) -> int:
-    """Export what was learned so far (the state is saved already), log the last step's metrics; the step reached."""
-    from metaopt_core.meta import runner
-
-    step = meta_learner.step(new_state)
-    state.metadata.update({"learner": meta_learner.name, "step": step})
-    doc = runner.export(meta_learner, new_state, inputs, learned.path)
-    learned.metadata.update({"learner": meta_learner.name, "kind": doc["kind"], "steps": doc["steps"], "fingerprint": inputs.fingerprint})
-    _log_kfp_metrics(metrics, meta_learner.metrics(new_state))
-    return step
-
-
-def init_state(learner: str, config: str | Mapping[str, Any], data_path: str, device: str, total_steps: int, state: Any) -> int:
-    """The state before the first outer step, on ``device`` (empty: the config's). ``total_steps``
-    > 0 replaces the config's outer-step count (sharded pipelines have one outer step per block).
-    Returns the number of outer steps the run will take."""
-    meta_learner, resolved, inputs = _setup(learner, config, data_path, device)
-    if total_steps > 0 and total_steps != meta_learner.total_steps(resolved):
-        say(f"{meta_learner.name}: {total_steps} outer steps (one per pipeline block) instead of the config's {meta_learner.total_steps(resolved)}")
-        resolved = meta_learner.with_total_steps(resolved, total_steps)
-    meta_learner.save_state(meta_learner.init(resolved, inputs), state.path)
-    state.metadata.update({"learner": meta_learner.name, "step": 0})
-    return meta_learner.total_steps(resolved)
-
-
-def run_block(
-    learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, run_id: str, block_index: int, blocks_count: int,
-    device: str, state: Any, learned: Any, metrics: Any,
-) -> int:  # fmt: skip
-    """Block ``block_index`` of ``blocks_count``: resume the state and run outer steps up to this
-    block's share of the run, logging every step to MLflow; hand on the state and the learned
-    loss/optimiser so far. Returns the step reached."""
-    from metaopt_core.meta import runner
-
-    meta_learner, resolved, inputs = _setup(learner, config, data_path, device)
-    total = meta_learner.total_steps(resolved)
-    until = runner.block_target(total, block_index, blocks_count)
-    _copy_tree(state_in_path, state.path)
-    say(f"{meta_learner.name}: block {block_index + 1}/{blocks_count}: outer steps up to {until} of {total}")
-
-    def progress(line: str) -> None:
-        if ": resumed from " not in line:  # every block resumes its predecessor's state by design
-            say(line)
-
-    with tracked(run_id) as tracker:
-        reached = runner.run_block(meta_learner, resolved, inputs, state.path, until, total=total, progress=progress,
-                                   callback=tracker.callback() if tracker else None)  # fmt: skip
-    return _hand_on(meta_learner, reached, inputs, state, learned, metrics)
-
-
-def ask(learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, work: Any) -> int:
-    """The next outer step's jobs (one JSON file). Returns the step about to be taken."""
-    from metaopt_core.meta import runner
-
-    meta_learner, _, inputs = _setup(learner, config, data_path)
-    current = meta_learner.load_state(state_in_path)
-    runner.write_work(meta_learner, current, inputs, work.path)
-    step = meta_learner.step(current)
-    work.metadata.update({"learner": meta_learner.name, "step": step})
-    if meta_learner.done(current):  # stopped by itself: the remaining blocks pass the state on
-        say(f"{meta_learner.name}: the run finished at step {step}; nothing to ask")
-    else:
-        say(f"{meta_learner.name}: outer step {step + 1}: work asked")
-    return step
-
-
-def evaluate(learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, work_path: str, shard_index: int,
-             shards: int, part: Any) -> None:  # fmt: skip
-    """One shard of the next outer step's work (the inner trainings)."""
-    from metaopt_core.meta import runner
-
-    meta_learner, _, inputs = _setup(learner, config, data_path)
-    current = meta_learner.load_state(state_in_path)
-    say(f"{meta_learner.name}: shard {shard_index + 1}/{shards}")
-    runner.write_part(meta_learner, current, runner.read_work(meta_learner, work_path), shard_index, shards, inputs, part.path)
-    part.metadata.update({"learner": meta_learner.name, "shard": shard_index, "shards": shards})
-
-
-def tell(
-    learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, part_paths: Sequence[str], run_id: str,
-    state: Any, learned: Any, metrics: Any,
-) -> int:  # fmt: skip
-    """Merge the shards of one outer step, take it, log it to MLflow, hand on state and result."""
-    from metaopt_core.meta import runner
-
-    meta_learner, _, inputs = _setup(learner, config, data_path)
-    previous = meta_learner.load_state(state_in_path)
-    if meta_learner.done(previous):
-        say(f"{meta_learner.name}: the run already finished at step {meta_learner.step(previous)}; nothing to merge")
-        new_state = previous
-    else:
-        with tracked(run_id) as tracker:  # a failed merge marks the MLflow run FAILED
-            new_state = runner.tell_parts(meta_learner, previous, part_paths, inputs)
-            row = meta_learner.metrics(new_state)
-            total = meta_learner.total_steps(meta_learner.config_of(new_state))  # sharded runs: one step per block
-            say(f"{meta_learner.name}: outer step {meta_learner.step(new_state)}/{total} from {len(part_paths)} shards: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in list(_numeric(row).items())[:6]))  # fmt: skip
-            if tracker:
-                tracker.callback()(row)
-    meta_learner.save_state(new_state, state.path)
-    return _hand_on(meta_learner, new_state, inputs, state, learned, metrics)
 
 
 # ============================================================================= meta-test, registry
@@ -307,20 +207,44 @@ def _plots(meta_learner: Any, exported: dict, directory: Path) -> list[tuple[Pat
     return made
 
 
+def load_champion(model_name: str, directory: str | Path) -> tuple[str, dict | None]:
+    """The production version of ``model_name`` for the meta-test to re-evaluate: (version, its
+    result document), or ("", None) when there is none (or no model name)."""
+    if not model_name:
+        return "", None
+    from metaopt_core.mlops import registry
+
+    version, champion = registry.load_champion(model_name, directory)
+    return str(version or ""), champion
+
+
 def meta_test(
     learner: str, config: str | Mapping[str, Any], data_path: str, learned_path: str, run_id: str, settings: Mapping[str, Any],
-    device: str, report: Any, plots: Any, scores_artifact: Any,
+    device: str, report: Any, plots: Any, scores_artifact: Any, model_name: str = "", gate_inputs: Any = None,
 ) -> tuple[dict, str, bool]:  # fmt: skip
-    """Meta-test the learned loss/optimiser; the tables go to a Markdown artifact and MLflow, the
-    plots to an HTML artifact and MLflow, the scores to a Metrics artifact and MLflow. Returns
-    (scores, promotion metric, greater_is_better)."""
+    """Meta-test the learned loss/optimiser beside the production version of ``model_name`` (the
+    champion, re-evaluated in this run on the same tasks and seeds) and the tuned baselines; the
+    tables go to a Markdown artifact and MLflow, the plots to an HTML artifact and MLflow, the
+    scores to a Metrics artifact and MLflow, and what the promotion gate decides on (paired scores,
+    settings, champion version, data fingerprint, split manifest) to ``gate_inputs``
+    (``gate_inputs.json``). Returns (scores, registry metric, greater_is_better)."""
     from metaopt_core.meta import runner
 
-    meta_learner, resolved, inputs = _setup(learner, config, data_path, device)
+    meta_learner, resolved, inputs = learner_setup(learner, config, data_path, device)
     chosen = meta_learner.resolve_meta_test(settings)
     say(f"{meta_learner.name}: meta-test with settings {chosen.model_dump(mode='json')}")
     with tracked(run_id) as tracker, tempfile.TemporaryDirectory() as scratch:  # a failure marks the MLflow run FAILED
-        outcome = runner.meta_test(meta_learner, resolved, learned_path, inputs, chosen, progress=say)
+        champion_version, champion = load_champion(model_name, Path(scratch) / "champion")
+        say(
+            f"{meta_learner.name}: champion: "
+            + (f"production version {champion_version}, re-evaluated in this run" if champion else "none (no production version)")
+        )
+        outcome = runner.meta_test(meta_learner, resolved, learned_path, inputs, chosen, champion=champion, progress=say)
+        record = {**outcome.gate_inputs(), "champion_version": champion_version or None, "fingerprint": inputs.fingerprint,
+                  "split_manifest": inputs.manifest}  # fmt: skip
+        if gate_inputs is not None:
+            Path(gate_inputs.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(gate_inputs.path).write_text(json.dumps(record))
         Path(report.path).parent.mkdir(parents=True, exist_ok=True)
         Path(report.path).write_text(outcome.markdown)
         exported = runner.read_result(learned_path)
@@ -332,44 +256,89 @@ def meta_test(
             tracker.log_metrics(outcome.scores, step=exported["steps"])
             tracker.log_text(outcome.markdown, "meta_test/report.md")
             tracker.log_dict(outcome.details, "meta_test/details.json")
+            tracker.log_dict(record, "meta_test/gate_inputs.json")
             for path, _ in figures:
                 tracker.log_artifact(path, "plots")
             if exported["kind"] == "loss":
                 tracker.log_dict(exported["loss"], "learned/loss.json")
-    _log_kfp_metrics(scores_artifact, outcome.scores)
+    log_kfp_metrics(scores_artifact, outcome.scores)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.scores.items())
     say(f"{meta_learner.name}: meta-test scores: {shown}")
     return dict(outcome.scores), outcome.metric, outcome.greater_is_better
 
 
+def gate_decision(record: Mapping[str, Any], margin: float, confidence: float = 0.95, min_seeds: int = 3) -> dict:
+    """The promotion gate (:func:`metaopt_core.gate.decide_gate`) on one meta-test run's record
+    (``gate_inputs.json``): the decision as a dict. No paired scores: rejected, with the reason."""
+    from metaopt_core.gate import CHALLENGER, CHAMPION, GateDecision, decide_gate
+
+    paired = dict(record.get("paired") or {})
+    settings = dict(record.get("settings") or {})
+    if CHALLENGER not in paired:
+        return GateDecision(False, "rejected", "rejected: the meta-test gave no paired per-(task, seed) scores to gate on").to_dict()
+    replicates = int(settings.get("replicates", len(settings.get("seeds") or [])))
+    baselines = [label for label in paired if label not in (CHALLENGER, CHAMPION)]
+    decision = decide_gate(paired, greater_is_better=bool(record.get("greater_is_better", True)), margin=float(margin),
+                           confidence=confidence, seeds=replicates, min_seeds=min_seeds, baselines=baselines)  # fmt: skip
+    return decision.to_dict()
+
+
 def register_and_promote(
     learner: str, config: str | Mapping[str, Any], learned_path: str, fingerprint: str, run_id: str, model_name: str,
-    scores: Mapping[str, Any], metric: str, greater_is_better: bool, margin: float, report: Any,
+    scores: Mapping[str, Any], metric: str, greater_is_better: bool, margin: float, report: Any, gate_inputs_path: str = "",
+    kfp_run_id: str = "", registered: Any = None,
 ) -> tuple[str, str, bool, str, str]:  # fmt: skip
     """Register the learned loss/optimiser as a new version of ``model_name`` (provenance: config,
-    data fingerprint, git commit, scores, the MLflow run) and promote it if it beats production
-    (champion/challenger). Returns (version, decision, promoted, production version, summary JSON)."""
+    data fingerprint, git commit, scores, the MLflow run) and let the promotion gate decide from
+    the same meta-test run (``gate_inputs_path``: its ``gate_inputs.json``): the challenger against
+    the champion re-evaluated in that run, and against the tuned baselines. The decision, its
+    numbers and the meta-test settings become ``metaopt.gate.*`` tags and ``gate.json``; a rejected
+    version stays registered with its reason.
+
+    Idempotent per pipeline run: the version is tagged ``metaopt.kfp_run_id``; a retried step finds
+    the version its earlier attempt registered and reuses it with its recorded decision (or lets
+    the gate decide, if the attempt stopped before recording). ``registered`` (a KFP Model) gets
+    the registered files, with ``models:/name/version`` and the MLflow run in its metadata; the
+    report links the version, the MLflow run and the KFP run. Returns (version, decision,
+    promoted, production version, summary JSON)."""
+    from components.lineage import hand_on_registered, links_markdown, write_summary
     from metaopt_core.meta import runner
     from metaopt_core.mlops import registry
+    from metaopt_core.mlops.tracking import TAG_KFP_RUN_ID, kfp_run_url
+
+    record: dict = {}
+    if gate_inputs_path and Path(gate_inputs_path).exists():
+        record = json.loads(Path(gate_inputs_path).read_text())
+    record.setdefault("metric", metric)
+    record.setdefault("greater_is_better", bool(greater_is_better))
+    record.setdefault("fingerprint", fingerprint)
+    gate = gate_decision(record, float(margin))
 
     name = learner_of(learner).name
     exported = runner.read_result(learned_path)
-    tags = {"metaopt.algorithm": name, "metaopt.steps": exported["steps"]}
+    tags = {"metaopt.algorithm": name, "metaopt.steps": exported["steps"], **({TAG_KFP_RUN_ID: kfp_run_id} if kfp_run_id else {})}
+    earlier = registry.find_version(model_name, TAG_KFP_RUN_ID, kfp_run_id) if kfp_run_id else None
     with tracked(run_id) as tracker:
-        if exported["kind"] == "loss":
+        if earlier is not None:
+            version = earlier
+            say(f"{version.model_uri} was registered by an earlier attempt of this step (KFP run {kfp_run_id}): reusing it")
+        elif exported["kind"] == "loss":
             version = registry.register_loss(exported["loss"], model_name, config=config_doc(config), fingerprint=fingerprint,
                                              scores=dict(scores), run_id=run_id or None, tags=tags)  # fmt: skip
         else:
             version = registry.register_optimizer(exported["divergence_dir"], model_name, config=config_doc(config), fingerprint=fingerprint,
                                                   scores=dict(scores), run_id=run_id or None, tags=tags)  # fmt: skip
         say(f"registered {version.model_uri}")
-        decision = registry.promote(model_name, version.version, dict(scores), metric=metric, margin=float(margin),
-                                    greater_is_better=bool(greater_is_better))  # fmt: skip
-        say(f"promotion: {decision}")
+        decision = registry.recorded_decision(model_name, version.version) if earlier is not None else None
+        decision = decision or registry.apply_gate(model_name, version.version, gate, record)
+        say(f"promotion gate: {decision}")
+        record_meta_training(tracker, model_name, fingerprint, config, version.version)
         if tracker:
             tracker.set_tags({"metaopt.registered_version": version.version, "metaopt.promotion": decision.decision})
+            tracker.log_dict({**gate, "version": version.version}, f"registry/{model_name}-v{version.version}-gate.json")
         tracking_uri = tracker.tracking_uri if tracker else ""
         experiment_id = tracker.experiment_id if tracker else ""
+        run_url = tracker.run_url if tracker else None
     summary = {
         "status": "trained",
         "algorithm": name,
@@ -380,20 +349,32 @@ def register_and_promote(
         "decision": decision.decision,
         "promoted": decision.promoted,
         "reason": decision.reason,
+        "gate": gate.get("numbers", {}),
+        "champion_version": record.get("champion_version") or "",
         "production_version": decision.production_version or "",
         "metric": metric,
         "scores": {k: float(v) for k, v in scores.items()},
         "run_id": run_id,
         "experiment_id": experiment_id,
         "tracking_uri": tracking_uri,
+        "mlflow_run_url": run_url,
+        "kfp_run_id": kfp_run_id,
+        "kfp_run_url": kfp_run_url(kfp_run_id),
         "fingerprint": fingerprint,
         "downstream": [line.format(name=model_name) for line in DOWNSTREAM[exported["kind"]]],
     }
+    links = {"model_uri": version.model_uri, "registered_model": model_name, "version": version.version, "decision": decision.decision,
+             "promoted": bool(decision.promoted), "mlflow_run_id": run_id, "mlflow_run_url": run_url, "kfp_run_id": kfp_run_id}  # fmt: skip
+    hand_on_registered(learned_path, registered, {**links, "kind": exported["kind"], "steps": exported["steps"], "fingerprint": fingerprint})
     lines = [f"### {model_name} version {version.version}: {decision.decision}", "", decision.reason, "",
              "| score | value |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in summary["scores"].items()]  # fmt: skip
-    lines += ["", f"Production version: {summary['production_version'] or 'none'}", "", "```python", *summary["downstream"], "```", ""]
+    lines += ["", f"Production version: {summary['production_version'] or 'none'}", ""]
+    lines += links_markdown(version.model_uri, run_id, run_url, tracking_uri, summary["kfp_run_url"])
+    lines += ["```python", *summary["downstream"], "```", ""]
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text("\n".join(lines))
+    report.metadata.update({key: value for key, value in links.items() if value not in (None, "")})
+    write_summary(summary)
     return version.version, decision.decision, bool(decision.promoted), summary["production_version"], json.dumps(summary)
 
 
@@ -416,4 +397,7 @@ def report_skipped(learner: str, model_name: str, production_version: str, finge
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text(text)
     say(f"{model_name}: meta-training skipped; production stays at version {production_version}")
+    from components.lineage import write_summary
+
+    write_summary(summary)
     return json.dumps(summary)

@@ -83,15 +83,25 @@ class DataSpec(StrictModel):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     max_examples: int | None = Field(None, gt=0)
     seed: int = 0
+    # Data discipline: the source's examples are split into a meta-train and a meta-test part
+    # *before* domains, noise and splits are built on a part, so meta-training and meta-test never
+    # share an example. "all" uses the whole source (a source only one side reads).
+    part: Literal["all", "meta-train", "meta-test"] = "all"
+    meta_test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    # Domains left out entirely (full names like mnist5k-rot75 or suffixes like rot75): a
+    # meta-training set without the domains its meta-test holds out.
+    exclude_domains: list[str] = []
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        if value.startswith("folder:"):
+        from metaopt_core.data.folders import is_folder_source  # here: metaopt_core.data imports this module
+
+        if is_folder_source(value):
             return value
         known = _known_names("source")
         if value not in known:
-            raise ValueError(f"unknown source {value!r}; allowed: {known} or 'folder:<path>'")
+            raise ValueError(f"unknown source {value!r}; allowed: {known}, 'folder:<path>' or 's3://bucket/prefix/'")
         return value
 
 
@@ -126,19 +136,24 @@ def validate(model_cls: type[BaseModel], data: Any, source: str = "config") -> B
         raise ConfigError(format_validation_error(error, source)) from None
 
 
+# Run configurations that are not a meta-learner's (those come from the learner registry).
+OTHER_SCHEMAS = {"evaluate": ("metaopt_core.evaluate", "EvaluationConfig")}
+
+
 def config_class(algorithm: str) -> type[BaseModel]:
     """The configuration schema ``algorithm:`` names: a meta-learner's (from the learner registry)
-    or ``evaluate`` (the meta-test evaluator's)."""
-    if algorithm == "evaluate":
-        from metaopt_core.evaluate import EvaluationConfig
+    or another run's (``evaluate``: the meta-test evaluator's)."""
+    if algorithm in OTHER_SCHEMAS:
+        import importlib
 
-        return EvaluationConfig
+        module, name = OTHER_SCHEMAS[algorithm]
+        return getattr(importlib.import_module(module), name)
     from metaopt_core.meta import registry
 
     try:
         return registry.get(algorithm).config_class
     except registry.UnknownLearnerError:
-        raise ConfigError(f"config: field 'algorithm': got {algorithm!r}; allowed: {sorted([*registry.names(), 'evaluate'])}") from None
+        raise ConfigError(f"config: field 'algorithm': got {algorithm!r}; allowed: {sorted([*registry.names(), *OTHER_SCHEMAS])}") from None
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> BaseModel:
@@ -154,5 +169,5 @@ def load_config(path: str | Path, overrides: dict | None = None) -> BaseModel:
     if algorithm is None:
         from metaopt_core.meta import registry
 
-        raise ConfigError(f"{path}: field 'algorithm' is missing; allowed: {sorted([*registry.names(), 'evaluate'])}")
+        raise ConfigError(f"{path}: field 'algorithm' is missing; allowed: {sorted([*registry.names(), *OTHER_SCHEMAS])}")
     return validate(config_class(algorithm), data, source=str(path))

@@ -75,8 +75,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
     """Replace the file at ``path`` with ``data`` atomically; returns ``path`` as a ``Path``."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(
-            f"data: got {type(data).__name__}; allowed: bytes, bytearray or memoryview"
-            + (" (use atomic_write_text for str)" if isinstance(data, str) else "")
+            f"data: got {type(data).__name__}; allowed: bytes, bytearray or memoryview" + (" (use atomic_write_text for str)" if isinstance(data, str) else "")
         )
     with atomic_file(path) as handle:
         handle.write(data)

@@ -129,9 +129,7 @@ MODEL_NAMES = tuple(MODELS)
 VMAP_FRIENDLY = ("mlp2", "mlp3", "mlp_itl", "cnn4_gn", "small_cnn", "lenet")
 
 
-def build_model(
-    name: str, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, seed: int | None = None, **kwargs
-) -> nn.Module:
+def build_model(name: str, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, seed: int | None = None, **kwargs) -> nn.Module:
     """Build a model by name; ``seed`` makes its initialisation reproducible."""
     if name not in MODELS:
         raise KeyError(f"model: got {name!r}; allowed: {list(MODEL_NAMES)}")

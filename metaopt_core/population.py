@@ -59,8 +59,8 @@ class LossFamily(Protocol):
     @property
     def num_params(self) -> int: ...
 
-    def scales(self, params: Tensor) -> Tensor:
-        """(P, n) parameters -> (P,) constant multipliers, fixed for the whole inner run."""
+    def scales(self, params: Tensor, classes: int) -> Tensor:
+        """(P, n) parameters, the class count -> (P,) constant multipliers, fixed for the whole inner run."""
         ...
 
     def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
@@ -83,10 +83,10 @@ class TaylorFamily:
     def num_params(self) -> int:
         return num_params(self.order)
 
-    def scales(self, params: Tensor) -> Tensor:
+    def scales(self, params: Tensor, classes: int) -> Tensor:
         if not self.normalise:
             return torch.ones(params.shape[0], dtype=params.dtype, device=params.device)
-        return normalisation_scale(params, self.order, self.form, self.eta)
+        return normalisation_scale(params, self.order, self.form, self.eta, classes=classes)
 
     def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
         return taylor_loss(params, logits, target, self.order, self.form, scale, reduction="none")
@@ -179,10 +179,7 @@ def train_population(
         raise ValueError(f"max_batch: got {max_batch!r}; allowed: None or an integer >= 1")
     for position, member in enumerate(members):
         if member.loss_params.shape != (family.num_params,):
-            raise ValueError(
-                f"members[{position}].loss_params: got shape {tuple(member.loss_params.shape)}; "
-                f"the loss family needs ({family.num_params},)"
-            )
+            raise ValueError(f"members[{position}].loss_params: got shape {tuple(member.loss_params.shape)}; the loss family needs ({family.num_params},)")
     device = torch.device(device)
     results: list[MemberResult | None] = [None] * len(members)
     groups: dict[tuple, list[int]] = {}
@@ -210,7 +207,7 @@ def train_population(
 def _train_sequential(member: Member, family: LossFamily, schedule: Schedule, device: torch.device, keep_weights: bool) -> MemberResult:
     model = member.build().to(device)
     params = member.loss_params.detach().to(device=device, dtype=torch.float32)
-    scale = family.scales(params.unsqueeze(0))[0]
+    scale = family.scales(params.unsqueeze(0), member.train.num_classes)[0]
 
     def loss_fn(logits: Tensor, target: Tensor) -> Tensor:
         return family.per_example(params, scale, logits, target).mean()
@@ -349,7 +346,7 @@ def train_batched(
     buffers = {name: value.to(device) for name, value in stacked_buffers.items()}
     skeleton = copy.deepcopy(models[0]).to("meta")
     loss_params = loss_params.detach().to(device)
-    scales = family.scales(loss_params)
+    scales = family.scales(loss_params, num_classes)
 
     def member_loss(p, b, lp, scale, inputs, targets, w):
         logits = functional_call(skeleton, (p, b), (inputs,))

@@ -20,9 +20,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 ProgressCallback = Callable[[dict], None]
 
 
-def make_optimizer(
-    name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":

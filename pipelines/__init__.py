@@ -1,0 +1,3 @@
+"""The pipeline application: the pipeline builder, local and cluster runners, and the ``metaopt`` CLI."""
+
+__all__: list[str] = []

@@ -1,11 +1,18 @@
 """The one pipeline builder: any registered learner's meta-training DAG, and the options fixed
 when it is compiled.
 
-    prepare_data ─► check_new_data ─► If(should_train):
-                                         start_tracking ─► init_state ─► block 1 ─► … ─► block N
-                                           ─► meta_test ─► register_and_promote
-                                      Else:
-                                         report_skipped
+    ExitHandler(finish_tracking):
+        prepare_data ─► check_new_data ─► If(should_train):
+                                             start_tracking ─► init_state ─► block 1 ─► … ─► block N
+                                               ─► meta_test ─► register_and_promote
+                                          Else:
+                                             report_skipped
+
+One MLflow run per pipeline run: ``start_tracking`` creates it (tagged with the KFP run id), every
+later step logs into it and leaves it RUNNING, and the exit step ``finish_tracking`` ends it
+FINISHED, or FAILED when any step failed. The pipeline returns the exit step's lineage JSON (KFP
+run, MLflow run, their pages and the MLflow status): outputs of steps inside an ExitHandler cannot
+be pipeline outputs.
 
 A *block* is, with ``shards == 1``, one component running several outer steps in process
 (``run_block``); with ``shards > 1`` it is one outer step fanned out over ``dsl.ParallelFor``:
@@ -27,7 +34,8 @@ from typing import Any, Callable
 
 import yaml
 
-from components.images import IMAGE_CUDA
+from components.images import default_images, validate_image
+from pipelines.resources import apply_resources, resources_for
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # "demo" runs a configuration as written; the other presets are the learner's own overrides
@@ -37,9 +45,14 @@ PRESET_NAMES = ("demo", "quick")
 
 # Cluster wiring (infra/): the ConfigMap every step reads, and the S3 credentials Secret.
 RUNTIME_CONFIG_MAP = "metaopt-runtime"
-RUNTIME_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "METAOPT_S3_MAX_ATTEMPTS")
+RUNTIME_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "METAOPT_S3_MAX_ATTEMPTS", "KFP_UI_URL")
 S3_SECRET = "metaopt-s3"
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# MLflow's basic-auth app (infra/): the pipeline user's credentials, read by the MLflow client.
+MLFLOW_AUTH_SECRET = "metaopt-mlflow-auth"
+MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# Every pipeline pod carries this label: infra/'s NetworkPolicies let only such pods reach MLflow and MinIO.
+STEP_LABEL = ("metaopt.io/pipeline-step", "true")
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 # Steps that run long enough to be preempted (spot / GPU nodes): retried, resuming from their inputs.
@@ -65,13 +78,41 @@ class PipelineOptions:
     gpu: bool = False
     cluster_env: bool = True
     retries: bool = True
+    # > 0: meta-training is one step that submits a TrainJob of this many torch.distributed
+    # workers on ``nodes`` nodes (pipelines/trainjob.py); ``blocks`` and ``shards`` then do not apply.
+    workers: int = 0
+    nodes: int = 1
+    # A PersistentVolumeClaim mounted into the data step at ``data_mount``: a dataset on a
+    # volume is then the source ``folder:<data_mount>/...`` (its fingerprint is its content).
+    data_volume: str = ""
+    data_mount: str = "/data"
+    # The images (empty: $METAOPT_IMAGE / $METAOPT_IMAGE_CUDA, else the version-commit tags of
+    # components.images); a digest pins one exactly.
+    image: str = ""
+    image_cuda: str = ""
+    # Per step kind, fields of pipelines.resources.StepResources to change: {"train": {"memory_limit": "32Gi"}}.
+    resources: Any = dataclasses.field(default_factory=dict)
+    # The pods' active deadline (the steps' timeouts); None: on Kubernetes, i.e. when cluster_env.
+    timeouts: bool | None = None
 
     def __post_init__(self) -> None:
+        cpu_image, cuda_image = default_images()
+        object.__setattr__(self, "image", validate_image(self.image or cpu_image, "image"))
+        object.__setattr__(self, "image_cuda", validate_image(self.image_cuda or cuda_image, "image_cuda"))
+        object.__setattr__(self, "resources", {kind: dict(fields) for kind, fields in dict(self.resources or {}).items()})
+        for kind in self.resources:
+            resources_for(kind, self.gpu, self.resources)  # an unknown kind or a bad value fails at compile time
+        if self.timeouts is None:
+            object.__setattr__(self, "timeouts", self.cluster_env)
+        if self.workers:
+            from pipelines.trainjob import split_workers
+
+            split_workers(self.workers, self.nodes)
         for name in ("blocks", "shards"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
                 raise ValueError(f"{name}: got {value!r}; allowed: an int from 1 to 1000")
-        for name in ("gpu", "cluster_env", "retries"):
+        for name in ("gpu", "cluster_env", "retries", "timeouts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: true or false")
 
@@ -80,7 +121,9 @@ class PipelineOptions:
         return "cuda" if self.gpu else ""
 
     def describe(self) -> str:
-        if self.shards > 1:
+        if self.workers:
+            shape = f"one TrainJob of {self.workers} torch.distributed workers on {self.nodes} node(s)"
+        elif self.shards > 1:
             shape = f"{self.blocks} outer steps, each fanned out over {self.shards} shards"
         else:
             shape = f"{self.blocks} blocks of outer steps, inner trainings batched in process"
@@ -140,7 +183,7 @@ def apply_overrides(doc: dict, overrides: dict[str, Any] | None) -> dict:
         for depth, key in enumerate(keys[:-1]):
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
-                raise ValueError(f"override {path!r}: {'.'.join(keys[:depth + 1])} is {child!r}, not a mapping")
+                raise ValueError(f"override {path!r}: {'.'.join(keys[: depth + 1])} is {child!r}, not a mapping")
             node = child
         node[keys[-1]] = value
     return out
@@ -194,7 +237,20 @@ def _cluster_env(task: Any, options: PipelineOptions) -> Any:
         kubernetes.use_config_map_as_env(task, RUNTIME_CONFIG_MAP, {key: key for key in RUNTIME_KEYS})
         # optional: with IRSA / workload identity there are no keys to mount
         kubernetes.use_secret_as_env(task, S3_SECRET, {key: key for key in S3_KEYS}, optional=True)
+        # not optional: without it every MLflow call fails with 401, better a pod that names the missing Secret
+        kubernetes.use_secret_as_env(task, MLFLOW_AUTH_SECRET, {key: key for key in MLFLOW_AUTH_KEYS})
+        kubernetes.add_pod_label(task, label_key=STEP_LABEL[0], label_value=STEP_LABEL[1])
     return task
+
+
+# The kind of each step (pipelines/resources.py sizes them); train and meta_test run on a GPU with --gpu.
+GPU_KINDS = ("train", "meta_test")
+
+
+def _sized(task: Any, kind: str, options: PipelineOptions) -> Any:
+    """The step's image, CPU, memory and timeout for its kind (GPU kinds: GPU sizes when compiled with gpu)."""
+    task.set_container_image(options.image)
+    return apply_resources(task, resources_for(kind, options.gpu and kind in GPU_KINDS, options.resources), kubernetes_timeout=bool(options.timeouts))
 
 
 def _fresh(task: Any) -> Any:
@@ -211,7 +267,7 @@ def _compute(task: Any, options: PipelineOptions) -> Any:
         from kfp import kubernetes
 
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
-        task.set_container_image(IMAGE_CUDA)
+        task.set_container_image(options.image_cuda)
         kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
     return task
@@ -231,9 +287,12 @@ Args:
     meta_test_settings: Meta-test protocol: {meta_test_fields}. Unset fields take the defaults shown.
     model_name: Registered model name in the MLflow registry; downstream jobs load models:/<model_name>/production.
     experiment: MLflow experiment of the run (ignored when the cluster injects MLFLOW_EXPERIMENT_ID).
-    force_retrain: Meta-train even if the data fingerprint equals the production version's.
-    promotion_margin: The new version replaces production only if its meta-test metric is better by more than this.
+    force_retrain: Meta-train even if the data fingerprint and the configuration equal those of the last finished meta-training.
+    promotion_margin: Promotion gate margin: the new version replaces production only if, in the same meta-test run, it beats the
+        re-evaluated production version by at least this (95% paired-bootstrap lower bound over tasks x seeds, >= 3 seeds) and
+        is not worse than the best tuned baseline by more than this.
 """
+
 
 def _meta_test_fields(learner: Any) -> str:
     return ", ".join(learner.meta_test_class.model_fields)
@@ -265,50 +324,71 @@ def build_pipeline(name: str, options: PipelineOptions | None = None, config: di
         force_retrain: bool = False,
         promotion_margin: float = 0.0,
     ) -> str:
-        def wire(task: Any, display: str) -> Any:
+        def wire(task: Any, display: str, kind: str = "control") -> Any:
             task.set_display_name(display)
-            return _cluster_env(task, options)
+            return _sized(_cluster_env(task, options), kind, options)
 
-        prepared = wire(_fresh(common.prepare_data(learner=ref, config=config, config_uri=config_uri)), "prepare data")
-        resolved, data, fingerprint = prepared.outputs["config"], prepared.outputs["data"], prepared.outputs["fingerprint"]
-        check = wire(_fresh(common.check_new_data(fingerprint=fingerprint, model_name=model_name, force=force_retrain)), "check for new data")
-        with dsl.If(check.outputs["should_train"] == True, name="data-changed"):  # noqa: E712 (a KFP condition, not Python)
-            tracking = wire(_fresh(common.start_tracking(
-                learner=ref, config=resolved, data=data, fingerprint=fingerprint, model_name=model_name,
-                experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)), "start MLflow run")  # fmt: skip
-            run_id = tracking.outputs["run_id"]
-            init = wire(_fresh(steps.init_state(learner=ref, config=resolved, data=data, device=device,
-                                                total_steps=options.blocks if options.shards > 1 else 0)), f"{label_name} initial state")  # fmt: skip
-            state = init.outputs["state"]
-            learned = None
-            for block in range(options.blocks):
-                label = f"{block + 1}/{options.blocks}"
-                if options.shards == 1:
-                    step = steps.run_block(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id, block_index=block,
-                                           blocks=options.blocks, device=device)  # fmt: skip
-                    _compute(_fresh(wire(step, f"{label_name} block {label}")), options)
-                else:
-                    asked = wire(_fresh(steps.ask(learner=ref, config=resolved, data=data, state_in=state)), f"{label_name} ask {label}")
-                    with dsl.ParallelFor(items=list(range(options.shards)), parallelism=options.shards, name=f"shards-{block + 1}") as shard:
-                        fan_out = steps.evaluate(learner=ref, config=resolved, data=data, state_in=state, work=asked.outputs["work"],
-                                                 shard_index=shard, shards=options.shards)  # fmt: skip
-                        _compute(wire(fan_out, f"{label_name} evaluate {label}"), options)
-                    step = steps.tell(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id,
-                                      parts=dsl.Collected(fan_out.outputs["part"]))  # fmt: skip
-                    _fresh(wire(step, f"{label_name} tell {label}"))
-                state, learned = step.outputs["state"], step.outputs["learned"]
-            tested = common.meta_test(learner=ref, config=resolved, data=data, learned=learned, run_id=run_id,
-                                      settings=meta_test_settings, device=device)  # fmt: skip
-            _compute(_fresh(wire(tested, "meta-test")), options)
-            registered = wire(_fresh(common.register_and_promote(
-                learner=ref, config=resolved, learned=learned, fingerprint=fingerprint, run_id=run_id,
-                model_name=model_name, scores=tested.outputs["scores"], metric=tested.outputs["metric"],
-                greater_is_better=tested.outputs["greater_is_better"], margin=promotion_margin)), "register and promote")  # fmt: skip
-        with dsl.Else(name="data-unchanged"):
-            skipped = wire(_fresh(common.report_skipped(
-                learner=ref, model_name=model_name, production_version=check.outputs["production_version"],
-                fingerprint=fingerprint, reason=check.outputs["reason"])), "skip: data unchanged")  # fmt: skip
-        return dsl.OneOf(registered.outputs["summary"], skipped.outputs["summary"])
+        # The exit step ends the pipeline's MLflow run (found by the KFP run id: an exit step takes no
+        # outputs of the steps it guards): FINISHED if every step succeeded, else FAILED.
+        finished = wire(_fresh(common.finish_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)), "finish MLflow run")
+        with dsl.ExitHandler(finished, name="pipeline-steps"):
+            prepared = wire(
+                _fresh(common.prepare_data(learner=ref, config=config, config_uri=config_uri, meta_test_settings=meta_test_settings)), "prepare data", "data"
+            )
+            resolved, data, fingerprint = prepared.outputs["config"], prepared.outputs["data"], prepared.outputs["fingerprint"]
+            if options.data_volume:
+                from kfp import kubernetes
+
+                kubernetes.mount_pvc(prepared, pvc_name=options.data_volume, mount_path=options.data_mount)
+            check = wire(
+                _fresh(common.check_new_data(fingerprint=fingerprint, model_name=model_name, force=force_retrain, config=resolved)), "check for new data"
+            )
+            with dsl.If(check.outputs["should_train"] == True, name="data-changed"):  # noqa: E712 (a KFP condition, not Python)
+                tracking = wire(_fresh(common.start_tracking(
+                    learner=ref, config=resolved, data=data, fingerprint=fingerprint, model_name=model_name,
+                    experiment=experiment, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)), "start MLflow run")  # fmt: skip
+                run_id = tracking.outputs["run_id"]
+                init = wire(_fresh(steps.init_state(learner=ref, config=resolved, data=data, device=device,
+                                                    total_steps=options.blocks if options.shards > 1 and not options.workers else 0)), f"{label_name} initial state", "data")  # fmt: skip
+                state = init.outputs["state"]
+                learned = None
+                if options.workers:  # every outer step in one TrainJob (pipelines/trainjob.py)
+                    from components import trainjob
+
+                    step = trainjob.meta_train(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id, workers=options.workers,
+                                               nodes=options.nodes, gpu=options.gpu, image=options.image_cuda if options.gpu else options.image, device=device)  # fmt: skip
+                    _fresh(wire(step, f"{label_name} meta-training (TrainJob)", "submit"))
+                    if options.retries:
+                        step.set_retry(**RETRY)  # the step resumes the job's checkpoint
+                    learned = step.outputs["learned"]
+                for block in range(0 if options.workers else options.blocks):
+                    label = f"{block + 1}/{options.blocks}"
+                    if options.shards == 1:
+                        step = steps.run_block(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id, block_index=block,
+                                               blocks=options.blocks, device=device)  # fmt: skip
+                        _compute(_fresh(wire(step, f"{label_name} block {label}", "train")), options)
+                    else:
+                        asked = wire(_fresh(steps.ask(learner=ref, config=resolved, data=data, state_in=state)), f"{label_name} ask {label}", "data")
+                        with dsl.ParallelFor(items=list(range(options.shards)), parallelism=options.shards, name=f"shards-{block + 1}") as shard:
+                            fan_out = steps.evaluate(learner=ref, config=resolved, data=data, state_in=state, work=asked.outputs["work"],
+                                                     shard_index=shard, shards=options.shards)  # fmt: skip
+                            _compute(wire(fan_out, f"{label_name} evaluate {label}", "train"), options)
+                        step = steps.tell(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id,
+                                          parts=dsl.Collected(fan_out.outputs["part"]))  # fmt: skip
+                        _fresh(wire(step, f"{label_name} tell {label}", "data"))
+                    state, learned = step.outputs["state"], step.outputs["learned"]
+                tested = common.meta_test(learner=ref, config=resolved, data=data, learned=learned, run_id=run_id,
+                                          settings=meta_test_settings, device=device, model_name=model_name)  # fmt: skip
+                _compute(_fresh(wire(tested, "meta-test", "meta_test")), options)
+                wire(_fresh(common.register_and_promote(
+                    learner=ref, config=resolved, learned=learned, fingerprint=fingerprint, run_id=run_id,
+                    model_name=model_name, scores=tested.outputs["scores"], metric=tested.outputs["metric"], gate_inputs=tested.outputs["gate_inputs"],
+                    greater_is_better=tested.outputs["greater_is_better"], margin=promotion_margin, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)), "register and promote")  # fmt: skip
+            with dsl.Else(name="data-unchanged"):
+                wire(_fresh(common.report_skipped(
+                    learner=ref, model_name=model_name, production_version=check.outputs["production_version"],
+                    fingerprint=fingerprint, reason=check.outputs["reason"])), "skip: data unchanged")  # fmt: skip
+        return finished.output  # the lineage JSON; summaries: the final steps' outputs (and $METAOPT_SUMMARY_FILE locally)
 
     config_path = default_config_path(name) if config is None else None
     pipeline.__name__ = f"{learner.name}_pipeline"
@@ -330,8 +410,14 @@ def compile_pipeline(name: str, path: str | Path, options: PipelineOptions | Non
 
 
 __all__ = [
+    "GPU_KINDS",
+    "MLFLOW_AUTH_KEYS",
+    "MLFLOW_AUTH_SECRET",
     "PRESET_NAMES",
     "PipelineOptions",
+    "RUNTIME_CONFIG_MAP",
+    "S3_SECRET",
+    "STEP_LABEL",
     "apply_overrides",
     "build_pipeline",
     "compile_pipeline",

@@ -25,6 +25,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipelines.data_commands import add_data_commands
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_REJECTED = 3
@@ -65,7 +67,8 @@ def add_models_commands(subparsers: Any) -> None:
 
     promote = sub.add_parser(
         "promote",
-        help="champion/challenger promotion to production (stage Production + alias production)",
+        help="manual promotion to production (stage Production + alias production) by the recorded scores; "
+        "pipelines decide with the paired champion/challenger gate instead",
     )
     _add_tracking_uri(promote)
     promote.add_argument("name", metavar="NAME")
@@ -125,7 +128,13 @@ def _models_show(args: argparse.Namespace) -> int:
         print(f"{info['name']} ({info['kind'] or 'unknown kind'}): production version {info['production'] or 'none'}")
         if info["description"]:
             print(info["description"])
-        print(markdown_table(info["versions"]) if info["versions"] else "no versions", end="")
+        rows = [{k: v for k, v in row.items() if k != "reason"} for row in info["versions"]]
+        print(markdown_table(rows) if rows else "no versions", end="")
+        reasons = [(row["version"], row["reason"]) for row in info["versions"] if row.get("reason")]
+        if reasons:
+            print("promotion decisions:")
+            for number, reason in reasons:
+                print(f"  version {number}: {reason}")
         return EXIT_OK
     info = describe_version(name, version, tracking_uri=args.tracking_uri)
     if args.json:
@@ -203,14 +212,13 @@ def _loss_plot(args: argparse.Namespace) -> int:
     from metaopt_core.plots import plot_loss_curves
 
     loss = load_loss(args.uri, tracking_uri=args.tracking_uri)
-    output = plot_loss_curves(
-        loss_curves_input({args.uri: loss}, compare_ce=not args.no_ce), Path(args.output), title=args.title
-    )
+    output = plot_loss_curves(loss_curves_input({args.uri: loss}, compare_ce=not args.no_ce), Path(args.output), title=args.title)
     print(f"wrote {output}")
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------- entry point
+
 
 def add_pipeline_group(subparsers: Any) -> None:
     # `run`, `compile`, `schedule` live with the pipelines they drive.
@@ -219,7 +227,7 @@ def add_pipeline_group(subparsers: Any) -> None:
     add_pipeline_commands(subparsers)
 
 
-COMMAND_GROUPS: list[Callable[[Any], None]] = [add_pipeline_group, add_models_commands, add_loss_commands]
+COMMAND_GROUPS: list[Callable[[Any], None]] = [add_pipeline_group, add_models_commands, add_loss_commands, add_data_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,15 @@
 """The pipeline commands of the ``metaopt`` CLI: ``run``, ``compile`` and ``schedule``.
 
     metaopt run LEARNER|all [--config FILE] [--local | --host URL]
-    metaopt compile LEARNER -o FILE.yaml [--blocks N] [--shards K] [--gpu]
+    metaopt run LEARNER --local --workers N [--config FILE]     (torch.distributed on this machine)
+    metaopt compile LEARNER -o FILE.yaml [--blocks N] [--shards K] [--gpu] [--workers N [--nodes M]]
     metaopt schedule create LEARNER --host URL --cron "0 0 3 * * 0" [--config-uri URI]
     metaopt schedule list --host URL
     metaopt schedule delete ID --host URL
+    metaopt pipelines upload LEARNER --host URL [--namespace NS]     (a new pipeline version per upload)
+
+Cluster commands take --namespace and credentials (--token-file, --cookie-file, $KFP_TOKEN,
+$KFP_COOKIE: pipelines/kfp_client.py); compiles take --image / --image-cuda / --resources.
 
 LEARNER is any registered learner (the built-ins arl, itl, metamd, entry points of the
 ``metaopt.learners`` group) or an import reference ``package.module:LearnerClass``.
@@ -20,6 +25,14 @@ import sys
 import time
 from typing import Any
 
+from pipelines.cluster_commands import (
+    add_connection_arguments,
+    add_image_and_resource_arguments,
+    add_upload_command,
+    connection_of,
+    image_and_resource_options,
+)
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -29,11 +42,20 @@ def _add_shape(parser: argparse.ArgumentParser, *, gpu: bool = True) -> None:
                         help="fan each outer step out over K parallel tasks (K > 1: one outer step per block; default 1)")  # fmt: skip
     if gpu:
         parser.add_argument("--gpu", action="store_true", help="meta-training and meta-test steps request an NVIDIA GPU (cluster only)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="meta-train with N torch.distributed workers: on a cluster one TrainJob step; with --local one torchrun "
+                             "on this machine (docs/pipelines.md)")  # fmt: skip
+    parser.add_argument("--nodes", type=int, default=1, metavar="M", help="cluster: spread the --workers over M nodes (default 1)")
+    if gpu:  # cluster-only options, like --gpu
+        parser.add_argument("--data-pvc", default="", metavar="CLAIM",
+                            help="mount this PersistentVolumeClaim into the data step (data source: folder:<--data-mount>/...)")  # fmt: skip
+        parser.add_argument("--data-mount", default="/data", metavar="PATH", help="where --data-pvc is mounted (default /data)")
+        add_image_and_resource_arguments(parser)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="FILE", help="run configuration (default: configs/<algorithm>-demo.yaml)")
-    parser.add_argument("--force-retrain", action="store_true", help="meta-train even if the data is unchanged since production")
+    parser.add_argument("--force-retrain", action="store_true", help="meta-train even if data and config are unchanged since the last meta-training")
     parser.add_argument("--model-name", default=None, help="registered model name (default: the algorithm's name)")
     parser.add_argument("--meta-test", action="append", default=[], metavar="KEY=VALUE",
                         help="meta-test setting, repeatable (values are YAML): --meta-test epochs=5 --meta-test seeds=[0,1]")  # fmt: skip
@@ -50,6 +72,7 @@ def add_pipeline_commands(subparsers: Any) -> None:
     where = run.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run here with kfp.local (the default)")
     where.add_argument("--host", default=None, metavar="URL", help="submit to the Kubeflow Pipelines endpoint at URL")
+    add_connection_arguments(run, host_required=False)
     _add_run_arguments(run)
     _add_shape(run)
     run.add_argument("--preset", choices=["quick", "demo"], default=None,
@@ -72,7 +95,7 @@ def add_pipeline_commands(subparsers: Any) -> None:
     sub = schedule.add_subparsers(dest="schedule_command", required=True, metavar="{create,list,delete}")
     create = sub.add_parser("create", help="a recurring run on a 6-field cron schedule (seconds first)")
     create.add_argument("algorithm", metavar="LEARNER", help="a registered learner name or package.module:Class")
-    create.add_argument("--host", required=True, metavar="URL")
+    add_connection_arguments(create)
     create.add_argument("--cron", required=True, help='six fields, seconds first: "0 0 3 * * 0" = Sundays 03:00:00')
     create.add_argument("--name", default=None, help="recurring run name (default metaopt-<algorithm>-scheduled)")
     create.add_argument("--config-uri", default=None, metavar="URI", help="a configuration the cluster reads at every run (s3://...)")
@@ -82,13 +105,14 @@ def add_pipeline_commands(subparsers: Any) -> None:
     _add_shape(create)
     create.set_defaults(handler=_schedule_create)
     listing = sub.add_parser("list", help="recurring runs at the endpoint")
-    listing.add_argument("--host", required=True, metavar="URL")
+    add_connection_arguments(listing)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_schedule_list)
     delete = sub.add_parser("delete", help="delete a recurring run")
     delete.add_argument("id", metavar="ID")
-    delete.add_argument("--host", required=True, metavar="URL")
+    add_connection_arguments(delete)
     delete.set_defaults(handler=_schedule_delete)
+    add_upload_command(subparsers, _add_shape)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -98,16 +122,28 @@ def _options(args: argparse.Namespace, *, local: bool) -> Any:
     from pipelines.builder import PipelineOptions
 
     values: dict[str, Any] = {"shards": args.shards, "gpu": bool(getattr(args, "gpu", False))}
+    if getattr(args, "workers", 0):
+        values.update(workers=args.workers, nodes=args.nodes)
     if args.blocks is not None:
         values["blocks"] = args.blocks
+    if getattr(args, "data_pvc", ""):
+        values.update(data_volume=args.data_pvc, data_mount=args.data_mount)
     if local:
         if values["gpu"]:
             raise ValueError("--gpu: the local runner is CPU only; use it with --host, `metaopt compile` or `metaopt schedule`")
+        if values.get("data_volume"):
+            raise ValueError("--data-pvc: the local runner mounts no volumes; name the folder as the data source (folder:<path>)")
         values["cluster_env"] = False
         values["retries"] = False  # locally a failure is a bug or a bad setting: repeating it helps nobody
+        if image_and_resource_options(args):
+            raise ValueError("--image / --image-cuda / --resources: cluster options; the local runner uses this Python environment")
     else:
         values["cluster_env"] = not getattr(args, "no_cluster_env", False)
+        values.update(image_and_resource_options(args))
     return PipelineOptions(**values)
+
+
+pipeline_options = _options  # public: the cluster commands build their options the same way
 
 
 def _key_values(items: list[str], flag: str = "--meta-test", example: str = "epochs=5 or seeds=[0,1]") -> dict:
@@ -126,7 +162,7 @@ def _meta_test_settings(items: list[str]) -> dict:
     return _key_values(items)
 
 
-def _overrides(args: argparse.Namespace, algorithm: str, *, local: bool) -> dict:
+def run_overrides(args: argparse.Namespace, algorithm: str, *, local: bool) -> dict:
     """The preset's overrides (quick by default for local runs of the demo configurations), then --set."""
     from pipelines.builder import preset_overrides
 
@@ -157,8 +193,12 @@ def _run(args: argparse.Namespace) -> int:
     algorithms = _algorithms(args)
     if args.host:
         return _run_remote(args, algorithms, settings)
-    if args.config_uri or args.wait is not None:
-        raise ValueError("--config-uri / --wait: for cluster runs (--host); locally use --config FILE")
+    if args.config_uri or args.wait is not None or args.namespace or args.token_file or args.cookie_file:
+        raise ValueError("--config-uri / --wait / --namespace / --token-file / --cookie-file: for cluster runs (--host); locally use --config FILE")
+    if args.workers:
+        from pipelines.distributed_local import run_workers
+
+        return run_workers(args, algorithms, overrides={a: run_overrides(args, a, local=True) for a in algorithms})
     from pipelines.local import PipelineFailed, format_summary, run_local
 
     options = _options(args, local=True)
@@ -169,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
             summary = run_local(
                 algorithm, args.config, options=options, tracking_uri=args.tracking_uri, force_retrain=args.force_retrain,
                 model_name=args.model_name, meta_test_settings=settings or None, experiment=args.experiment or "metaopt",
-                promotion_margin=args.promotion_margin or 0.0, overrides=_overrides(args, algorithm, local=True) or None,
+                promotion_margin=args.promotion_margin or 0.0, overrides=run_overrides(args, algorithm, local=True) or None,
             )  # fmt: skip
         except PipelineFailed as exc:
             print(f"metaopt: error: {exc}", file=sys.stderr)
@@ -193,7 +233,7 @@ def _run_remote(args: argparse.Namespace, algorithms: list[str], settings: dict)
     options = _options(args, local=False)
     for algorithm in algorithms:
         config = args.config
-        overrides = _overrides(args, algorithm, local=False)
+        overrides = run_overrides(args, algorithm, local=False)
         if overrides:
             from pipelines.builder import apply_overrides, default_config, load_config_file
 
@@ -204,7 +244,7 @@ def _run_remote(args: argparse.Namespace, algorithms: list[str], settings: dict)
             algorithm, config, config_uri=args.config_uri, force_retrain=args.force_retrain, model_name=args.model_name,
             meta_test_settings=settings or None, experiment=args.experiment, promotion_margin=args.promotion_margin,
         )  # fmt: skip
-        result = remote.submit(algorithm, args.host, arguments, options=options, wait_s=args.wait)
+        result = remote.submit(algorithm, connection_of(args), arguments, options=options, wait_s=args.wait)
         print(f"{algorithm}: submitted run {result['run_id']} ({result['state']}): {result['url']}")
     return EXIT_OK
 
@@ -224,7 +264,7 @@ def _schedule_create(args: argparse.Namespace) -> int:
 
     cron = remote.validate_cron(args.cron)  # before anything else: the most common mistake
     config = args.config
-    overrides = _overrides(args, args.algorithm, local=False)
+    overrides = run_overrides(args, args.algorithm, local=False)
     if overrides:
         from pipelines.builder import apply_overrides, default_config, load_config_file
 
@@ -236,7 +276,7 @@ def _schedule_create(args: argparse.Namespace) -> int:
         meta_test_settings=_meta_test_settings(args.meta_test) or None, experiment=args.experiment,
         promotion_margin=args.promotion_margin,
     )  # fmt: skip
-    created = remote.schedule_create(args.algorithm, args.host, cron, arguments, options=_options(args, local=False), name=args.name,
+    created = remote.schedule_create(args.algorithm, connection_of(args), cron, arguments, options=_options(args, local=False), name=args.name,
                                      max_concurrency=args.max_concurrency, catchup=args.catchup)  # fmt: skip
     print(f"{args.algorithm}: recurring run {created['id']} ({created['name']}) on '{created['cron']}'")
     return EXIT_OK
@@ -245,7 +285,7 @@ def _schedule_create(args: argparse.Namespace) -> int:
 def _schedule_list(args: argparse.Namespace) -> int:
     from pipelines import remote
 
-    rows = remote.schedule_list(args.host)
+    rows = remote.schedule_list(connection_of(args))
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -261,9 +301,9 @@ def _schedule_list(args: argparse.Namespace) -> int:
 def _schedule_delete(args: argparse.Namespace) -> int:
     from pipelines import remote
 
-    remote.schedule_delete(args.host, args.id)
+    remote.schedule_delete(connection_of(args), args.id)
     print(f"deleted recurring run {args.id}")
     return EXIT_OK
 
 
-__all__ = ["add_pipeline_commands"]
+__all__ = ["add_pipeline_commands", "pipeline_options", "run_overrides"]

@@ -8,6 +8,10 @@ What is printed while it runs: one line per step (started / finished with its ti
 steps' own ``[metaopt]`` progress lines (generations, outer steps, meta-test runs). Everything
 KFP prints — executor inputs, artifact listings, tracebacks — goes to a log file under
 ``.metaopt/logs/``; when a step fails, its last lines are printed and the error names the log.
+
+The pipeline's exit step ends its MLflow run (FINISHED, or FAILED when a step failed) here as on a
+cluster (``kfp.local`` runs ``dsl.ExitHandler``s); the pipeline returns that step's lineage, and the
+final step writes the run's summary to ``$METAOPT_SUMMARY_FILE``, which this runner sets.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from components.lineage import SUMMARY_FILE_ENV
 from pipelines.builder import PipelineOptions, apply_overrides, build_pipeline, default_config, default_config_path, learner_of, load_config_file
 
 STATE_DIR = ".metaopt"
@@ -115,7 +120,7 @@ class _ProgressFilter(io.TextIOBase):
                 del self.task_lines[:200]
         position = line.find(_PROGRESS)
         if position >= 0:
-            self.echo(f"      {line[position + len(_PROGRESS):]}")
+            self.echo(f"      {line[position + len(_PROGRESS) :]}")
 
 
 @contextlib.contextmanager
@@ -204,6 +209,9 @@ def run_local(
     logs.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_path = logs / f"{algorithm}-{stamp}.log"
+    summary_path = state_dir / "summaries" / f"{algorithm}-{stamp}-{os.getpid()}.json"
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.unlink(missing_ok=True)
     if config_file is None:  # a mapping: the steps read it from a file, like a cluster reads s3://
         config_file = state_dir / "run-configs" / f"{algorithm}-{stamp}.json"
         config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +234,7 @@ def run_local(
     with open(log_path, "w", encoding="utf-8") as log:
         progress = _ProgressFilter(log, echo, _task_names(pipeline), sys.stdout)
         try:
-            with _environment({"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}), warnings.catch_warnings():
+            with _environment({"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUMMARY_FILE_ENV: str(summary_path)}), warnings.catch_warnings():
                 # kfp.local cannot tell that the project image is a Python image; the steps run here anyway
                 warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
                 # display names, retries, accelerators: cluster settings kfp.local does not apply
@@ -242,8 +250,11 @@ def run_local(
         finally:
             with contextlib.suppress(OSError):
                 _prune(pipeline_root, f"metaopt-{algorithm}", KEEP_RUNS)
-    summary = json.loads(outcome.output)
-    summary.update({"seconds": time.monotonic() - started, "log": str(log_path), "tracking_uri": summary.get("tracking_uri") or uri})
+    lineage = json.loads(outcome.output)
+    summary = json.loads(summary_path.read_text())
+    summary_path.unlink(missing_ok=True)
+    summary.update({"seconds": time.monotonic() - started, "log": str(log_path), "tracking_uri": summary.get("tracking_uri") or uri,
+                    "mlflow_status": lineage.get("mlflow_status", ""), "kfp_run_id": summary.get("kfp_run_id") or lineage.get("kfp_run_id", "")})  # fmt: skip
     return summary
 
 
@@ -271,7 +282,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append(f"{algorithm}: meta-trained, meta-tested and registered in {summary['seconds']:.0f} s")
         where = f" (experiment {summary['experiment_id']})" if summary.get("experiment_id") else ""
         lines.append(f"  MLflow run       {summary['run_id']}{where} at {uri}")
-        if uri.startswith("sqlite:///"):
+        if summary.get("mlflow_run_url"):
+            lines.append(f"                   {summary['mlflow_run_url']}")
+        elif uri.startswith("sqlite:///"):
             lines.append(f"                   browse: mlflow ui --backend-store-uri {uri}")
         scores = summary.get("scores", {})
         metric = summary.get("metric")

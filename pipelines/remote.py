@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipelines.builder import PipelineOptions, compile_pipeline, learner_of, load_config_file, parameter_config
+from pipelines.kfp_client import Connection, connect, upload
 
 CRON_FIELDS = (
     ("seconds", 0, 59),
@@ -51,8 +52,7 @@ def validate_cron(expression: str) -> str:
     fields = text.split(" ")
     if len(fields) == 5:
         raise ValueError(
-            f"cron: got 5 fields {text!r} (the Unix form); Kubeflow Pipelines wants 6, seconds first: "
-            f"'0 {text}' runs at second 0 of the same schedule"
+            f"cron: got 5 fields {text!r} (the Unix form); Kubeflow Pipelines wants 6, seconds first: '0 {text}' runs at second 0 of the same schedule"
         )
     if len(fields) != 6:
         raise ValueError(f"cron: got {len(fields)} fields in {text!r}; allowed: 6 fields 'sec min hour day-of-month month day-of-week', e.g. '0 0 3 * * 0'")
@@ -86,13 +86,14 @@ def _check_cron_field(value: str, name: str, low: int, high: int, text: str) -> 
                 raise fail(f"{bound} is out of range")
 
 
-def client(host: str, namespace: str | None = None) -> Any:
-    """A ``kfp.Client`` for the KFP API at ``host`` (e.g. http://localhost:8080)."""
-    if not isinstance(host, str) or not re.match(r"^https?://", host):
-        raise ValueError(f"host: got {host!r}; allowed: the Kubeflow Pipelines endpoint URL, e.g. http://localhost:8080")
-    import kfp
+def target(host: str | Connection, namespace: str | None = None) -> Connection:
+    """``host`` as a :class:`~pipelines.kfp_client.Connection` (a URL: no credentials, ``namespace`` if given)."""
+    return host if isinstance(host, Connection) else Connection(host, namespace)
 
-    return kfp.Client(host=host, namespace=namespace)
+
+def client(host: str | Connection, namespace: str | None = None) -> Any:
+    """A ``kfp.Client`` for the KFP API at ``host`` (a URL such as http://localhost:8080, or a Connection with credentials)."""
+    return connect(target(host, namespace))
 
 
 def pipeline_arguments(
@@ -132,7 +133,7 @@ def pipeline_arguments(
 
 def submit(
     algorithm: str,
-    host: str,
+    host: str | Connection,
     arguments: Mapping[str, Any] | None = None,
     *,
     options: PipelineOptions | None = None,
@@ -142,7 +143,9 @@ def submit(
     wait_s: float | None = None,
 ) -> dict:
     """Compile and submit one run; with ``wait_s`` wait for it to finish. Returns run id, URL, state."""
-    kfp_client = client(host, namespace)
+    conn = target(host, namespace)
+    namespace, host = conn.namespace, conn.host
+    kfp_client = connect(conn)
     with tempfile.TemporaryDirectory() as scratch:
         path = compile_pipeline(algorithm, Path(scratch) / f"{algorithm}.yaml", options or PipelineOptions())
         result = kfp_client.create_run_from_pipeline_package(
@@ -157,7 +160,7 @@ def submit(
 
 def schedule_create(
     algorithm: str,
-    host: str,
+    host: str | Connection,
     cron: str,
     arguments: Mapping[str, Any] | None = None,
     *,
@@ -175,7 +178,9 @@ def schedule_create(
     cron = validate_cron(cron)
     if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or not 1 <= max_concurrency <= 10:
         raise ValueError(f"max_concurrency: got {max_concurrency!r}; allowed: an int from 1 to 10")
-    kfp_client = client(host, namespace)
+    conn = target(host, namespace)
+    namespace = conn.namespace
+    kfp_client = connect(conn)
     experiment = kfp_client.create_experiment(kfp_experiment, namespace=namespace)
     job_name = name or f"metaopt-{algorithm}-scheduled"
     with tempfile.TemporaryDirectory() as scratch:
@@ -189,9 +194,11 @@ def schedule_create(
     return {"id": recurring.recurring_run_id, "name": job_name, "cron": cron, "experiment_id": experiment.experiment_id}
 
 
-def schedule_list(host: str, *, namespace: str | None = None, page_size: int = 100) -> list[dict]:
-    """Every recurring run the endpoint knows (all pages), with its schedule and status."""
-    kfp_client = client(host, namespace)
+def schedule_list(host: str | Connection, *, namespace: str | None = None, page_size: int = 100) -> list[dict]:
+    """Every recurring run the endpoint knows (all pages; multi-user: those of the namespace), with its schedule and status."""
+    conn = target(host, namespace)
+    namespace = conn.namespace
+    kfp_client = connect(conn)
     rows, token = [], ""
     while True:
         page = kfp_client.list_recurring_runs(page_token=token, page_size=page_size, namespace=namespace)
@@ -205,10 +212,30 @@ def schedule_list(host: str, *, namespace: str | None = None, page_size: int = 1
             return rows
 
 
-def schedule_delete(host: str, recurring_run_id: str, *, namespace: str | None = None) -> None:
+def schedule_delete(host: str | Connection, recurring_run_id: str, *, namespace: str | None = None) -> None:
     if not isinstance(recurring_run_id, str) or not recurring_run_id.strip():
         raise ValueError(f"recurring_run_id: got {recurring_run_id!r}; allowed: an id from `metaopt schedule list`")
     client(host, namespace).delete_recurring_run(recurring_run_id)
 
 
-__all__ = ["client", "pipeline_arguments", "schedule_create", "schedule_delete", "schedule_list", "submit", "validate_cron"]
+def upload_pipeline(
+    algorithm: str,
+    host: str | Connection,
+    *,
+    options: PipelineOptions | None = None,
+    config: Mapping[str, Any] | None = None,
+    namespace: str | None = None,
+    version: str | None = None,
+) -> dict:
+    """Compile the ``algorithm`` pipeline and upload it as ``metaopt-<algorithm>``: created the first
+    time, a new version every time after, so a run can be started from the UI's Pipelines page."""
+    learner = learner_of(algorithm)
+    conn = target(host, namespace)
+    options = options or PipelineOptions()
+    with tempfile.TemporaryDirectory() as scratch:
+        path = compile_pipeline(algorithm, Path(scratch) / f"{algorithm}.yaml", options, dict(config) if config is not None else None)
+        description = f"{learner.description}. {options.describe()}. Image {options.image_cuda if options.gpu else options.image}."
+        return upload(connect(conn), path, f"metaopt-{learner.name}", namespace=conn.namespace, description=description, version=version)
+
+
+__all__ = ["client", "target", "upload_pipeline", "pipeline_arguments", "schedule_create", "schedule_delete", "schedule_list", "submit", "validate_cron"]

@@ -123,8 +123,10 @@ def main() -> int:
         ce_acc = result.summary("ce", cell).converged_mean
         print(f"{' · '.join(cell)}: learned {learned_acc * 100:.1f} % vs CE {ce_acc * 100:.1f} % ({(learned_acc - ce_acc) * 100:+.1f} points)")
     ranks = result.ranks["converged"]
-    print(f"meta-test: {time.perf_counter() - started:.0f} s; average rank at convergence: "
-          + ", ".join(f"{loss} {rank:.2f}" for loss, rank in sorted(ranks.items(), key=lambda item: item[1])))
+    print(
+        f"meta-test: {time.perf_counter() - started:.0f} s; average rank at convergence: "
+        + ", ".join(f"{loss} {rank:.2f}" for loss, rank in sorted(ranks.items(), key=lambda item: item[1]))
+    )
     return 0
 
 

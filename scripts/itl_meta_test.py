@@ -161,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--lr-grid", type=float, nargs="+", default=[0.1, 0.03, 0.01, 0.003])
             p.add_argument("--architecture", default="mlp3")
             p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-            p.add_argument("--losses", nargs="+", default=["itl-learned", "ce", "itl-preset"], choices=LOSS_LABELS,
-                           help="itl-start = the learned loss's starting point (meta.initial_params)")
+            p.add_argument(
+                "--losses",
+                nargs="+",
+                default=["itl-learned", "ce", "itl-preset"],
+                choices=LOSS_LABELS,
+                help="itl-start = the learned loss's starting point (meta.initial_params)",
+            )
         if command in ("plots", "all"):
             p.add_argument("--img", type=Path, default=Path("docs/img"))
         if command == "plots":

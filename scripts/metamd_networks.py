@@ -116,9 +116,7 @@ def _config(args):
     config = load_config(args.config)
     if getattr(args, "held_out", None):
         network = config.tasks.network.model_copy(update={"held_out_domains": list(args.held_out)})
-        config = metamd.MetaMDConfig.model_validate(
-            config.model_copy(update={"tasks": config.tasks.model_copy(update={"network": network})}).model_dump()
-        )
+        config = metamd.MetaMDConfig.model_validate(config.model_copy(update={"tasks": config.tasks.model_copy(update={"network": network})}).model_dump())
     return config
 
 
@@ -173,7 +171,7 @@ def cmd_evaluate(args) -> None:
 
 
 def summarise(results: dict) -> dict:
-    every, steps = results["every"], results["steps"]
+    every = results["every"]
     out = {}
     for domain, by_name in results["runs"].items():
         sgd = by_name["sgd"]

@@ -181,7 +181,9 @@ def main() -> None:
     results: dict = {"family": family.model_dump(mode="json"), "baselines": {}, "metamd": {}, "agreement": []}
 
     eig = tasks.meta_train.hessian_eigenvalues()
-    print(f"meta-train Hessian eigenvalues: median {eig[:, 0].median():.3g} / {eig[:, 1].median():.3g} (condition {float((eig[:, 1] / eig[:, 0]).median()):.0f})")
+    print(
+        f"meta-train Hessian eigenvalues: median {eig[:, 0].median():.3g} / {eig[:, 1].median():.3g} (condition {float((eig[:, 1] / eig[:, 0]).median()):.0f})"
+    )
     lrs = {}
     for name in ("sgd", "sgd-m", "adam"):
         started = time.time()
@@ -248,7 +250,7 @@ def main() -> None:
         keys = ["lambda", "frobenius_distance", "C", "r", "L", "empirical_term", "optimisation_term", "rademacher_term",
                 "confidence_term", "total", "rademacher_term_rederived", "confidence_term_rederived", "total_rederived"]  # fmt: skip
         names = list(results["bound_terms"])
-        print("\n| term (n = %d, δ = 0.05) | %s |" % (family.meta_train, " | ".join(names)))
+        print(f"\n| term (n = {family.meta_train}, δ = 0.05) | {' | '.join(names)} |")
         print("|---|" + "---|" * len(names))
         for key in keys:
             print(f"| {key} | " + " | ".join(f"{results['bound_terms'][n][key]:.4g}" for n in names) + " |")

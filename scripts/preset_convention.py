@@ -171,7 +171,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every run (with its accuracy curve) here")
     parser.add_argument("--quick", action="store_true", help="stage 1 only, 10 epochs (a smoke test)")
     parser.add_argument(
-        "--stages", default="1,2,3,4,5",
+        "--stages",
+        default="1,2,3,4,5",
         help="comma-separated stages to run (2 and 3 build on 1's results and need it; 4 and 5 are fixed lists)",
     )
     args = parser.parse_args()

@@ -5,9 +5,12 @@
     def test_something(mlflow_server):
         mlflow_server                         # "http://127.0.0.1:<port>" (a str)
         mlflow_server.artifacts_destination   # where the server keeps artifacts (a directory or s3:// URI)
-        mlflow_server.backend_store_uri       # sqlite:///.../mlflow.db
+        mlflow_server.backend_store_uri       # postgresql://...@127.0.0.1:<port>/mlflow_local
 
-The server uses a SQLite backend in a temporary directory and proxies artifacts
+The backend store is PostgreSQL, what infra/ deploys: one throwaway cluster per session
+(``tests.fixtures_postgres``), one database per server. Where the PostgreSQL binaries are absent
+the servers fall back to SQLite with a warning saying so, and tests that need PostgreSQL skip
+(``requires_postgres``). The server proxies artifacts
 (``--serve-artifacts``): clients talk HTTP only, the server reads and writes the artifact store.
 ``mlflow_server_s3`` is the same with the artifact destination on the moto S3 server of
 ``tests.fixtures_s3`` (the server process gets the fake AWS credentials; clients never need them).
@@ -26,11 +29,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures_postgres import postgres_cluster, postgres_unavailable
 from tests.fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, free_port, moto_server_url  # noqa: F401
 
 STARTUP_TIMEOUT_S = 90.0
@@ -43,7 +48,7 @@ class ServerURI(str):
     backend_store_uri: str
     log_path: str
 
-    def __new__(cls, url: str, artifacts_destination: str, backend_store_uri: str, log_path: str) -> "ServerURI":
+    def __new__(cls, url: str, artifacts_destination: str, backend_store_uri: str, log_path: str) -> ServerURI:
         obj = super().__new__(cls, url)
         obj.artifacts_destination = artifacts_destination
         obj.backend_store_uri = backend_store_uri
@@ -66,10 +71,29 @@ def _wait_for_health(url: str, process: subprocess.Popen, log_path: str, timeout
     raise RuntimeError(f"mlflow server at {url} not healthy after {timeout_s:.0f} s:\n{Path(log_path).read_text()[-4000:]}")
 
 
-def start_mlflow_server(workdir: Path, artifacts_destination: str | None = None, env: dict[str, str] | None = None) -> tuple[ServerURI, subprocess.Popen]:
-    """Start ``mlflow server`` (SQLite in ``workdir``, proxied artifacts) on a free port; wait for /health."""
+def backend_for(kind: str, workdir: Path) -> str:
+    """A fresh PostgreSQL database named after ``kind`` in the session's cluster; SQLite in ``workdir`` (with a warning) without one."""
+    cluster = postgres_cluster()
+    if cluster is None:
+        warnings.warn(f"MLflow test server on SQLite, not PostgreSQL (the production backend): {postgres_unavailable()}", stacklevel=2)
+        return f"sqlite:///{workdir / 'mlflow.db'}"
+    return cluster.create_database("mlflow_" + "".join(c if c.isalnum() else "_" for c in kind.lower())[:50])
+
+
+def requires_postgres(server: str) -> None:
+    """Skip, saying why, unless ``server`` (a ServerURI) runs on PostgreSQL."""
+    import pytest
+
+    if not getattr(server, "backend_store_uri", "").startswith("postgresql"):
+        pytest.skip(f"needs the MLflow server on PostgreSQL: {postgres_unavailable() or 'it runs on another backend'}")
+
+
+def start_mlflow_server(
+    workdir: Path, artifacts_destination: str | None = None, env: dict[str, str] | None = None, backend_store_uri: str | None = None
+) -> tuple[ServerURI, subprocess.Popen]:
+    """Start ``mlflow server`` (``backend_store_uri``, default SQLite in ``workdir``; proxied artifacts) on a free port; wait for /health."""
     workdir.mkdir(parents=True, exist_ok=True)
-    backend = f"sqlite:///{workdir / 'mlflow.db'}"
+    backend = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     destination = artifacts_destination or str(workdir / "artifacts")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -78,6 +102,7 @@ def start_mlflow_server(workdir: Path, artifacts_destination: str | None = None,
     # MLflow 3's server also starts a job runner with several huey consumer processes (GenAI
     # jobs, periodic tasks); the registry needs none of them, and they cost seconds of CPU.
     child_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    child_env["MLFLOW_BACKEND_STORE_URI"] = backend  # not an argument: a PostgreSQL URI holds a password
     child_env.update(env or {})
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow_cli)] if mlflow_cli.exists() else [sys.executable, "-m", "mlflow"]
@@ -86,12 +111,15 @@ def start_mlflow_server(workdir: Path, artifacts_destination: str | None = None,
             command
             + [
                 "server",
-                "--backend-store-uri", backend,
                 "--serve-artifacts",
-                "--artifacts-destination", destination,
-                "--host", "127.0.0.1",
-                "--port", str(port),
-                "--workers", "1",
+                "--artifacts-destination",
+                destination,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -142,7 +170,12 @@ def _shared_server(kind: str, start: Callable[[], tuple[ServerURI, subprocess.Po
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerURI]:
     """A real ``mlflow server`` (SQLite backend, proxied local artifacts) for the whole session."""
-    with _shared_server("local", lambda: start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))) as uri:
+
+    def start() -> tuple[ServerURI, subprocess.Popen]:
+        workdir = tmp_path_factory.mktemp("mlflow-server")
+        return start_mlflow_server(workdir, backend_store_uri=backend_for("local", workdir))
+
+    with _shared_server("local", start) as uri:
         yield uri
 
 
@@ -171,9 +204,8 @@ def mlflow_server_s3(tmp_path_factory: pytest.TempPathFactory, moto_server_url: 
             aws_secret_access_key=FAKE_SECRET_ACCESS_KEY,
             config=Config(s3={"addressing_style": "path"}),
         ).create_bucket(Bucket=bucket)
-        return start_mlflow_server(
-            tmp_path_factory.mktemp("mlflow-server-s3"), artifacts_destination=f"s3://{bucket}/mlflow", env=aws
-        )
+        workdir = tmp_path_factory.mktemp("mlflow-server-s3")
+        return start_mlflow_server(workdir, artifacts_destination=f"s3://{bucket}/mlflow", env=aws, backend_store_uri=backend_for(f"s3_{bucket}", workdir))
 
     # keyed by the S3 endpoint too: each moto server instance (one per importing module) gets its own
     with _shared_server(f"s3:{moto_server_url}", start) as uri:
@@ -191,5 +223,4 @@ def reset_mlflow_uri() -> Iterator[None]:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-__all__ = ["ServerURI", "mlflow_server", "mlflow_server_s3", "reset_mlflow_uri", "start_mlflow_server", "stop_server"]
-
+__all__ = ["ServerURI", "backend_for", "requires_postgres", "mlflow_server", "mlflow_server_s3", "reset_mlflow_uri", "start_mlflow_server", "stop_server"]

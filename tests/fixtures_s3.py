@@ -85,9 +85,7 @@ class S3Endpoint:
 
     def client(self):
         """A plain boto3 client for setting up and inspecting state, independent of metaopt."""
-        return _admin_client(
-            self.url, self.region, self.access_key_id, self.secret_access_key, self.session_token
-        )
+        return _admin_client(self.url, self.region, self.access_key_id, self.secret_access_key, self.session_token)
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,15 +29,6 @@ from tests.test_population import blobs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster and does not spin against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def prepared(seed: int = 1, n_train: int = 150, noise: float = 0.5) -> PreparedData:
     train, _ = blobs(n_train, seed, noise)
     _, val = blobs(90, seed + 100, 0.0)
@@ -95,7 +86,10 @@ def test_paper_config_has_thesis_settings():
         ({"pool": {"kind": "ar", "models": [{"name": "mlp2"}], "datasets": [{"source": "mnist5k"}, {"source": "digits"}]}}, "exactly one dataset"),
         ({"pool": {"kind": "dr", "models": [{"name": "mlp2"}, {"name": "mlp3"}], "datasets": [{"source": "mnist5k"}]}}, "exactly one model"),
         ({"pool": {"kind": "ar", "models": [{"name": "mlp9"}], "datasets": [{"source": "mnist5k"}]}}, "unknown model 'mlp9'"),
-        ({"pool": {"kind": "ar", "models": [{"name": "mlp2"}], "datasets": [{"source": "mnist5k", "noise": {"kind": "symmetric", "rate": 0.4}}]}}, "top-level 'noise'"),
+        (
+            {"pool": {"kind": "ar", "models": [{"name": "mlp2"}], "datasets": [{"source": "mnist5k", "noise": {"kind": "symmetric", "rate": 0.4}}]}},
+            "top-level 'noise'",
+        ),
         ({"init": [0.0] * 5}, "order 4 needs 12"),
         ({"init": "arl-xx"}, "allowed: 'zeros'"),
         ({"init": "itl"}, "form 'monomial'"),
@@ -114,6 +108,17 @@ def test_bad_config_names_the_problem(change, message):
 def test_dataset_specs_carry_the_run_noise(config):
     (spec,) = config.dataset_specs()
     assert spec.source == "mnist5k" and spec.noise.kind == "symmetric" and spec.noise.rate == 0.8
+
+
+def test_preset_start_uses_the_sign_corrected_parameters():
+    """arl-ar-a40 trains only with theta negated (``Preset.sign = +1``): CMA-ES starts where
+    ``TaylorLoss.from_preset`` would put the loss, not at the published table."""
+    preset = PRESETS["arl-ar-a40"]
+    config = make_config(init="arl-ar-a40")
+    assert config.initial_mean() == list(preset.loss_params()) != list(preset.params)
+    assert ARLState.initial(config).search["mean"] == pytest.approx(list(preset.loss_params()))
+    assert config.initial_mean() == pytest.approx(TaylorLoss.from_preset("arl-ar-a40").params.tolist())
+    assert make_config(init="arl-ar-s80").initial_mean() == list(PRESETS["arl-ar-s80"].params)  # sign -1: as published
 
 
 # ----------------------------------------------------------------------------- ask
@@ -169,7 +174,7 @@ def test_evaluate_is_deterministic_and_shards_merge_to_the_whole(config, pool):
     parts = [evaluate(candidates, pool, shard=(i, 3)) for i in range(3)]
     assert not parts[0].complete
     with pytest.raises(ValueError, match="incomplete"):
-        parts[0].values
+        _ = parts[0].values
     merged = Fitness.merge([Fitness.from_dict(json.loads(json.dumps(p.to_dict()))) for p in parts])  # through JSON, as in the pipeline
     np.testing.assert_allclose(merged.accuracy, whole.accuracy, atol=1.5 / 90)  # shard groups batch differently: float reassociation
     np.testing.assert_allclose(merged.values, -merged.accuracy.mean(axis=1))
@@ -236,7 +241,9 @@ def test_tell_rejects_foreign_fitness(config):
 
 def test_all_diverged_generation_is_counted_and_the_run_goes_on():
     huge = [0.0, 0.0] + [1e36] * 10
-    config = make_config(init=huge, sigma0=1e35, bounds=None, generations=2, pool={"kind": "ar", "models": [{"name": "mlp2"}], "datasets": [{"source": "mnist5k"}]})
+    config = make_config(
+        init=huge, sigma0=1e35, bounds=None, generations=2, pool={"kind": "ar", "models": [{"name": "mlp2"}], "datasets": [{"source": "mnist5k"}]}
+    )
     result = run(config, pool=build_pool(config, [prepared()]))
     assert [m["diverged"] for m in result.history] == [4, 4]
     assert all(m["best"] == WORST_FITNESS for m in result.history)

@@ -28,15 +28,6 @@ from metaopt_core.data import (
 from metaopt_core.data.noise import realised_transition
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: a second intra-op thread only waits for a core on a busy shared CI box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def mnist5k() -> ImageData:
     return load_source("mnist5k")

@@ -80,9 +80,7 @@ def test_fresh_process_trains_with_the_production_loss_and_optimizer(mlflow_serv
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     env["MLFLOW_TRACKING_URI"] = str(mlflow_server)
-    result = subprocess.run(
-        [sys.executable, "-c", JOB], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run([sys.executable, "-c", JOB], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["criterion"] == "TaylorLoss" and report["form"] == "monomial"

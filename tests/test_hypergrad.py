@@ -24,16 +24,6 @@ from metaopt_core.hypergrad import (
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These problems are tiny: intra-op threads only add overhead, and on a loaded machine
-    oversubscription made the unrolled MLP test ~50x slower. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0))
 
@@ -200,8 +190,11 @@ class WeightedLogistic:
 
     def hypergrad(self, **kw) -> HypergradResult:
         return implicit_hypergradient(
-            lambda: self.inner_of(self.theta, self.omega), lambda: self.outer_of(self.theta),
-            [self.theta], [self.omega], **kw,
+            lambda: self.inner_of(self.theta, self.omega),
+            lambda: self.outer_of(self.theta),
+            [self.theta],
+            [self.omega],
+            **kw,
         )
 
 
@@ -234,9 +227,7 @@ def test_damping_equals_solving_the_damped_system():
     prob = WeightedLogistic()
     theta, omega = prob.theta.detach(), prob.omega.detach()
     H = torch.autograd.functional.hessian(lambda t: prob.inner_of(t, omega), theta)
-    mixed = torch.autograd.functional.jacobian(
-        lambda o: torch.autograd.functional.jacobian(lambda t: prob.inner_of(t, o), theta, create_graph=True), omega
-    )
+    mixed = torch.autograd.functional.jacobian(lambda o: torch.autograd.functional.jacobian(lambda t: prob.inner_of(t, o), theta, create_graph=True), omega)
     g_m = torch.autograd.functional.jacobian(prob.outer_of, theta)
     damped_reference = -mixed.T @ torch.linalg.solve(H + 0.3 * torch.eye(len(theta), dtype=DT), g_m)
     res = prob.hypergrad(method="cg", terms=50, damping=0.3)
@@ -264,8 +255,7 @@ def test_module_parameters_match_dense_ift():
         return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, flat_params)), (xv,)), yv)
 
     params = list(model.parameters())
-    optimizer = torch.optim.LBFGS(params, lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=0,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(params, lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=0, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
@@ -285,8 +275,7 @@ def test_module_parameters_match_dense_ift():
     g_m = torch.autograd.functional.jacobian(lambda v: outer_of(split(v)), flat)
     reference = -mixed.T @ torch.linalg.solve(H, g_m)
 
-    res = implicit_hypergradient(lambda: inner_of(params, omega), lambda: outer_of(params), params, [omega],
-                                 method="cg", terms=50)
+    res = implicit_hypergradient(lambda: inner_of(params, omega), lambda: outer_of(params), params, [omega], method="cg", terms=50)
     assert res.inner_grad_norm < 1e-7
     assert rel_err(res.grads[0], reference) < 1e-6
 
@@ -303,8 +292,12 @@ def test_params_without_inner_gradient_and_meta_params_outside_m():
     theta_extra = torch.ones(3, dtype=DT, requires_grad=True)
     omega_extra = torch.ones(2, dtype=DT, requires_grad=True)
     res = implicit_hypergradient(
-        prob.inner, lambda: prob.outer() + (theta_extra**2).sum(),
-        [prob.theta, theta_extra], [prob.omega, omega_extra], method="cg", terms=100,
+        prob.inner,
+        lambda: prob.outer() + (theta_extra**2).sum(),
+        [prob.theta, theta_extra],
+        [prob.omega, omega_extra],
+        method="cg",
+        terms=100,
     )
     assert res.unused_params == (1,)
     assert torch.allclose(res.grads[0], base.grads[0], rtol=1e-12, atol=0)
@@ -375,8 +368,10 @@ class WeightedMLP:
         self.omega = torch.zeros(n, dtype=DT, requires_grad=True)
         gi = torch.Generator().manual_seed(seed + 1)
         self.init = [
-            torch.randn(5, 16, generator=gi, dtype=DT) / math.sqrt(5), torch.zeros(16, dtype=DT),
-            torch.randn(16, 3, generator=gi, dtype=DT) / 4.0, torch.zeros(3, dtype=DT),
+            torch.randn(5, 16, generator=gi, dtype=DT) / math.sqrt(5),
+            torch.zeros(16, dtype=DT),
+            torch.randn(16, 3, generator=gi, dtype=DT) / 4.0,
+            torch.zeros(3, dtype=DT),
         ]
 
     @staticmethod
@@ -448,8 +443,7 @@ class TinyQuadratic:
         return self.f(p[0], self.bs.mean(0)) + 0.01 * (self.omega**2).sum()
 
     def kwargs(self):
-        return dict(steps=self.steps, lr=self.lr, momentum=self.momentum,
-                    precondition=self.precondition, trajectory_loss=self.trajectory)
+        return dict(steps=self.steps, lr=self.lr, momentum=self.momentum, precondition=self.precondition, trajectory_loss=self.trajectory)
 
     def objective_plain(self, omega: torch.Tensor) -> float:
         """The meta-objective by a plain loop, gradients by hand (no autograd): for FD."""
@@ -469,10 +463,9 @@ def test_forward_mode_equals_reverse_mode_and_finite_differences():
     forward = forward_mode_hypergradient(prob.init, prob.inner, prob.outer, [prob.omega], **prob.kwargs())[0]
     assert torch.allclose(forward, reverse, rtol=1e-12, atol=1e-14)
     eps = 1e-6
-    fd = torch.tensor([
-        (prob.objective_plain(omega_before + eps * e) - prob.objective_plain(omega_before - eps * e)) / (2 * eps)
-        for e in torch.eye(2, dtype=DT)
-    ], dtype=DT)
+    fd = torch.tensor(
+        [(prob.objective_plain(omega_before + eps * e) - prob.objective_plain(omega_before - eps * e)) / (2 * eps) for e in torch.eye(2, dtype=DT)], dtype=DT
+    )
     assert torch.allclose(reverse, fd, rtol=1e-6, atol=1e-9), (reverse, fd)
     # ω is left unchanged and without a tangent; the initial parameters are not modified.
     assert torch.equal(prob.omega.detach(), omega_before)

@@ -17,8 +17,7 @@ import pytest
 from pydantic import Field
 
 from metaopt_core.config import ConfigError, StrictModel
-from metaopt_core.meta import LearnerBase, MetaLearner, MetaTestReport, PreparedInputs, registry, shard_slice
-from metaopt_core.meta import runner
+from metaopt_core.meta import LearnerBase, MetaLearner, MetaTestReport, PreparedInputs, registry, runner, shard_slice
 from pipelines.builder import PipelineOptions, compile_pipeline
 
 TARGET = 1.5
@@ -55,7 +54,7 @@ class ToyState:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ToyState":
+    def load(cls, directory: str | Path) -> ToyState:
         return cls(**json.loads((Path(directory) / "state.json").read_text()))
 
 
@@ -105,14 +104,25 @@ class ToyLearner(LearnerBase):
         return {"loss": loss, "history": history}
 
     def meta_test(self, config: ToyConfig, exported: Mapping[str, Any], data: PreparedInputs, settings: ToyMetaTest, *,
-                  progress=None) -> MetaTestReport:  # fmt: skip
+                  champion=None, progress=None) -> MetaTestReport:  # fmt: skip
         theta = exported["loss"]["params"][-1]
         score = float(abs(theta - TARGET) < settings.tolerance)
-        return MetaTestReport(f"toy: theta {theta:.4f}\n", {"meta_test_accuracy": score}, "meta_test_accuracy", True)
+        paired = {"learned": [score] * 3, "constant": [0.0] * 3}  # 3 seeds (the gate's minimum), a baseline that scores 0
+        if champion is not None:
+            paired["champion"] = [float(abs(champion["loss"]["params"][-1] - TARGET) < settings.tolerance)] * 3
+        return MetaTestReport(f"toy: theta {theta:.4f}\n", {"meta_test_accuracy": score}, "meta_test_accuracy", True,
+                              paired=paired, units=[{"seed": seed} for seed in range(3)], settings={"seeds": [0, 1, 2]})  # fmt: skip
 
 
-registry.register(ToyLearner)
 REFERENCE = f"{__name__}:ToyLearner"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered_toy():
+    """Registered for this module's tests only (other modules list the registry's names)."""
+    registry.register(ToyLearner)
+    yield
+    registry.unregister("toy")
 
 
 @pytest.fixture

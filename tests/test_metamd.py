@@ -436,7 +436,9 @@ def test_bad_config_names_the_field(change, field, tmp_path):
 
 def test_unknown_held_out_domain_is_named():
     config = net_config()
-    bad = config.model_copy(update={"tasks": config.tasks.model_copy(update={"network": config.tasks.network.model_copy(update={"held_out_domains": ["rot33"]})})})
+    bad = config.model_copy(
+        update={"tasks": config.tasks.model_copy(update={"network": config.tasks.network.model_copy(update={"held_out_domains": ["rot33"]})})}
+    )
     with pytest.raises(ConfigError, match="held_out_domains.*rot33"):
         task_set(bad)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from metaopt_core.models import build_model
 from metaopt_core.optim import (
     DenseBregman,
     DiagonalBregman,
@@ -97,7 +98,7 @@ def test_kronecker_step_matches_dense_solve_on_linear_and_conv(weight_decay):
     MirrorDescent(model.parameters(), div, lr=lr, weight_decay=weight_decay).step()
 
     names = [n for n, _ in model.named_parameters()]
-    for k, (name, p, p0, g) in enumerate(zip(names, model.parameters(), before, grads)):
+    for name, p, p0, g in zip(names, model.parameters(), before, grads):
         blk = next(b for b in div.blocks if name in (b.parameter, b.bias))
         A, B = div.factor_matrices(div.blocks.index(blk))
         if name == blk.bias:
@@ -237,8 +238,7 @@ def test_zero_factors_reproduce_sgd_with_weight_decay_over_several_steps():
 
 
 def test_step_is_differentiable_wrt_factors_gradcheck():
-    div = _randomise(KroneckerBregman.for_shapes([("w", (3, 4)), ("b", (3,)), ("n", (2,))], tied_biases={"b": "w"},
-                                                 dtype=torch.float64), seed=13)
+    div = _randomise(KroneckerBregman.for_shapes([("w", (3, 4)), ("b", (3,)), ("n", (2,))], tied_biases={"b": "w"}, dtype=torch.float64), seed=13)
     grads = _random_like([torch.empty(3, 4), torch.empty(3), torch.empty(2)], seed=14, dtype=torch.float64)
     names = [n for n, _ in div.named_parameters()]
 
@@ -570,3 +570,23 @@ def test_cuda_step_matches_cpu_step():
         MirrorDescent(m.parameters(), d, lr=0.1, weight_decay=1e-2).step()
         results.append(_flat(p.detach().cpu() for p in m.parameters()))
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_step_equals_the_eager_step():
+    """``compile=`` routes the update through torch.compile; the "eager" backend checks the wiring
+    in a second (inductor's kernels are measured by ``bench/optim_step.py --compile``)."""
+    torch.manual_seed(0)
+    models = [build_model("mlp2", 1, 28, 10, seed=0) for _ in range(2)]
+    div = KroneckerBregman.for_model(models[0])
+    with torch.no_grad():
+        for f in div.parameters():
+            f.normal_(0, 0.1)
+    optimisers = [MirrorDescent(models[0].parameters(), div, lr=0.1), MirrorDescent(models[1].parameters(), div, lr=0.1, compile="eager")]
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        for model, optimiser in zip(models, optimisers):
+            optimiser.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimiser.step()
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q)

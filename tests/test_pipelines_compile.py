@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,14 @@ import pytest
 import yaml
 
 from components.images import IMAGE, IMAGE_CUDA
-from pipelines import remote
 from metaopt_core.meta import registry
+from pipelines import remote
 from pipelines.builder import (
+    MLFLOW_AUTH_KEYS,
+    MLFLOW_AUTH_SECRET,
     RUNTIME_CONFIG_MAP,
     S3_SECRET,
+    STEP_LABEL,
     PipelineOptions,
     compile_pipeline,
     default_config,
@@ -26,6 +30,7 @@ from pipelines.builder import (
 )
 
 ALGORITHMS = tuple(registry.BUILTIN)
+TINY_META_TEST = {"itl": {"held_out": ["rot90"]}}  # the tiny configs' held-out domain (meta-training never sees it)
 PARAMETERS = {"config_uri", "config", "meta_test_settings", "model_name", "experiment", "force_retrain", "promotion_margin"}
 
 
@@ -108,7 +113,9 @@ def _as_floats(value):
 def test_dag_shape(compiled, algorithm):
     spec, _ = _load(compiled[(algorithm, "cpu")])
     dags = _dags(spec)
-    root = dags["root"]
+    # every step sits under one ExitHandler whose exit step ends the MLflow run (tests/test_lineage.py)
+    assert set(dags["root"]) == {"exit-handler-1", "finish-tracking"}
+    root = dags["comp-exit-handler-1"]
     assert {"prepare-data", "check-new-data"} <= set(root)
     assert _upstream_producers(root["check-new-data"]) == {"prepare-data"}
     tasks = _all_tasks(spec)
@@ -206,8 +213,83 @@ def test_every_step_gets_the_cluster_runtime_config(compiled, algorithm):
         [config_map] = config["configMapAsEnv"]
         assert config_map["configMapName"] == RUNTIME_CONFIG_MAP
         assert {e["envVar"] for e in config_map["keyToEnv"]} >= {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"}
-        [secret] = config["secretAsEnv"]
-        assert secret["secretName"] == S3_SECRET and secret["optional"] is True
+        s3, mlflow_auth = config["secretAsEnv"]
+        assert s3["secretName"] == S3_SECRET and s3["optional"] is True
+        assert mlflow_auth["secretName"] == MLFLOW_AUTH_SECRET and mlflow_auth["optional"] is False
+        assert {e["envVar"] for e in mlflow_auth["keyToEnv"]} == set(MLFLOW_AUTH_KEYS)
+        assert config["podMetadata"]["labels"] == {STEP_LABEL[0]: STEP_LABEL[1]}  # what infra/'s NetworkPolicies admit
+
+
+STEP_KINDS_BY_TASK = {"prepare-data": "data", "check-new-data": "control", "start-tracking": "control", "init-state": "data",
+                      "run-block": "train", "meta-test": "meta_test", "register-and-promote": "control", "report-skipped": "control"}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu", "sharded"])
+def test_every_step_has_requests_limits_and_a_timeout(compiled, variant):
+    from pipelines.resources import CPU_DEFAULTS, GPU_DEFAULTS
+
+    spec, platform = _load(compiled[("itl", variant)])
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for label, executor in spec["deploymentSpec"]["executors"].items():
+        resources = executor["container"]["resources"]
+        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(resources), label
+        assert int(kubernetes[label]["activeDeadlineSeconds"]) > 0, label  # past it the pod is killed: the step fails, then retries
+    tasks = _all_tasks(spec)
+    for name, kind in STEP_KINDS_BY_TASK.items():
+        gpu = variant != "cpu" and kind in ("train", "meta_test")
+        if name == "run-block" and variant == "sharded":
+            continue
+        expected = (GPU_DEFAULTS if gpu else CPU_DEFAULTS)[kind]
+        container = _executor(spec, tasks[name])
+        label = spec["components"][tasks[name]["componentRef"]["name"]]["executorLabel"]
+        assert container["resources"]["resourceMemoryLimit"] == expected.memory_limit, name
+        assert container["resources"]["resourceCpuRequest"] == expected.cpu, name
+        assert int(kubernetes[label]["activeDeadlineSeconds"]) == expected.timeout, name
+        assert ("accelerator" in container["resources"]) is gpu, name
+
+
+def test_resources_and_images_are_compile_options(tmp_path, monkeypatch):
+    digest = "registry.example.com/ml/metaopt@sha256:" + "a" * 64
+    options = PipelineOptions(gpu=True, image=digest, image_cuda=digest.replace("metaopt@", "metaopt-cuda@"),
+                              resources={"train": {"memory_limit": "64Gi", "memory": "64Gi", "timeout": "48h"}})  # fmt: skip
+    spec, platform = _load(compile_pipeline("arl", tmp_path / "arl.yaml", options))
+    tasks = _all_tasks(spec)
+    block = _executor(spec, tasks["run-block"])
+    assert block["image"] == options.image_cuda and block["resources"]["resourceMemoryLimit"] == "64Gi"
+    assert _executor(spec, tasks["prepare-data"])["image"] == digest
+    label = spec["components"][tasks["run-block"]["componentRef"]["name"]]["executorLabel"]
+    assert platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][label]["activeDeadlineSeconds"] == str(48 * 3600)
+    # the environment names the default image; the compile option wins over it
+    monkeypatch.setenv("METAOPT_IMAGE", "registry.example.com/ml/metaopt:1.2.3")
+    assert PipelineOptions().image == "registry.example.com/ml/metaopt:1.2.3"
+    assert PipelineOptions(image=digest).image == digest
+    for bad, message in [({"image": "ghcr.io/metaopt/metaopt"}, "REPOSITORY:TAG"), ({"image": "ghcr.io/metaopt/metaopt:latest"}, "latest"),
+                         ({"resources": {"gpu": {"cpu": "1"}}}, "step kind"), ({"resources": {"train": {"memory": "9Gi", "memory_limit": "8Gi"}}}, "exceeds"),
+                         ({"resources": {"train": {"timeout": "soon"}}}, "timeout")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            PipelineOptions(**bad)
+
+
+def test_default_image_tag_is_version_and_commit(monkeypatch):
+    from components import images
+
+    commit = "0123456789abcdef" * 2 + "01234567"
+    monkeypatch.setenv(images.COMMIT_ENV, commit)
+    monkeypatch.delenv(images.IMAGE_ENV, raising=False)
+    monkeypatch.delenv(images.IMAGE_CUDA_ENV, raising=False)
+    cpu, cuda = images.default_images()
+    assert cpu == f"ghcr.io/metaopt/metaopt:{images.package_version()}-0123456789ab" and cuda == cpu + "-cuda"
+    assert images.default_tag("0.1.0", "") == "0.1.0"  # no commit known: the version alone
+
+
+def test_resources_cli_overrides_parse_and_name_bad_ones():
+    from pipelines.resources import parse_overrides
+
+    assert parse_overrides(["train.memory_limit=32Gi", "train.timeout=2d", "control.cpu=100m"]) == {
+        "train": {"memory_limit": "32Gi", "timeout": "2d"}, "control": {"cpu": "100m"}}  # fmt: skip
+    for bad in ["train=1", "gpu.cpu=1", "train.disk=1Gi", "train.cpu=lots", "train.memory_limit=1Gi"]:
+        with pytest.raises(ValueError):
+            parse_overrides([bad])
 
 
 def test_compile_is_byte_stable(tmp_path):
@@ -293,43 +375,35 @@ def test_bad_cron_names_the_field(cron, message):
 # ----------------------------------------------------------------------------- CLI and KFP client
 
 
-class FakeKFPClient:
-    """Records what the CLI asks of kfp.Client."""
-
-    def __init__(self):
-        self.calls = []
-
-    def create_experiment(self, name, namespace=None):
-        self.calls.append(("create_experiment", name))
-        return argparse.Namespace(experiment_id="exp-1")
-
-    def create_recurring_run(self, **kwargs):
-        spec = next(yaml.safe_load_all(Path(kwargs["pipeline_package_path"]).read_text()))  # the YAML exists while the call runs
-        self.calls.append(("create_recurring_run", kwargs, spec["pipelineInfo"]["name"]))
-        return argparse.Namespace(recurring_run_id="rr-1")
-
-    def create_run_from_pipeline_package(self, pipeline_file, arguments=None, run_name=None, experiment_name=None, namespace=None):
-        spec = yaml.safe_load_all(Path(pipeline_file).read_text())
-        self.calls.append(("create_run", arguments, next(spec)["pipelineInfo"]["name"], experiment_name))
-        return argparse.Namespace(run_id="run-1")
-
-    def list_recurring_runs(self, page_token="", page_size=10, namespace=None):
-        self.calls.append(("list", page_token))
-        item = argparse.Namespace(recurring_run_id="rr-1", display_name="metaopt-itl-scheduled", status="ENABLED", created_at="t",
-                                  trigger=argparse.Namespace(cron_schedule=argparse.Namespace(cron="0 0 3 * * 0")))  # fmt: skip
-        if not page_token:
-            return argparse.Namespace(recurring_runs=[item], next_page_token="p2")
-        return argparse.Namespace(recurring_runs=[], next_page_token="")
-
-    def delete_recurring_run(self, recurring_run_id):
-        self.calls.append(("delete", recurring_run_id))
-
-
 @pytest.fixture
 def fake_kfp(monkeypatch):
-    fake = FakeKFPClient()
-    monkeypatch.setattr(remote, "client", lambda host, namespace=None: fake)
-    return fake
+    """``kfp.Client`` replaced by autospec mocks: a call with a wrong signature fails like the real
+    client would. The instance's calls are in ``fake_kfp.mock_calls``; the constructor's in ``fake_kfp.constructed``."""
+    from unittest import mock
+
+    import kfp
+
+    instance = mock.create_autospec(kfp.Client, instance=True)
+    instance.create_experiment.return_value = argparse.Namespace(experiment_id="exp-1")
+    instance.create_run_from_pipeline_package.side_effect = lambda pipeline_file, **kw: (
+        instance.seen.append(next(yaml.safe_load_all(Path(pipeline_file).read_text()))["pipelineInfo"]["name"]) or argparse.Namespace(run_id="run-1")
+    )
+    instance.create_recurring_run.side_effect = lambda **kw: (
+        instance.seen.append(next(yaml.safe_load_all(Path(kw["pipeline_package_path"]).read_text()))["pipelineInfo"]["name"])
+        or argparse.Namespace(recurring_run_id="rr-1")
+    )  # the YAML exists while the call runs
+    item = argparse.Namespace(recurring_run_id="rr-1", display_name="metaopt-itl-scheduled", status="ENABLED", created_at="t",
+                              trigger=argparse.Namespace(cron_schedule=argparse.Namespace(cron="0 0 3 * * 0")))  # fmt: skip
+    instance.list_recurring_runs.side_effect = lambda page_token="", **kw: (
+        argparse.Namespace(recurring_runs=[item], next_page_token="p2") if not page_token else argparse.Namespace(recurring_runs=[], next_page_token="")
+    )
+    instance.seen = []
+    cls = mock.create_autospec(kfp.Client, return_value=instance)
+    monkeypatch.setattr(kfp, "Client", cls)
+    instance.constructed = cls.call_args_list
+    for name in ("KFP_TOKEN", "KFP_COOKIE", "KFP_NAMESPACE"):
+        monkeypatch.delenv(name, raising=False)
+    return instance
 
 
 def _cli(argv):
@@ -341,10 +415,17 @@ def _cli(argv):
     return args.handler(args)
 
 
-def test_schedule_create_submits_a_recurring_run(fake_kfp, capsys):
-    assert _cli(["schedule", "create", "itl", "--host", "http://kfp:8080", "--cron", "0 0 3 * * 0", "--config-uri", "s3://metaopt/configs/itl-paper.yaml"]) == 0
-    (_, name), (_, kwargs, pipeline_name) = fake_kfp.calls
-    assert name == "metaopt" and pipeline_name == "metaopt-itl"
+def test_schedule_create_submits_a_recurring_run(fake_kfp, capsys, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("sa-token")
+    assert _cli(["schedule", "create", "itl", "--host", "http://kfp:8080", "--cron", "0 0 3 * * 0", "--config-uri", "s3://metaopt/configs/itl-paper.yaml",
+                 "--namespace", "team-a", "--token-file", str(token)]) == 0  # fmt: skip
+    [constructed] = fake_kfp.constructed
+    assert constructed.kwargs["namespace"] == "team-a" and constructed.kwargs["host"] == "http://kfp:8080"
+    assert constructed.kwargs["credentials"]._token_path == str(token)  # re-read before every request (a rotating SA token)
+    fake_kfp.create_experiment.assert_called_once_with("metaopt", namespace="team-a")
+    kwargs = fake_kfp.create_recurring_run.call_args.kwargs
+    assert fake_kfp.seen == ["metaopt-itl"]
     assert kwargs["cron_expression"] == "0 0 3 * * 0" and kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
     assert kwargs["params"] == {"config_uri": "s3://metaopt/configs/itl-paper.yaml"} and kwargs["experiment_id"] == "exp-1"
     assert "rr-1" in capsys.readouterr().out
@@ -353,23 +434,32 @@ def test_schedule_create_submits_a_recurring_run(fake_kfp, capsys):
 def test_schedule_create_rejects_five_fields_before_contacting_the_cluster(fake_kfp):
     with pytest.raises(ValueError, match="got 5 fields"):
         _cli(["schedule", "create", "arl", "--host", "http://kfp:8080", "--cron", "0 3 * * 0"])
-    assert fake_kfp.calls == []
+    assert fake_kfp.mock_calls == []
 
 
-def test_schedule_list_and_delete(fake_kfp, capsys):
+def test_schedule_list_and_delete(fake_kfp, capsys, monkeypatch):
+    monkeypatch.setenv("KFP_NAMESPACE", "team-a")
+    monkeypatch.setenv("KFP_COOKIE", "authservice_session=abc")
     assert _cli(["schedule", "list", "--host", "http://kfp:8080"]) == 0
     assert "rr-1  metaopt-itl-scheduled  0 0 3 * * 0" in capsys.readouterr().out
-    assert [c[0] for c in fake_kfp.calls] == ["list", "list"]  # both pages
+    assert [c.kwargs["page_token"] for c in fake_kfp.list_recurring_runs.call_args_list] == ["", "p2"]  # both pages
+    assert {c.kwargs["namespace"] for c in fake_kfp.list_recurring_runs.call_args_list} == {"team-a"}
+    assert fake_kfp.constructed[0].kwargs["cookies"] == "authservice_session=abc"
     assert _cli(["schedule", "delete", "rr-1", "--host", "http://kfp:8080"]) == 0
-    assert fake_kfp.calls[-1] == ("delete", "rr-1")
+    fake_kfp.delete_recurring_run.assert_called_once_with("rr-1")
 
 
-def test_run_on_a_cluster_sends_the_config_file(fake_kfp, tmp_path):
+def test_run_on_a_cluster_sends_the_config_file(fake_kfp, tmp_path, monkeypatch):
+    monkeypatch.setenv("KFP_TOKEN", "bearer-123")
     config = tmp_path / "itl.yaml"
     config.write_text(Path("configs/itl-tiny.yaml").read_text())
-    assert _cli(["run", "itl", "--host", "http://kfp:8080", "--config", str(config), "--force-retrain", "--meta-test", "epochs=1"]) == 0
-    (_, arguments, pipeline_name, experiment) = fake_kfp.calls[0]
-    assert pipeline_name == "metaopt-itl" and experiment == "metaopt"
+    assert (
+        _cli(["run", "itl", "--host", "http://kfp:8080", "--namespace", "team-a", "--config", str(config), "--force-retrain", "--meta-test", "epochs=1"]) == 0
+    )
+    assert fake_kfp.constructed[0].kwargs["existing_token"] == "bearer-123"
+    call = fake_kfp.create_run_from_pipeline_package.call_args
+    arguments = call.kwargs["arguments"]
+    assert fake_kfp.seen == ["metaopt-itl"] and call.kwargs["experiment_name"] == "metaopt" and call.kwargs["namespace"] == "team-a"
     assert arguments["config"] == yaml.safe_load(config.read_text())
     assert arguments["force_retrain"] is True and arguments["meta_test_settings"] == {"epochs": 1}
 
@@ -404,7 +494,7 @@ def test_sharded_outer_steps_equal_the_in_process_block(algorithm, tmp_path):
 
     learner = registry.get(algorithm)
     config = learner.resolve_config(yaml.safe_load(Path(f"configs/{algorithm}-tiny.yaml").read_text()))
-    inputs = learner.prepare(config)
+    inputs = learner.prepare(config, TINY_META_TEST.get(algorithm))
     total = learner.total_steps(config)
     learner.save_state(learner.init(config, inputs), tmp_path / "block")
     in_process = runner.run_block(learner, config, inputs, tmp_path / "block", total)
@@ -447,15 +537,15 @@ def test_quick_preset_is_a_valid_shorter_run(algorithm):
 
 def test_local_runs_of_the_demo_default_to_the_quick_preset():
     from pipelines.builder import preset_overrides
-    from pipelines.commands import _overrides
+    from pipelines.commands import run_overrides
 
     args = argparse.Namespace(preset=None, config=None, overrides=["outer.steps=7"])
-    assert _overrides(args, "itl", local=True) == {**preset_overrides("quick", "itl"), "outer.steps": 7}
-    assert _overrides(args, "itl", local=False) == {"outer.steps": 7}  # cluster runs: the demo as written
+    assert run_overrides(args, "itl", local=True) == {**preset_overrides("quick", "itl"), "outer.steps": 7}
+    assert run_overrides(args, "itl", local=False) == {"outer.steps": 7}  # cluster runs: the demo as written
     args = argparse.Namespace(preset=None, config="configs/itl-tiny.yaml", overrides=[])
-    assert _overrides(args, "itl", local=True) == {}  # a given file is used as written
+    assert run_overrides(args, "itl", local=True) == {}  # a given file is used as written
     args = argparse.Namespace(preset="demo", config=None, overrides=[])
-    assert _overrides(args, "itl", local=True) == {}
+    assert run_overrides(args, "itl", local=True) == {}
 
 
 def test_local_compile_has_no_retries_and_no_cluster_wiring(tmp_path):
@@ -489,3 +579,42 @@ def test_meta_test_settings_errors_name_the_field():
     with pytest.raises(ConfigError, match="meta_test: field 'held': got 1: unknown field"):
         registry.get("itl").resolve_meta_test({"held": 1})
     assert registry.get("metamd").resolve_meta_test({"seeds": 3.0}).seeds == 3  # a KFP struct's float
+
+
+def test_pipelines_upload_creates_the_pipeline_then_adds_a_version_per_upload(fake_kfp, capsys):
+    fake_kfp.list_pipelines.return_value = argparse.Namespace(pipelines=None)
+    fake_kfp.upload_pipeline.return_value = argparse.Namespace(pipeline_id="p-1")
+    fake_kfp.list_pipeline_versions.return_value = argparse.Namespace(
+        pipeline_versions=[argparse.Namespace(pipeline_version_id="v-1", display_name="metaopt-itl")]
+    )
+    assert _cli(["pipelines", "upload", "itl", "--host", "http://kfp:8080", "--namespace", "team-a", "--gpu"]) == 0
+    call = fake_kfp.upload_pipeline.call_args
+    assert call.kwargs["pipeline_name"] == "metaopt-itl" and call.kwargs["namespace"] == "team-a" and "-cuda" in call.kwargs["description"]
+    assert fake_kfp.list_pipelines.call_args.kwargs["namespace"] == "team-a"
+    fake_kfp.upload_pipeline_version.assert_not_called()
+    assert "pipeline metaopt-itl (p-1), version metaopt-itl (v-1)" in capsys.readouterr().out
+    # the pipeline exists now: every upload adds a version named after the compile
+    fake_kfp.list_pipelines.return_value = argparse.Namespace(pipelines=[argparse.Namespace(pipeline_id="p-1")])
+    fake_kfp.upload_pipeline_version.return_value = argparse.Namespace(pipeline_version_id="v-2")
+    assert _cli(["pipelines", "upload", "itl", "--host", "http://kfp:8080", "--namespace", "team-a"]) == 0
+    call = fake_kfp.upload_pipeline_version.call_args
+    assert call.kwargs["pipeline_id"] == "p-1" and re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{10}", call.kwargs["pipeline_version_name"])
+    assert _cli(["pipelines", "upload", "itl", "--host", "http://kfp:8080", "--version", "release-7"]) == 0
+    assert fake_kfp.upload_pipeline_version.call_args.kwargs["pipeline_version_name"] == "release-7"
+
+
+def test_connection_checks_credentials_and_keeps_them_out_of_repr(tmp_path):
+    from pipelines.kfp_client import Connection, connection
+
+    conn = connection("https://kf.example.com/pipeline", env={"KFP_TOKEN": "tok-secret", "KFP_NAMESPACE": "team-a"})
+    assert conn.namespace == "team-a" and conn.client_arguments()["existing_token"] == "tok-secret"
+    assert "tok-secret" not in repr(conn)
+    cookie = tmp_path / "cookie"
+    cookie.write_text("authservice_session=xyz\n")
+    assert connection("http://kfp:8080", cookie_file=str(cookie), env={"KFP_TOKEN": "t"}).client_arguments()["cookies"] == "authservice_session=xyz"
+    with pytest.raises(ValueError, match="give one of"):
+        Connection("http://kfp:8080", token="a", cookies="b")
+    with pytest.raises(ValueError, match="token file"):
+        Connection("http://kfp:8080", token_file=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="namespace: got 'Team A'"):
+        Connection("http://kfp:8080", namespace="Team A")

@@ -3,11 +3,13 @@ MLflow server process, with tiny configurations.
 
 - the run is tracked (config params, fingerprint tag, one metric point per outer step);
 - a version is registered with its provenance and promoted; a fresh process loads it with the
-  two lines a downstream job writes;
+  two lines a downstream job writes (the tiny meta-trainings mean nothing, so the first runs pass the
+  gate's baseline rule with a lenient margin);
 - a second run on the same data skips meta-training; a run on changed data (a new image in the
   source folder) meta-trains again;
 - ARL's sharded DAG (ask → evaluate × 2 → tell, ParallelFor + Collected) learns exactly the loss
-  the in-process blocks learned, and champion/challenger keeps the champion on a tie.
+  the in-process blocks learned, and the gate, which re-evaluates the champion in the same
+  meta-test run, keeps the champion on that tie.
 """
 
 from __future__ import annotations
@@ -22,26 +24,19 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.common import PipelineOptions
+from pipelines.builder import PipelineOptions
 from pipelines.local import run_local
-from tests.fixtures_mlflow import reset_mlflow_uri, start_mlflow_server, stop_server  # noqa: F401  (fixtures)
+from tests.fixtures_mlflow import mlflow_server  # noqa: F401  (the session server)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the tiny configurations take 2 outer steps: 2 blocks keep the hand-over without an idle third block
 TWO_BLOCKS = PipelineOptions(blocks=2, cluster_env=False, retries=False)
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A tracking server of this module's own. The registry tests register 'arl', 'itl' and
-    'metamd' versions on the session-wide server; these tests count versions from 1."""
-    uri, process = start_mlflow_server(tmp_path_factory.mktemp("pipelines-mlflow"))
-    try:
-        yield uri
-    finally:
-        stop_server(process)
+# The session's MLflow server is shared with the registry tests; these tests register their own
+# model names, so their versions count from 1.
+ARL, ITL, METAMD = "e2e-arl", "e2e-itl", "e2e-metamd"
+LENIENT = 1.0  # a promotion margin every accuracy passes: the first version is promoted whatever the baselines score
 
 
 def _client(uri: str):
@@ -79,36 +74,49 @@ def _assert_tracked(uri: str, summary: dict, step_metric: str, steps: int, param
 def test_arl_pipeline_trains_skips_and_shards(mlflow_server, tmp_path):
     settings = {"epochs": 2, "max_examples": 300}
     lines: list[str] = []
-    first = run_local("arl", CONFIGS / "arl-tiny.yaml", tracking_uri=mlflow_server, workdir=tmp_path, meta_test_settings=settings, echo=lines.append)
+    first = run_local("arl", CONFIGS / "arl-tiny.yaml", model_name=ARL, tracking_uri=mlflow_server, workdir=tmp_path,
+                      meta_test_settings=settings, promotion_margin=LENIENT, echo=lines.append)  # fmt: skip
     assert (first["status"], first["version"], first["decision"], first["production_version"]) == ("trained", "1", "promoted", "1")
+    # the first version is held to the baseline rule: 3 seeds, tuned CE/GCE/SCE, no champion
+    assert first["gate"]["units"] == 3 and first["gate"]["seeds"] == 3 and not first["gate"]["champion"]
+    assert first["gate"]["best_baseline"] in ("ce", "gce", "sce") and "no production version" in first["reason"]
     _assert_tracked(mlflow_server, first, "best_accuracy", 2, {"population_size": "4", "generations": "2"})
     assert any("generation 2/2" in line for line in lines) and any(line.startswith("  ✓ arl block 3/3") for line in lines)
 
-    second = run_local("arl", CONFIGS / "arl-tiny.yaml", tracking_uri=mlflow_server, workdir=tmp_path, meta_test_settings=settings, echo=lines.append)
+    second = run_local(
+        "arl", CONFIGS / "arl-tiny.yaml", model_name=ARL, tracking_uri=mlflow_server, workdir=tmp_path, meta_test_settings=settings, echo=lines.append
+    )
     assert second["status"] == "skipped" and second["production_version"] == "1"
     assert "unchanged" in second["reason"]
 
     # forced, and fanned out: 2 blocks = 2 generations, each over 2 evaluate shards
-    sharded = run_local("arl", CONFIGS / "arl-tiny.yaml", options=PipelineOptions(blocks=2, shards=2, cluster_env=False, retries=False), force_retrain=True,
+    sharded = run_local("arl", CONFIGS / "arl-tiny.yaml", model_name=ARL, options=PipelineOptions(blocks=2, shards=2, cluster_env=False, retries=False), force_retrain=True,
                         tracking_uri=mlflow_server, workdir=tmp_path, meta_test_settings=settings, echo=lines.append)  # fmt: skip
     assert sharded["status"] == "trained" and sharded["version"] == "2"
     assert any("shard 2/2" in line for line in lines)
     from metaopt_core.mlops.registry import load_loss_doc
 
-    blocks_doc = load_loss_doc("models:/arl/1", tracking_uri=mlflow_server)
-    sharded_doc = load_loss_doc("models:/arl/2", tracking_uri=mlflow_server)
+    blocks_doc = load_loss_doc(f"models:/{ARL}/1", tracking_uri=mlflow_server)
+    sharded_doc = load_loss_doc(f"models:/{ARL}/2", tracking_uri=mlflow_server)
     assert sharded_doc["params"] == blocks_doc["params"]
-    # the same loss meta-tests the same: a tie does not beat the champion
+    # the same loss meta-tests the same, and so does the champion re-evaluated beside it in the same
+    # run: a tie does not beat the champion
     assert sharded["scores"]["meta_test_accuracy"] == first["scores"]["meta_test_accuracy"]
+    assert sharded["champion_version"] == "1" and sharded["gate"]["champion"]
+    assert sharded["gate"]["champion_mean"] == sharded["gate"]["challenger_mean"] and sharded["gate"]["mean_difference"] == 0
     assert (sharded["decision"], sharded["production_version"]) == ("rejected", "1")
+    assert "a tie keeps the champion" in sharded["reason"]
+    version = _client(mlflow_server).get_model_version(ARL, "2")
+    assert version.tags["metaopt.gate.decision"] == "rejected" and version.tags["metaopt.gate.champion_version"] == "1"
 
 
 def _image_folder(root: Path, per_class: int, extra: int = 0) -> None:
-    """Two domains x two classes of 8x8 RGB images (class 1 brighter; domain 1 tinted)."""
+    """Three domains x two classes of 8x8 RGB images (class 1 brighter; domains tinted). ITL's
+    meta-test holds env2 out, so meta-training leaves one out of env0 and env1."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for d, domain in enumerate(("env0", "env1")):
+    for d, domain in enumerate(("env0", "env1", "env2")):
         for c, name in enumerate(("cat", "dog")):
             folder = root / domain / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -125,9 +133,9 @@ def test_itl_pipeline_retrains_only_on_new_data(mlflow_server, tmp_path):
     config["data"] = {"source": f"folder:{data}", "val_fraction": 0.25, "seed": 0}
     path = tmp_path / "itl.yaml"
     path.write_text(yaml.safe_dump(config))
-    settings = {"held_out": [], "epochs": 1}
-    run = lambda: run_local("itl", path, options=TWO_BLOCKS, tracking_uri=mlflow_server, workdir=tmp_path,  # noqa: E731
-                            meta_test_settings=settings, echo=lambda line: None)  # fmt: skip
+    settings = {"held_out": ["env2"], "epochs": 1}
+    run = lambda: run_local("itl", path, model_name=ITL, options=TWO_BLOCKS, tracking_uri=mlflow_server, workdir=tmp_path,  # noqa: E731
+                            meta_test_settings=settings, promotion_margin=LENIENT, echo=lambda line: None)  # fmt: skip
 
     first = run()
     assert (first["status"], first["version"], first["production_version"]) == ("trained", "1", "1")
@@ -135,18 +143,18 @@ def test_itl_pipeline_retrains_only_on_new_data(mlflow_server, tmp_path):
     out = _fresh_process(
         "import torch\n"
         "from metaopt_core import load_loss\n"
-        'criterion = load_loss("models:/itl/production")\n'
+        f'criterion = load_loss("models:/{ITL}/production")\n'
         "logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]]); labels = torch.tensor([0, 1])\n"
         "print(type(criterion).__name__, float(criterion(logits, labels)))\n",
         mlflow_server,
     )
     name, value = out.split()
-    from metaopt_core.mlops.registry import load_loss_doc, loss_from_doc
-
     import torch
 
+    from metaopt_core.mlops.registry import load_loss_doc, loss_from_doc
+
     with torch.no_grad():
-        expected = loss_from_doc(load_loss_doc("models:/itl/1", tracking_uri=mlflow_server))(torch.tensor([[2.0, -1.0], [0.5, 0.5]]), torch.tensor([0, 1]))
+        expected = loss_from_doc(load_loss_doc(f"models:/{ITL}/1", tracking_uri=mlflow_server))(torch.tensor([[2.0, -1.0], [0.5, 0.5]]), torch.tensor([0, 1]))
     assert name == "TaylorLoss" and float(value) == pytest.approx(float(expected), rel=1e-6)
 
     second = run()
@@ -156,23 +164,25 @@ def test_itl_pipeline_retrains_only_on_new_data(mlflow_server, tmp_path):
     third = run()
     assert third["status"] == "trained" and third["version"] == "2"
     assert third["fingerprint"] != first["fingerprint"]
-    versions = {v.version: v for v in _client(mlflow_server).search_model_versions("name='itl'")}
+    assert third["champion_version"] == "1" and third["gate"]["champion"]  # version 1 re-evaluated on the new data
+    versions = {v.version: v for v in _client(mlflow_server).search_model_versions(f"name='{ITL}'")}
     assert versions["2"].tags["metaopt.data_fingerprint"] == third["fingerprint"]
 
 
 def test_metamd_pipeline_registers_a_loadable_optimizer(mlflow_server, tmp_path):
-    summary = run_local("metamd", CONFIGS / "metamd-tiny.yaml", options=TWO_BLOCKS, tracking_uri=mlflow_server, workdir=tmp_path,
-                        meta_test_settings={"seeds": 1}, echo=lambda line: None)  # fmt: skip
+    summary = run_local("metamd", CONFIGS / "metamd-tiny.yaml", model_name=METAMD, options=TWO_BLOCKS, tracking_uri=mlflow_server, workdir=tmp_path,
+                        meta_test_settings={"seeds": 3, "lr_grid": [0.01, 0.1, 1.0]}, promotion_margin=LENIENT, echo=lambda line: None)  # fmt: skip
     assert (summary["status"], summary["decision"], summary["production_version"]) == ("trained", "promoted", "1")
+    assert summary["gate"]["units"] == 3 and summary["gate"]["best_baseline"] in ("sgd", "sgd-m", "adam")
     assert summary["downstream"] == ["from metaopt_core import load_optimizer",
-                                     'optimizer = load_optimizer("models:/metamd/production", model)']  # fmt: skip
+                                     f'optimizer = load_optimizer("models:/{METAMD}/production", model)']  # fmt: skip
     _assert_tracked(mlflow_server, summary, "objective", 2, {"outer.steps": "2", "divergence.kind": "diagonal"})
     out = _fresh_process(
         "import json, torch\n"
         "from metaopt_core import load_optimizer\n"
         "from metaopt_core.models import build_model\n"
         "model = build_model('mlp2', 1, 28, 10, seed=0)\n"
-        'optimizer = load_optimizer("models:/metamd/production", model)\n'
+        f'optimizer = load_optimizer("models:/{METAMD}/production", model)\n'
         "before = [p.detach().clone() for p in model.parameters()]\n"
         "loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3]))\n"
         "loss.backward(); optimizer.step()\n"

@@ -23,16 +23,6 @@ def blobs(n: int, seed: int, noise_rate: float = 0.5, size: int = 8, classes: in
     return ImageData(x, noisy, classes, f"blobs{seed}"), ImageData(x, y, classes, f"blobs{seed}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and on a shared 2-core box extra
-    threads spin against other processes (10x slower measured). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     train, _ = blobs(150, 1)
@@ -109,9 +99,9 @@ def test_normalised_family_uses_each_members_scale(data):
     train, val = data
     params = [perturbed(0), 10 * perturbed(1)]
     family = TaylorFamily(normalise=True, eta=2.0)
-    scales = family.scales(torch.stack(params))
+    scales = family.scales(torch.stack(params), train.num_classes)
     for p, s in zip(params, scales):
-        torch.testing.assert_close(s, normalisation_scale(p, 4, "taylor", 2.0))
+        torch.testing.assert_close(s, normalisation_scale(p, 4, "taylor", 2.0, classes=train.num_classes))
     members = [Member("mlp2", train, val, p, init_seed=0, data_seed=0) for p in params]
     batched = train_population(members, family, SCHEDULE, keep_weights=True)
     sequential = train_population(members, family, SCHEDULE, batched=False, keep_weights=True)

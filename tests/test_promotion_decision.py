@@ -22,9 +22,7 @@ def decide(challenger_score, champion_score, **kwargs) -> PromotionVerdict:
 def test_better_by_more_than_the_margin_is_promoted():
     verdict = decide(0.71, 0.60, margin=0.1, champion="production version 1")
     assert (verdict.promoted, verdict.decision) == (True, "promoted")
-    assert verdict.reason == (
-        "meta_test_accuracy 0.71 beats production version 1's 0.6 by more than the margin 0.1 (higher is better)"
-    )
+    assert verdict.reason == ("meta_test_accuracy 0.71 beats production version 1's 0.6 by more than the margin 0.1 (higher is better)")
 
 
 def test_better_by_less_than_the_margin_is_rejected():

@@ -1,4 +1,4 @@
-"""The model registry against a real ``mlflow server`` process (SQLite backend, proxied artifacts):
+"""The model registry against a real ``mlflow server`` process (PostgreSQL backend, proxied artifacts):
 register, champion/challenger promotion, racing promotions, safe loading by both production URIs,
 tampered artifacts, missing models, an unreachable server, an S3 (moto) artifact store, the CLI."""
 
@@ -39,7 +39,7 @@ from metaopt_core.mlops.registry import (
 from metaopt_core.mlops.tracking import TrackingServerUnreachable
 from metaopt_core.optim import KroneckerBregman, MirrorDescent, ShapeMismatchError, save_divergence
 from pipelines.cli import main as cli_main
-from tests.fixtures_mlflow import mlflow_server, mlflow_server_s3, reset_mlflow_uri  # noqa: F401
+from tests.fixtures_mlflow import mlflow_server, mlflow_server_s3, requires_postgres, reset_mlflow_uri  # noqa: F401
 from tests.fixtures_s3 import free_port, moto_server_url  # noqa: F401
 
 METRIC = "meta_test_accuracy"
@@ -86,9 +86,7 @@ def test_register_promote_load_by_both_production_uris(mlflow_server):
     name = unique("itl")
     original = itl_loss()
     config = {"algorithm": "itl", "inner": {"lr": 0.01, "steps": 15}}
-    registered = register_loss(
-        original, name, config=config, fingerprint="sha256:feedbeef", scores={METRIC: 0.77}, tracking_uri=mlflow_server
-    )
+    registered = register_loss(original, name, config=config, fingerprint="sha256:feedbeef", scores={METRIC: 0.77}, tracking_uri=mlflow_server)
     assert registered.version == "1" and registered.model_uri == f"models:/{name}/1"
 
     decision = promote(name, registered.version, tracking_uri=mlflow_server)
@@ -216,40 +214,93 @@ def test_promotion_needs_a_score_when_there_is_a_champion(mlflow_server):
     assert production_state(mlflow_server, name) == (v1, [v1])
 
 
+def _race(server: str, name: str, round_: int, *, before_decision=None) -> list[str]:
+    """Two threads promote a weaker and a stronger challenger at once; what went wrong (empty: nothing).
+    ``before_decision(version)`` runs in each thread right after it reads the champion (a test seam)."""
+    weaker = register(server, name, 0.80 + 0.05 * round_)
+    stronger = register(server, name, 0.82 + 0.05 * round_)
+    barrier = threading.Barrier(2)
+    decisions, errors = {}, []
+
+    def run(version: str) -> None:
+        try:
+            barrier.wait()
+            decisions[version] = promote(name, version, tracking_uri=server)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(v,), name=f"promote-{v}") for v in ((weaker, stronger) if round_ % 2 else (stronger, weaker))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        return [f"errors: {errors}"]
+    problems = []
+    if not decisions[stronger].promoted:
+        problems.append(f"round {round_}: the stronger version {stronger} was not promoted")
+    if production_state(server, name) != (stronger, [stronger]):
+        problems.append(f"round {round_}: production is {production_state(server, name)}, not the stronger {stronger}")
+    # the second promotion compared against the first one's result, not the old champion
+    second = decisions[stronger] if decisions[weaker].promoted else decisions[weaker]
+    if second.champion_version != (weaker if decisions[weaker].promoted else stronger):
+        problems.append(f"round {round_}: the second promotion compared against version {second.champion_version}")
+    return problems
+
+
 def test_racing_promotions_end_with_stage_and_alias_on_the_same_winner(mlflow_server):
-    """Two threads promote different challengers at once. Serialised, either order ends with the
-    better one in production; without the lock both would compare against the old champion and
-    the last writer would win, whichever it was."""
+    """Two threads promote different challengers at once, on the PostgreSQL backend infra/ deploys.
+    Serialised, either order ends with the better one in production; without the lock both would
+    compare against the old champion and the last writer would win, whichever it was (the
+    negative control below shows this check catching that)."""
+    requires_postgres(mlflow_server)
     name = unique("race")
     promote(name, register(mlflow_server, name, 0.70), tracking_uri=mlflow_server)
     for round_ in range(2):
-        weaker = register(mlflow_server, name, 0.80 + 0.05 * round_)
-        stronger = register(mlflow_server, name, 0.82 + 0.05 * round_)
-        barrier = threading.Barrier(2)
-        decisions, errors = {}, []
-
-        def run(version: str) -> None:
-            try:
-                barrier.wait()
-                decisions[version] = promote(name, version, tracking_uri=mlflow_server)
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(v,)) for v in ((weaker, stronger) if round_ % 2 else (stronger, weaker))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors
-        assert decisions[stronger].promoted
-        assert production_state(mlflow_server, name) == (stronger, [stronger]), f"round {round_}"
-        # the second promotion compared against the first one's result, not the old champion
-        if decisions[weaker].promoted:  # weaker went first; the stronger then beat it
-            assert decisions[stronger].champion_version == weaker
-        else:
-            assert decisions[weaker].champion_version == stronger
+        assert _race(mlflow_server, name, round_) == []
     # no lock left behind
     assert all(not m.name.endswith(".promotion-lock") for m in MlflowClient(mlflow_server).search_registered_models())
+
+
+def test_racing_promotions_fail_the_check_without_the_lock(mlflow_server, monkeypatch):
+    """Negative control: the lock replaced by a no-op, and both promotions made to read the
+    champion before either writes (the weaker one then writes last). The race check must fail."""
+    from metaopt_core.mlops.registry import promotion
+
+    requires_postgres(mlflow_server)
+    name = unique("race-nolock")
+    promote(name, register(mlflow_server, name, 0.70), tracking_uri=mlflow_server)
+    read_champion = promotion.current_production
+    both_read = threading.Barrier(2, timeout=30)
+    first_read = threading.local()
+    versions = {}
+
+    def interleaved(client, model):
+        champion = read_champion(client, model)
+        if model == name and not getattr(first_read, "done", False):
+            first_read.done = True
+            both_read.wait()  # both have read the old champion
+            if threading.current_thread().name == f"promote-{versions['weaker']}":
+                time.sleep(1.0)  # the weaker writes last
+        return champion
+
+    class NoLock:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return None
+
+    monkeypatch.setattr(promotion, "PromotionLock", NoLock)
+    monkeypatch.setattr(promotion, "current_production", interleaved)
+    client = MlflowClient(mlflow_server)
+    versions["weaker"] = str(int(max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))) + 1)  # _race registers it next
+    problems = _race(mlflow_server, name, 0)
+    assert problems, "without the lock the weaker version should have overwritten production"
+    assert any("not the stronger" in p for p in problems)
 
 
 def test_reconcile_makes_the_stage_follow_the_alias(mlflow_server):
@@ -467,8 +518,11 @@ def test_artifact_store_on_s3_round_trip(mlflow_server_s3, moto_server_url):  # 
     # the bytes really live in the bucket (the client never talked to S3: the server proxies)
     bucket = mlflow_server_s3.artifacts_destination.removeprefix("s3://").split("/")[0]
     s3 = boto3.session.Session().client(
-        "s3", endpoint_url=moto_server_url, region_name="us-east-1",
-        aws_access_key_id=FAKE_ACCESS_KEY_ID, aws_secret_access_key=FAKE_SECRET_ACCESS_KEY,
+        "s3",
+        endpoint_url=moto_server_url,
+        region_name="us-east-1",
+        aws_access_key_id=FAKE_ACCESS_KEY_ID,
+        aws_secret_access_key=FAKE_SECRET_ACCESS_KEY,
     )
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     [key] = [k for k in keys if k.endswith(f"{registered.model_id}/artifacts/artifacts/loss.json")]

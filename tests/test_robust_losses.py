@@ -114,10 +114,7 @@ def tempered_probs(a, t):
 
 def bitempered(a, y, t1=0.8, t2=1.2):
     q = tempered_probs(a, t2)
-    return sum(
-        yc * log_t(yc + 1e-10, t1) - yc * log_t(qc, t1) - yc ** (2 - t1) / (2 - t1) + qc ** (2 - t1) / (2 - t1)
-        for yc, qc in zip(y, q)
-    )
+    return sum(yc * log_t(yc + 1e-10, t1) - yc * log_t(qc, t1) - yc ** (2 - t1) / (2 - t1) + qc ** (2 - t1) / (2 - t1) for yc, qc in zip(y, q))
 
 
 def baikal(a, y, mean=False):
@@ -223,9 +220,7 @@ def test_cross_entropy_equals_torch(reduction):
     torch.testing.assert_close(loss(logits, target), F.cross_entropy(logits, target, reduction=reduction))
     torch.testing.assert_close(loss(logits, soft), F.cross_entropy(logits, soft, reduction=reduction))
     smoothed = robust.LabelSmoothingCrossEntropy(0.1, reduction=reduction)
-    torch.testing.assert_close(
-        smoothed(logits, target), F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
-    )
+    torch.testing.assert_close(smoothed(logits, target), F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1))
 
 
 def test_forward_correction_with_identity_is_cross_entropy():

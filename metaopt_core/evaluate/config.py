@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from metaopt_core.config import DataSpec, DeviceName, ModelName, NoiseSpec, StrictModel
+from metaopt_core.data.folders import is_folder_source
 from metaopt_core.evaluate.loss_factories import TwoStageForward, loss_factory
 
 LrProtocol = Literal["fixed", "tuned"]
@@ -39,7 +40,7 @@ class LossSpec(StrictModel):
         return {"name": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
-    def _check(self) -> "LossSpec":
+    def _check(self) -> LossSpec:
         given = [f for f in ("name", "white_box", "path") if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of 'name', 'white_box', 'path'; got {given or 'none'}")
@@ -111,7 +112,7 @@ class ArchitectureSpec(StrictModel):
         return {"name": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
-    def _kwargs_accepted(self) -> "ArchitectureSpec":
+    def _kwargs_accepted(self) -> ArchitectureSpec:
         if self.kwargs:  # the zoo's constructors take **kwargs: only building tells what they accept
             try:
                 self.build(1, 28, 10, seed=0)
@@ -166,7 +167,7 @@ class TrainingProtocol(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _distinct_architectures(self) -> "TrainingProtocol":
+    def _distinct_architectures(self) -> TrainingProtocol:
         archs = [spec.display for spec in self.architectures]
         duplicates = sorted({a for a in archs if archs.count(a) > 1})
         if duplicates:
@@ -212,13 +213,13 @@ class EvaluationConfig(TrainingProtocol):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "EvaluationConfig":
+    def _consistent(self) -> EvaluationConfig:
         labels = [spec.display for spec in self.losses]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
             raise ValueError(f"losses: duplicate label(s) {duplicates}; give each a distinct 'label'")
         for index, spec in enumerate(self.datasets):
-            has_domains = spec.domains != "none" or spec.source.startswith("folder:")
+            has_domains = spec.domains != "none" or is_folder_source(spec.source)
             if self.task == "noise" and has_domains:
                 raise ValueError(f"datasets.{index}: task 'noise' needs a dataset without domains; set task: domains")
             if self.task == "domains" and not has_domains:

@@ -55,9 +55,7 @@ def loss_factory(value: LossLike, kwargs: Mapping[str, Any] | None = None) -> Ca
         except (TypeError, ValueError):  # no introspectable signature (a builtin): trust the caller
             parameters = []
         required = [
-            p.name
-            for p in parameters
-            if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            p.name for p in parameters if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         ]
         if required:
             raise TypeError(f"loss factory {value!r}: must take no arguments, takes {required}")

@@ -122,7 +122,7 @@ class CellSummary:
         return (self.dataset, self.condition, self.architecture)
 
     @classmethod
-    def from_runs(cls, runs: Sequence[RunRecord], lr: float, lr_scores: dict[str, float] | None = None) -> "CellSummary":
+    def from_runs(cls, runs: Sequence[RunRecord], lr: float, lr_scores: dict[str, float] | None = None) -> CellSummary:
         """The summary of one (loss, cell)'s runs at its chosen ``lr`` (one run per seed)."""
         first = runs[0]
         conv = mean_std([r.converged_acc for r in runs])
@@ -180,7 +180,7 @@ class EvaluationResult:
         }
 
     @classmethod
-    def from_dict(cls, doc: Mapping) -> "EvaluationResult":
+    def from_dict(cls, doc: Mapping) -> EvaluationResult:
         return cls(
             settings=dict(doc["settings"]),
             losses=list(doc["losses"]),
@@ -203,10 +203,7 @@ class EvaluationResult:
             protocol = f"lr protocol: **fixed** (lr {s['lr']:g} for every loss)"
         else:
             grid = ", ".join(f"{v:g}" for v in s["lr_grid"])
-            protocol = (
-                f"lr protocol: **tuned** (per loss and cell, the lr of {{{grid}}} with the best mean last-epoch "
-                f"accuracy on the selection split)"
-            )
+            protocol = f"lr protocol: **tuned** (per loss and cell, the lr of {{{grid}}} with the best mean last-epoch accuracy on the selection split)"
         optimiser = s["optimizer"] + (f" (momentum {s['momentum']:g})" if s["optimizer"] in ("sgd", "rmsprop") else "")
         if s.get("weight_decay"):
             optimiser += f", weight decay {s['weight_decay']:g}"
@@ -219,10 +216,7 @@ class EvaluationResult:
             data = f"train: noisy labels; selection: {share}noisy validation split; test: clean held-out split"
         if s.get("task") == "mixed":
             data = "selection: noisy validation / source-domain validation; test: clean labels / held-out domain"
-        return (
-            f"{protocol} · {optimiser} · {s['epochs']} epochs · batch {s['batch_size']} · "
-            f"seeds {seeds} · {data} · diverged runs score chance"
-        )
+        return f"{protocol} · {optimiser} · {s['epochs']} epochs · batch {s['batch_size']} · seeds {seeds} · {data} · diverged runs score chance"
 
     def to_markdown(self) -> str:
         """Three tables (accuracy at convergence, with noisy-validation early stopping, and the gap)

@@ -43,9 +43,7 @@ class Task:
 def _concat(parts: Sequence, name: str):
     from metaopt_core.data.sources import ImageData
 
-    return ImageData(
-        torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes, name
-    )
+    return ImageData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes, name, ids=torch.cat([p.ids for p in parts]))
 
 
 def noise_condition(noise: NoiseSpec | Mapping) -> str:

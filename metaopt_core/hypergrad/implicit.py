@@ -92,8 +92,9 @@ def _zeros_if_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> li
 
 def _check_tensor_list(name: str, tensors: Sequence[Tensor], *, need_grad: bool) -> list[Tensor]:
     if isinstance(tensors, Tensor):
-        raise TypeError(f"{name} must be a sequence of tensors (e.g. list(model.parameters())), "
-                        f"got a single Tensor of shape {tuple(tensors.shape)}; wrap it in a list")
+        raise TypeError(
+            f"{name} must be a sequence of tensors (e.g. list(model.parameters())), got a single Tensor of shape {tuple(tensors.shape)}; wrap it in a list"
+        )
     tensors = list(tensors)
     if not tensors:
         raise ValueError(f"{name} must contain at least one tensor, got an empty sequence")
@@ -142,9 +143,7 @@ class _HessianVectorProduct:
         return [h.detach() for h in out]
 
 
-def _neumann_inverse_hvp(
-    hvp: _HessianVectorProduct, g: Sequence[Tensor], terms: int, alpha: float
-) -> tuple[list[Tensor], int]:
+def _neumann_inverse_hvp(hvp: _HessianVectorProduct, g: Sequence[Tensor], terms: int, alpha: float) -> tuple[list[Tensor], int]:
     """x = α Σ_{j=0..J} (I − αH)^j g ≈ H⁻¹ g  (thesis Alg 8, with the α made explicit)."""
     v = [t.clone() for t in g]
     p = [t.clone() for t in g]
@@ -165,9 +164,7 @@ def _neumann_inverse_hvp(
     return [alpha * pi for pi in p], terms
 
 
-def _cg_inverse_hvp(
-    hvp: _HessianVectorProduct, g: Sequence[Tensor], max_iters: int, rel_tol: float
-) -> tuple[list[Tensor], int]:
+def _cg_inverse_hvp(hvp: _HessianVectorProduct, g: Sequence[Tensor], max_iters: int, rel_tol: float) -> tuple[list[Tensor], int]:
     """Conjugate gradients for H x = g, from x = 0, at most max_iters Hessian-vector products.
 
     Stops when ‖r‖ ≤ rel_tol·‖g‖, or when a search direction has non-positive curvature (H not

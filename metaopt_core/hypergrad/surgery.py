@@ -48,9 +48,7 @@ def pcgrad(grads: Tensor, *, seed: int | None = None, shuffle: bool = True) -> T
 def pcgrad(grads: Sequence[Sequence[Tensor]], *, seed: int | None = None, shuffle: bool = True) -> tuple[Tensor, ...]: ...
 
 
-def pcgrad(
-    grads: Sequence[Sequence[Tensor]] | Tensor, *, seed: int | None = None, shuffle: bool = True
-) -> tuple[Tensor, ...] | Tensor:
+def pcgrad(grads: Sequence[Sequence[Tensor]] | Tensor, *, seed: int | None = None, shuffle: bool = True) -> tuple[Tensor, ...] | Tensor:
     """Combine per-task gradients by PCGrad: remove pairwise conflicts, then average.
 
     For each task i, starting from g_i, for every other task j (in random order): if

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -50,14 +50,14 @@ def _check_schedule(steps: int, lr: float, momentum: float) -> None:
 
 def _sgd_step(
     params: list[Tensor],
-    buffers: Optional[list[Tensor]],
+    buffers: list[Tensor] | None,
     step: int,
     inner_step_loss: InnerStepLoss,
     lr: float,
     momentum: float,
-    precondition: Optional[Precondition],
+    precondition: Precondition | None,
     create_graph: bool,
-) -> tuple[list[Tensor], Optional[list[Tensor]]]:
+) -> tuple[list[Tensor], list[Tensor] | None]:
     """One functional (momentum) SGD step; returns new params and new momentum buffers."""
     loss = _scalar_loss("inner_step_loss", inner_step_loss(params, step))
     if loss.requires_grad:
@@ -78,9 +78,7 @@ def _sgd_step(
     return [p - lr * d for p, d in zip(params, directions)], buffers
 
 
-def _objective(
-    outer_loss: Optional[OuterLoss], params: list[Tensor], trajectory_total: Optional[Tensor]
-) -> Tensor:
+def _objective(outer_loss: OuterLoss | None, params: list[Tensor], trajectory_total: Tensor | None) -> Tensor:
     total = trajectory_total
     if outer_loss is not None:
         outer = _scalar_loss("outer_loss", outer_loss(params))
@@ -97,14 +95,14 @@ def _initial(init_params: Sequence[Tensor]) -> list[Tensor]:
 def unrolled_hypergradient(
     init_params: Sequence[Tensor],
     inner_step_loss: InnerStepLoss,
-    outer_loss: Optional[OuterLoss],
+    outer_loss: OuterLoss | None,
     meta_params: Sequence[Tensor],
     *,
     steps: int,
     lr: float,
     momentum: float = 0.0,
-    precondition: Optional[Precondition] = None,
-    trajectory_loss: Optional[TrajectoryLoss] = None,
+    precondition: Precondition | None = None,
+    trajectory_loss: TrajectoryLoss | None = None,
 ) -> tuple[Tensor, ...]:
     """Exact dF/dω by reverse-mode differentiation through ``steps`` steps of (momentum) SGD.
 
@@ -133,8 +131,8 @@ def unrolled_hypergradient(
     if outer_loss is None and trajectory_loss is None:
         raise ValueError("outer_loss may be None only when trajectory_loss is given")
     params = [p.requires_grad_(True) for p in _initial(init_params)]
-    buffers: Optional[list[Tensor]] = None
-    trajectory_total: Optional[Tensor] = None
+    buffers: list[Tensor] | None = None
+    trajectory_total: Tensor | None = None
     for t in range(steps):
         params, buffers = _sgd_step(params, buffers, t, inner_step_loss, lr, momentum, precondition, True)
         if trajectory_loss is not None:
@@ -150,14 +148,14 @@ def unrolled_hypergradient(
 def forward_mode_hypergradient(
     init_params: Sequence[Tensor],
     inner_step_loss: InnerStepLoss,
-    outer_loss: Optional[OuterLoss],
+    outer_loss: OuterLoss | None,
     meta_params: Sequence[Tensor],
     *,
     steps: int,
     lr: float,
     momentum: float = 0.0,
-    precondition: Optional[Precondition] = None,
-    trajectory_loss: Optional[TrajectoryLoss] = None,
+    precondition: Precondition | None = None,
+    trajectory_loss: TrajectoryLoss | None = None,
 ) -> tuple[Tensor, ...]:
     """The same dF/dω as :func:`unrolled_hypergradient`, by forward-mode differentiation.
 
@@ -186,8 +184,18 @@ def forward_mode_hypergradient(
             for which, meta in enumerate(meta_params):
                 for flat_index in range(meta.numel()):
                     results[which].view(-1)[flat_index] = _one_tangent_run(
-                        init, meta_params, originals, which, flat_index, inner_step_loss, outer_loss,
-                        trajectory_loss, steps, lr, momentum, precondition,
+                        init,
+                        meta_params,
+                        originals,
+                        which,
+                        flat_index,
+                        inner_step_loss,
+                        outer_loss,
+                        trajectory_loss,
+                        steps,
+                        lr,
+                        momentum,
+                        precondition,
                     )
     finally:
         with torch.no_grad():  # leave ω bit-identical and tangent-free
@@ -203,12 +211,12 @@ def _one_tangent_run(
     which: int,
     flat_index: int,
     inner_step_loss: InnerStepLoss,
-    outer_loss: Optional[OuterLoss],
-    trajectory_loss: Optional[TrajectoryLoss],
+    outer_loss: OuterLoss | None,
+    trajectory_loss: TrajectoryLoss | None,
     steps: int,
     lr: float,
     momentum: float,
-    precondition: Optional[Precondition],
+    precondition: Precondition | None,
 ) -> float:
     """dF/dω_k for one scalar k = meta_params[which].view(-1)[flat_index]."""
     with fwAD.dual_level():
@@ -231,16 +239,14 @@ def _one_tangent_run(
             return out
 
         state = [(p, torch.zeros_like(p)) for p in init]
-        buffer_state: Optional[list[tuple[Tensor, Tensor]]] = None
+        buffer_state: list[tuple[Tensor, Tensor]] | None = None
         total = 0.0
         for t in range(steps):
             params = [dual(p, dp, True) for p, dp in state]
             buffers = None if buffer_state is None else [dual(b, db, False) for b, db in buffer_state]
             # create_graph=False: forward AD differentiates the backward pass itself, and the
             # reverse graph of this step is dropped right after.
-            new_params, new_buffers = _sgd_step(
-                params, buffers, t, inner_step_loss, lr, momentum, precondition, False
-            )
+            new_params, new_buffers = _sgd_step(params, buffers, t, inner_step_loss, lr, momentum, precondition, False)
             state = split(new_params)
             buffer_state = None if new_buffers is None else split(new_buffers)
             if trajectory_loss is not None:

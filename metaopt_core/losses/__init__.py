@@ -6,6 +6,7 @@ from metaopt_core.losses.document import (
     loss_from_document,
     validate_loss_document,
 )
+from metaopt_core.losses.presets import PRESETS, Preset
 from metaopt_core.losses.registry import (
     UnknownLossError,
     get_loss,
@@ -33,8 +34,6 @@ from metaopt_core.losses.robust import (
     tempered_softmax,
 )
 from metaopt_core.losses.taylor import (
-    PRESETS,
-    Preset,
     TaylorLoss,
     coefficient_grid,
     exponents,

@@ -13,7 +13,8 @@ the evaluation configs. A document is plain JSON, nothing executable::
 Fields of the Taylor family: ``order`` in :data:`~metaopt_core.losses.taylor.ORDERS`, ``form`` in
 :data:`TAYLOR_FORMS`, ``params`` a list of ``order (order + 1) / 2 + 2`` finite numbers; optional
 ``sign`` (only :data:`TAYLOR_SIGN`: the loss is minus the sum over classes of the polynomial),
-``class_reduction`` (:data:`CLASS_REDUCTIONS`, default sum), ``normalisation`` (``{enabled: bool,
+``class_reduction`` (:data:`CLASS_REDUCTIONS`, default sum — not the thesis's class mean: see
+``metaopt_core.losses.taylor.DEFAULT_CLASS_REDUCTION`` for the measured reason), ``normalisation`` (``{enabled: bool,
 eta: number > 0}`` or null; default disabled, eta 1).
 
 Any other ``family`` is a loss name of :func:`metaopt_core.losses.registry.get_loss` (``gce``,
@@ -86,9 +87,7 @@ def validate_loss_document(doc: Any, source: str = "loss document") -> dict:
         raise LossDocumentError(f"{source}: got a JSON {type(doc).__name__}; allowed: an object")
     if "format" in doc and doc["format"] != FORMAT:
         raise _fail(source, "format", doc["format"], repr(FORMAT))
-    if "format_version" in doc and (
-        isinstance(doc["format_version"], bool) or doc["format_version"] not in SUPPORTED_FORMAT_VERSIONS
-    ):
+    if "format_version" in doc and (isinstance(doc["format_version"], bool) or doc["format_version"] not in SUPPORTED_FORMAT_VERSIONS):
         raise _fail(source, "format_version", doc["format_version"], f"one of {list(SUPPORTED_FORMAT_VERSIONS)}")
     family = doc.get("family")
     if not isinstance(family, str) or not family:

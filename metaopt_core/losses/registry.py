@@ -52,6 +52,7 @@ class UnknownLossError(KeyError, ValueError):
     def __str__(self) -> str:  # KeyError would show the message in quotes
         return str(self.args[0]) if self.args else ""
 
+
 # from_preset fixes the parameter vector, its order and its form
 _PRESET_FIXED = ("params", "order", "form")
 
@@ -87,11 +88,7 @@ def get_loss(name: str, **kwargs) -> nn.Module:
         raise TypeError(f"get_loss({key!r}): unknown parameter(s) {unknown}; accepted: {sorted(params)}{hint}")
     missing = sorted(p for p, default in params.items() if default is inspect.Parameter.empty and p not in kwargs)
     if missing:
-        why = (
-            " (a zero-initialised Taylor loss is constant; use 'taylor:<preset>' for published parameters)"
-            if key == "taylor"
-            else ""
-        )
+        why = " (a zero-initialised Taylor loss is constant; use 'taylor:<preset>' for published parameters)" if key == "taylor" else ""
         raise TypeError(f"get_loss({key!r}): missing required parameter(s) {missing}{why}")
     return factory(**kwargs)
 
@@ -105,9 +102,7 @@ def _normalise(name: str) -> str:
 def _constructor_params(func: Callable, skip: tuple[str, ...] = ()) -> dict[str, object]:
     signature = inspect.signature(func)
     return {
-        p.name: p.default
-        for p in signature.parameters.values()
-        if p.name not in ("self", "cls", *skip) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        p.name: p.default for p in signature.parameters.values() if p.name not in ("self", "cls", *skip) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
 
 
@@ -124,9 +119,7 @@ def _resolve(name: str) -> tuple[Callable[..., nn.Module], dict[str, object]]:
     if key.startswith(TAYLOR_PREFIX):
         preset = key[len(TAYLOR_PREFIX) :]
         if preset not in PRESETS:
-            raise UnknownLossError(
-                f"taylor preset: got {preset!r}; known presets: {sorted(PRESETS)} (use 'taylor:<preset>')"
-            )
+            raise UnknownLossError(f"taylor preset: got {preset!r}; known presets: {sorted(PRESETS)} (use 'taylor:<preset>')")
 
         def build(**kwargs) -> nn.Module:
             return TaylorLoss.from_preset(preset, **kwargs)

@@ -49,9 +49,7 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction: got {reduction!r}; allowed: {list(REDUCTIONS)}")
 
 
-def _check_range(
-    name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False
-) -> float:
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
     """Return ``float(value)`` if it lies in the interval, else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{name}: got {value!r}; allowed: a real number")
@@ -86,8 +84,7 @@ def target_distribution(target: Tensor, logits: Tensor) -> Tensor:
     if not target.is_floating_point():
         if target.shape != logits.shape[:-1]:
             raise ValueError(
-                f"target: got class indices of shape {tuple(target.shape)}; expected "
-                f"{tuple(logits.shape[:-1])} to match logits {tuple(logits.shape)}"
+                f"target: got class indices of shape {tuple(target.shape)}; expected {tuple(logits.shape[:-1])} to match logits {tuple(logits.shape)}"
             )
         try:
             one_hot = F.one_hot(target.long(), num_classes)
@@ -271,9 +268,7 @@ def normalized_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return (y * neg_log_p).sum(-1) / neg_log_p.sum(-1)
 
 
-def normalized_focal_loss(
-    logits: Tensor, y: Tensor, gamma: float, detach_focal_weight: bool = True, eps: float = DEFAULT_EPS
-) -> Tensor:
+def normalized_focal_loss(logits: Tensor, y: Tensor, gamma: float, detach_focal_weight: bool = True, eps: float = DEFAULT_EPS) -> Tensor:
     """NFL = sum_c y_c FL_c / sum_k FL_k with FL_k = -(1 - p_k)^gamma log p_k (Ma et al. 2020).
 
     ``detach_focal_weight=True`` treats every (1 - p)^gamma as a constant in backward, as the APL
@@ -504,12 +499,7 @@ class BiTemperedLogisticLoss(RobustLoss):
     def per_example(self, logits: Tensor, y: Tensor) -> Tensor:
         probs = tempered_softmax(logits, self.t2, self.num_iters)
         t1, power = self.t1, 2.0 - self.t1
-        per_class = (
-            y * log_t(y + 1e-10, t1)
-            - y * log_t(probs.clamp_min(1e-10), t1)
-            - y.pow(power) / power
-            + probs.pow(power) / power
-        )
+        per_class = y * log_t(y + 1e-10, t1) - y * log_t(probs.clamp_min(1e-10), t1) - y.pow(power) / power + probs.pow(power) / power
         return per_class.sum(-1)
 
     def _hparams(self) -> dict:
@@ -594,8 +584,7 @@ def _check_transition_matrix(matrix: Tensor | Sequence[Sequence[float]]) -> Tens
     row_sums = matrix.sum(-1)
     if not torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-3):
         raise ValueError(
-            f"transition_matrix: rows must sum to 1 (row-stochastic, T[i, j] = P(noisy = j | clean = i)); "
-            f"got row sums {[round(float(s), 4) for s in row_sums]}"
+            f"transition_matrix: rows must sum to 1 (row-stochastic, T[i, j] = P(noisy = j | clean = i)); got row sums {[round(float(s), 4) for s in row_sums]}"
         )
     return matrix.detach().clone()
 
@@ -626,9 +615,7 @@ class ForwardCorrectedCrossEntropy(RobustLoss):
     def per_example(self, logits: Tensor, y: Tensor) -> Tensor:
         matrix = self.transition_matrix
         if matrix.shape[0] != logits.shape[-1]:
-            raise ValueError(
-                f"logits: got {logits.shape[-1]} classes; transition_matrix is {tuple(matrix.shape)}"
-            )
+            raise ValueError(f"logits: got {logits.shape[-1]} classes; transition_matrix is {tuple(matrix.shape)}")
         noisy_probs = torch.softmax(logits, dim=-1) @ matrix.to(device=logits.device, dtype=logits.dtype)
         return -(y * torch.log(noisy_probs.clamp_min(self.eps))).sum(-1)
 

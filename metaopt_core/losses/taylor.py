@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .taylor_fused import SMALL_CLASS_COUNT, hard_label_taylor
+from .presets import PRESETS, Form
+from .taylor_fused import SMALL_CLASS_COUNT, constant_key, hard_label_taylor
 
-Form = Literal["taylor", "monomial"]
 Reduction = Literal["mean", "sum", "none"]
 ORDERS = (2, 3, 4, 5)
+
+# Class reduction: thesis eqs 3.4 and 4.8 average over the C classes (1/C sum); the default here sums.
+# Measured (mnist5k, mlp2, SGD-M lr 0.01, batch 32, 3 epochs, the ITL configs' inner loop; command
+# in docs/presets.md): the ce-like start reaches val acc 0.884 summed (CE itself 0.884) but 0.602
+# averaged, and averaged at lr 0.1 repeats the summed lr-0.01 run exactly: the mean is the sum at
+# lr/C. Summing keeps the ce-like start at CE's gradient scale, so every lr in configs/, the presets
+# and the evaluation demo (tuned at CE-like scales) stays valid; under A.3 normalisation (what ARL
+# trains with) the choice has no effect (the factor is taken over the loss as reduced).
+DEFAULT_CLASS_REDUCTION: Literal["sum", "mean"] = "sum"
 
 # TaylorGLO / thesis ordering of the mixed terms up to degree 4 (eq 3.5, eq B.1); degree 5 terms,
 # used only by the beta=5 ablation, follow in increasing power of d.
@@ -59,9 +67,7 @@ def term_factors(order: int, form: Form) -> list[float]:
     raise ValueError(f"form: got {form!r}; allowed: ['taylor', 'monomial']")
 
 
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layout(order: int, form: Form) -> tuple[Tensor, Tensor]:
     """Constant maps, built once per (order, form), from the parameters to polynomial coefficients.
 
@@ -102,9 +108,7 @@ def _check_order_form(order: int, form: str) -> None:
 
 def _num_params_check(params: Tensor, order: int) -> None:
     if params.dim() < 1 or params.shape[-1] != num_params(order):
-        raise ValueError(
-            f"params: got shape {tuple(params.shape)}; order {order} needs (..., {num_params(order)})"
-        )
+        raise ValueError(f"params: got shape {tuple(params.shape)}; order {order} needs (..., {num_params(order)})")
 
 
 def coefficient_grid(params: Tensor, order: int = 4, form: Form = "taylor") -> Tensor:
@@ -182,17 +186,13 @@ def polynomial(params: Tensor, y_hat: Tensor, y: Tensor, order: int = 4, form: F
     _num_params_check(params, order)
     extra = y_hat.dim() - (params.dim() - 1)
     if extra < 0:
-        raise ValueError(
-            f"y_hat: got shape {tuple(y_hat.shape)}; needs at least the batch dims of params {tuple(params.shape[:-1])}"
-        )
+        raise ValueError(f"y_hat: got shape {tuple(y_hat.shape)}; needs at least the batch dims of params {tuple(params.shape[:-1])}")
     c0 = _lead(params[..., 0], extra)
     c1 = _lead(params[..., 1], extra)
     return _bivariate(params, y_hat - c0, y - c1, order, form)
 
 
-def _loss_factor(
-    scale: Tensor | float, params: Tensor, logits: Tensor, reduction: str, class_reduction: str
-) -> tuple[Tensor | float, Tensor | float]:
+def _loss_factor(scale: Tensor | float, params: Tensor, logits: Tensor, reduction: str, class_reduction: str) -> tuple[Tensor | float, Tensor | float]:
     """The constant multiplier of the loss: -scale (sign convention), /N for a batch mean, /C for a
     class mean. Returned as (factor folded into the coefficients, factor applied to the output):
     folding into the (tiny) coefficient tensor saves a pass over the (N, C) data."""
@@ -216,7 +216,7 @@ def taylor_loss(
     form: Form = "taylor",
     scale: Tensor | float = 1.0,
     reduction: Reduction = "mean",
-    class_reduction: Literal["sum", "mean"] = "sum",
+    class_reduction: Literal["sum", "mean"] = DEFAULT_CLASS_REDUCTION,
 ) -> Tensor:
     """Functional Taylor loss ``reduce_n(-scale * sum_c f(softmax(logits)_c, y_c))``.
 
@@ -268,22 +268,54 @@ def _reduce(bracket: Tensor, d: Tensor, reduction: str) -> Tensor:
 
 
 def _hard_label_loss(
-    params: Tensor, logits: Tensor, target: Tensor, order: int, form: Form, c0: Tensor,
-    factor: Tensor | float, reduction: str,
+    params: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    order: int,
+    form: Form,
+    c0: Tensor,
+    factor: Tensor | float,
+    reduction: str,
 ) -> Tensor:
     """Integer labels: at y in {0, 1} the loss is univariate in d, f(d, y) = sum_i (a_i + y b_i) d^i
-    with a, b cheap functions of params (``label_coefficients``). One autograd node
-    (``HardLabelTaylor``) evaluates it and returns the logits gradient analytically,
-    g = p * (f' - <p, f'>), with a differentiable backward (exact second derivatives for ITL).
+    with a, b cheap functions of params (``label_coefficients``). Up to ``SMALL_CLASS_COUNT``
+    classes one autograd node (``HardLabelTaylor``) evaluates it and returns the logits gradient
+    analytically, g = p * (f' - <p, f'>), with a differentiable backward (exact second derivatives
+    for ITL); above, eager Horner passes (autograd-recorded, equally exact).
     """
     index = target.long().expand(logits.shape[:-1])
-    coefficients = label_coefficients(params, order, form) * factor  # (..., 2, order)
+    if logits.shape[-1] > SMALL_CLASS_COUNT:
+        # many classes: memory passes, not op count, cost; eager Horner with shared scalar
+        # coefficients touches the (N, C) data least (the fused node stacks d^1..d^order)
+        coefficients = (label_coefficients(params, order, form) * factor).unsqueeze(-1).unsqueeze(-1)
+        d = _centred_softmax(logits, c0)
+        unlabelled = _reduce(_horner(coefficients[..., 0, :, :, :].unbind(-3), d), d, reduction)
+        labelled_d = d.gather(-1, index.expand(d.shape[:-1]).unsqueeze(-1))  # (..., N, 1)
+        labelled = _reduce(_horner(coefficients[..., 1, :, :, :].unbind(-3), labelled_d), labelled_d, reduction)
+        return unlabelled + labelled
+    key = constant_key(params) if isinstance(factor, float) else None
+    if key is not None:  # a fixed loss: the coefficients are a function of the values alone
+        coefficients, c0 = _fixed_coefficients(key, order, form, factor, params.dtype)
+    else:
+        coefficients = label_coefficients(params, order, form) * factor  # (..., 2, order)
     return hard_label_taylor(logits, coefficients, c0, index, reduction == "none")
 
 
+@functools.lru_cache(maxsize=32)
+def _fixed_coefficients(key: tuple[float, ...], order: int, form: Form, factor: float, dtype: torch.dtype):
+    params = torch.tensor(key, dtype=dtype)
+    return label_coefficients(params, order, form) * factor, params[0].reshape(1, 1)
+
+
 def _soft_label_loss(
-    params: Tensor, logits: Tensor, target: Tensor, order: int, form: Form, c0: Tensor,
-    factor: Tensor | float, reduction: str,
+    params: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    order: int,
+    form: Form,
+    c0: Tensor,
+    factor: Tensor | float,
+    reduction: str,
 ) -> Tensor:
     """Arbitrary y: per-element coefficients p_i(e) = sum_j G[j, i] e^j from one matmul of e's
     powers (laid out (order, N*C) so each p_i is contiguous), then Horner in d."""
@@ -298,122 +330,110 @@ def _soft_label_loss(
     return _reduce(_horner(per_element.unbind(-3), d), d, reduction)
 
 
-def normalisation_range(params: Tensor, order: int, form: Form, points: int = 1001) -> tuple[Tensor, Tensor]:
-    """f_min, f_max of A.3 over the loss's domain: y_hat in [0, 1] (any class on the simplex), y in {0, 1}.
+# A.3 samples "random points satisfying {(y_hat, y) | y_hat_i >= 0, sum_i y_hat_i = 1; y_i in {0, 1},
+# sum_i y_i = 1}". The loss is symmetric under a permutation of the classes, so the label is fixed to
+# class 0; ``SIMPLEX_SAMPLES`` draws per exponent p of normalised Exp(1)^p: p = 1 is uniform on the
+# simplex, larger p puts the points nearer the faces and vertices, where a polynomial's extremes lie
+# that uniform draws in C = 10 dimensions never reach (their largest coordinate is rarely above 0.5).
+SIMPLEX_SAMPLES = 1024
+SIMPLEX_EXPONENTS = (1.0, 3.0, 10.0)
+SIMPLEX_SEED = 0
 
-    A dense grid replaces the thesis's random sampling: same quantity, deterministic.
-    """
+
+@functools.lru_cache(maxsize=16)
+def simplex_points(classes: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+    """(S, classes) deterministic points of the probability simplex the A.3 extremes are taken over
+    (label: class 0): the segments from the two kinds of vertex (e_0, the label's, and e_1, a wrong
+    class's) through the centre, and ``SIMPLEX_SAMPLES`` normalised Exp(1)^p draws per p in ``SIMPLEX_EXPONENTS`` from a generator
+    seeded ``SIMPLEX_SEED`` (drawn in float64 on the CPU: the same points on every machine)."""
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+        raise ValueError(f"classes: got {classes!r}; allowed: an integer >= 2")
+    generator = torch.Generator().manual_seed(SIMPLEX_SEED)
+    # the segments from the label's vertex e_0 and from a wrong vertex e_1 to the opposite faces'
+    # centres (one class at t, the others equal): vertices, centre and the symmetric interior
+    t = torch.linspace(0.0, 1.0, SIMPLEX_SAMPLES + 1, dtype=torch.float64).unsqueeze(-1)
+    rest = (1.0 - t) / (classes - 1)
+    draws = []
+    for vertex in (0, 1):
+        line = rest.expand(-1, classes).clone()
+        line[:, vertex] = t[:, 0]
+        draws.append(line)
+    for exponent in SIMPLEX_EXPONENTS:
+        weights = torch.empty(SIMPLEX_SAMPLES, classes, dtype=torch.float64).exponential_(generator=generator).pow(exponent)
+        draws.append(weights / weights.sum(-1, keepdim=True))
+    return torch.cat(draws).to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def simplex_power_sums(classes: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(M, label): M (S, max(ORDERS) + 1) the power sums sum_c y_hat_c^k, k = 0, 1, ..., of the
+    ``simplex_points``, and label (S,) their class-0 coordinate. Independent of the loss: with them
+    a loss's values at every point cost O(order^2), not O(classes)."""
+    points = simplex_points(classes, torch.float64, "cpu")
+    powers = [torch.ones_like(points)]
+    for _ in range(max(ORDERS)):
+        powers.append(powers[-1] * points)
+    sums = torch.stack([p.sum(-1) for p in powers], -1)
+    return sums.to(dtype=dtype, device=device), points[:, 0].to(dtype=dtype, device=device)
+
+
+def normalisation_range(params: Tensor, order: int, form: Form, classes: int, class_reduction: Literal["sum", "mean"] = "sum") -> tuple[Tensor, Tensor]:
+    """f_min, f_max of A.3: the extremes of the per-example loss -reduce_c f(y_hat_c, y_c) (sum or
+    mean over the ``classes`` classes, as the loss reduces them) over y_hat on the probability
+    simplex and y one-hot, approximated on the fixed points of ``simplex_points`` (the label is
+    class 0; by symmetry any label gives the same values). ``params`` (n,) or (P, n) -> (), (P,).
+
+    At hard labels f(y_hat, y) = sum_i (a_i + y b_i) d^i (``label_coefficients``), so the sum over
+    classes is sum_i a_i sum_c d_c^i + sum_i b_i d_0^i, and sum_c (y_hat_c - c0)^i follows from the
+    loss-independent power sums of y_hat by the binomial theorem."""
+    _check_order_form(order, form)
+    _num_params_check(params, order)
+    if class_reduction not in ("sum", "mean"):
+        raise ValueError(f"class_reduction: got {class_reduction!r}; allowed: ['sum', 'mean']")
+    moments, label = simplex_power_sums(classes, params.dtype, params.device)  # (S, K + 1), (S,)
     coefficients = label_coefficients(params, order, form)  # (..., 2, order)
-    at_zero = coefficients[..., 0, :]
-    at_one = at_zero + coefficients[..., 1, :]
-    grid = torch.linspace(0.0, 1.0, points, dtype=params.dtype, device=params.device)
-    d = grid - params[..., 0:1]  # (..., points)
-    values = []
-    for row in (at_zero, at_one):
-        values.append(-_horner(row.unsqueeze(-1).unbind(-2), d) * d)
-    values = torch.cat(values, -1)
+    c0 = params[..., 0]
+    minus_c0 = [torch.ones_like(c0), -c0]
+    while len(minus_c0) <= order:
+        minus_c0.append(minus_c0[-1] * -c0)
+    # binomial[..., k, i - 1] = C(i, k) (-c0)^(i - k): sum_c d_c^i = sum_k binomial[k, i - 1] M_k
+    binomial = torch.stack(
+        [torch.stack([math.comb(i, k) * minus_c0[i - k] if k <= i else torch.zeros_like(c0) for i in range(1, order + 1)], -1)
+         for k in range(order + 1)], -2,
+    )  # fmt: skip
+    every_class = (moments[:, : order + 1] @ binomial) @ coefficients[..., 0, :].unsqueeze(-1)  # (..., S, 1)
+    d0 = label - _lead(c0, 1)  # (..., S)
+    labelled = _horner(_lead(coefficients[..., 1, :], 1).unbind(-2), d0) * d0
+    values = -(every_class.squeeze(-1) + labelled)
+    if class_reduction == "mean":
+        values = values / classes
     return values.amin(-1), values.amax(-1)
 
 
-def normalisation_scale(params: Tensor, order: int, form: Form, eta: float = 1.0) -> Tensor:
-    """The factor eta / (f_max - f_min) of A.3 (the offset f_min has no gradient, so only the scale
-    matters for training). Detached: it rescales the search space, it is not learned through."""
+def normalisation_scale(params: Tensor, order: int, form: Form, eta: float = 1.0, *, classes: int, class_reduction: Literal["sum", "mean"] = "sum") -> Tensor:
+    """The factor eta / (f_max - f_min) of A.3 for a ``classes``-class problem (the offset f_min
+    has no gradient, so only the scale matters for training). The normalised loss is the same
+    whether the classes are summed or averaged. Detached: it rescales the search space, it is not
+    learned through. Computed in float64: the span of a loss like arl-dr-s80's (~1e3 on values of
+    ~1e6 at 100 classes) cancels to a 1e-4 relative error in float32."""
     with torch.no_grad():
-        f_min, f_max = normalisation_range(params.detach(), order, form)
-        return eta / (f_max - f_min).clamp_min(1e-8)
+        f_min, f_max = normalisation_range(params.detach().to(torch.float64), order, form, classes, class_reduction)
+        return (eta / (f_max - f_min).clamp_min(1e-8)).to(params.dtype)
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Published parameters plus the convention under which they were found to train
-    (``docs/presets.md``, ``scripts/preset_convention.py``). ``lr``, ``normalise`` and
-    ``batch_size`` are recommendations for SGD with momentum 0.9; ``sign`` is -1 when the numbers
-    train as published under TaylorLoss's minus sign, +1 when they train only with every
-    coefficient theta negated (``from_preset`` applies that; ``params`` stays the published table)."""
-
-    params: tuple[float, ...]
-    form: Form
-    source: str
-    lr: float | None = None
-    normalise: bool = False
-    batch_size: int | None = None
-    sign: int = -1
-
-    def loss_params(self) -> tuple[float, ...]:
-        """The parameter vector TaylorLoss should use: ``params``, with theta negated if ``sign`` is +1."""
-        if self.sign == -1:
-            return self.params
-        return self.params[:2] + tuple(-v for v in self.params[2:])
-
-
-# Published parameters (THESIS-NOTES), and the convention each trains under, found by experiment
-# (scripts/preset_convention.py; full tables in docs/presets.md). Setting: mnist5k, 80 % symmetric
-# noise, mlp2, SGD momentum 0.9, 30 epochs, accuracy on the clean split at the last epoch, seeds 0/1.
-# - Sign: minus (loss = -sum_c f, batch mean) for itl, arl-ar-s80, arl-dr-a40, arl-dr-s80; with +
-#   they reach chance (0.01-0.12). arl-ar-a40 is the opposite: chance (0.093) under minus at every
-#   lr, scaling and batch size tried, 0.460/0.579 under + (sum, lr 0.01, batch 128): its
-#   per-example loss, as published, is lowest with all mass on a wrong class.
-# - Scaling: with SGD and no weight decay, mean over classes (= loss / C) and A.3 normalisation
-#   (= loss * eta/(f_max - f_min)) are exactly learning-rate factors. All five train best at a
-#   small effective step: normalised (eta = 1) at lr 0.03-0.1. The DR presets need it (raw: f spans
-#   ~1e4, chance accuracy at every lr tried).
-# - Best final accuracy, seeds 0/1: itl normalised lr 0.1 b128 0.571/0.617; arl-ar-s80 normalised
-#   lr 0.03 b128 0.565/0.647; arl-dr-a40 normalised lr 0.1 b32 0.557/0.629; arl-dr-s80 normalised
-#   lr 0.03 b32 0.514/0.647. CE: 0.411/0.486 at lr 0.01 b128 (its best of 0.01/0.03/0.1), but
-#   0.550/0.674 at lr 0.003: CE tuned to a small lr matches the presets at 30 epochs, and at 100
-#   epochs all of them fit the noise (itl 0.331/0.342, arl-ar-s80 0.389/0.433, CE lr 0.003
-#   0.422/0.478). The presets' advantage is the thesis protocol's (one lr for all losses), not a
-#   robustness that survives tuning CE or training longer.
-PRESETS: dict[str, Preset] = {
-    "itl": Preset(
-        (-2.0193, -1.2234, 0.1363, 0.1269, -0.4566, -0.1016, -0.2545, 1.0971, -0.9203, 0.2368, 0.4795, 0.9975),
-        "monomial",
-        "ITL, Table B.1 (plain monomials, eq B.1)",
-        lr=0.1,
-        normalise=True,
-        batch_size=128,
-    ),
-    "arl-ar-a40": Preset(
-        (0.4397, 0.9187, -0.4554, 6.0881, -0.5869, 1.6765, -2.8526, 0.5748, -4.2756, 1.3126, -0.3326, 1.7649),
-        "taylor",
-        "ARL AR, 40% asymmetric noise, Table A.2 (Taylor factors, eq 3.5); trains only with theta negated",
-        lr=0.01,
-        normalise=False,
-        batch_size=128,
-        sign=1,
-    ),
-    "arl-dr-a40": Preset(
-        (1.3754, 25.9954, 8.7507, 3.6501, 9.1560, -2.8144, -5.4006, -7.9342, -8.3143, 6.5751, 3.6237, -2.3279),
-        "taylor",
-        "ARL DR, 40% asymmetric noise, Table A.2 (Taylor factors, eq 3.5)",
-        lr=0.1,
-        normalise=True,
-        batch_size=32,
-    ),
-    "arl-ar-s80": Preset(
-        (0.7043, -0.4858, -0.0541, -1.8132, 2.2370, 2.4009, 1.4415, 6.4514, -2.7152, -2.6928, -3.2049, -0.5511),
-        "taylor",
-        "ARL AR, 80% symmetric noise, Table A.2 (Taylor factors, eq 3.5)",
-        lr=0.03,
-        normalise=True,
-        batch_size=128,
-    ),
-    "arl-dr-s80": Preset(
-        (2.7187, 25.0616, -23.2701, 17.0804, -21.4348, 44.8821, -13.6956, 27.6005, -17.3943, 43.7386, 7.2981, -17.5286),
-        "taylor",
-        "ARL DR, 80% symmetric noise, Table A.2 (Taylor factors, eq 3.5)",
-        lr=0.03,
-        normalise=True,
-        batch_size=32,
-    ),
-}
+@functools.lru_cache(maxsize=32)
+def _fixed_normalisation_scale(key: tuple[float, ...], order: int, form: Form, eta: float, classes: int, class_reduction: str, dtype: torch.dtype) -> float:
+    params = torch.tensor(key, dtype=dtype)
+    return float(normalisation_scale(params, order, form, eta, classes=classes, class_reduction=class_reduction))  # type: ignore[arg-type]
 
 
 class TaylorLoss(nn.Module):
     """Drop-in replacement for ``nn.CrossEntropyLoss`` with a learnable Taylor-polynomial loss.
 
-    ``normalise=True`` applies the scale normalisation of A.3 (f_min/f_max recomputed from the
-    current parameters on every call, treated as constants).
+    ``normalise=True`` applies the scale normalisation of A.3: the loss times eta / (f_max - f_min),
+    the extremes of the per-example loss over the probability simplex for the logits' class count
+    (``normalisation_range``; recomputed from the current parameters on every call, cached for a
+    fixed loss, treated as constants).
     """
 
     def __init__(
@@ -424,7 +444,8 @@ class TaylorLoss(nn.Module):
         reduction: Reduction = "mean",
         normalise: bool = False,
         eta: float = 1.0,
-        class_reduction: Literal["sum", "mean"] = "sum",
+        class_reduction: Literal["sum", "mean"] = DEFAULT_CLASS_REDUCTION,  # sum, not the thesis's mean: see DEFAULT_CLASS_REDUCTION
+        compile: bool | str = False,
     ):
         super().__init__()
         if order not in ORDERS:
@@ -444,9 +465,12 @@ class TaylorLoss(nn.Module):
         self.params = nn.Parameter(params)
         self.order, self.form, self.reduction = order, form, reduction
         self.normalise, self.eta, self.class_reduction = normalise, eta, class_reduction
+        # torch.compile of the loss (True: inductor; a string names another backend). Off by
+        # default: on the 2-core CPU the compiled loss measured slower than eager (docs/benchmarks.md).
+        self._loss = torch.compile(taylor_loss, backend="inductor" if compile is True else compile) if compile else taylor_loss
 
     @classmethod
-    def from_preset(cls, name: str, **kwargs) -> "TaylorLoss":
+    def from_preset(cls, name: str, **kwargs) -> TaylorLoss:
         """The published parameters of ``PRESETS[name]`` (theta negated for a preset whose ``sign``
         is +1). Keyword arguments go to the constructor; ``normalise`` is not switched on for you:
         see the preset's ``normalise`` and ``lr`` for the convention it trains under."""
@@ -456,17 +480,23 @@ class TaylorLoss(nn.Module):
         return cls(list(preset.loss_params()), order=4, form=preset.form, **kwargs)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        scale = normalisation_scale(self.params, self.order, self.form, self.eta) if self.normalise else 1.0
-        return taylor_loss(
-            self.params, logits, target, self.order, self.form, scale, self.reduction, self.class_reduction
-        )
+        scale = 1.0
+        if self.normalise:
+            classes = logits.shape[-1]
+            key = constant_key(self.params)
+            if key is None:
+                scale = normalisation_scale(self.params, self.order, self.form, self.eta, classes=classes, class_reduction=self.class_reduction)
+            else:  # a fixed loss on CPU: the A.3 factor (~3,000 simplex points) depends on the values alone
+                scale = _fixed_normalisation_scale(key, self.order, self.form, self.eta, classes, self.class_reduction, self.params.dtype)
+        return self._loss(self.params, logits, target, self.order, self.form, scale, self.reduction, self.class_reduction)
 
-    def curve(self, y_hat: Tensor, labelled: bool = True) -> Tensor:
-        """Per-class loss -f(y_hat, y) for y = 1 (labelled class) or y = 0: the Figure 3.2 view."""
+    def curve(self, y_hat: Tensor, labelled: bool = True, classes: int = 10) -> Tensor:
+        """Per-class loss -f(y_hat, y) for y = 1 (labelled class) or y = 0: the Figure 3.2 view.
+        With ``normalise``, times the A.3 factor of the whole loss of a ``classes``-class problem."""
         y = torch.full_like(y_hat, 1.0 if labelled else 0.0)
         values = -polynomial(self.params.detach(), y_hat, y, self.order, self.form)
         if self.normalise:
-            values = values * normalisation_scale(self.params, self.order, self.form, self.eta)
+            values = values * normalisation_scale(self.params, self.order, self.form, self.eta, classes=classes, class_reduction=self.class_reduction)
         return values
 
     def to_dict(self) -> dict:
@@ -482,7 +512,7 @@ class TaylorLoss(nn.Module):
         }
 
     @classmethod
-    def from_dict(cls, doc: dict, reduction: Reduction = "mean") -> "TaylorLoss":
+    def from_dict(cls, doc: dict, reduction: Reduction = "mean") -> TaylorLoss:
         if doc.get("family") != "taylor":
             raise ValueError(f"family: got {doc.get('family')!r}; allowed: ['taylor']")
         norm = doc.get("normalisation", {}) or {}
@@ -493,7 +523,7 @@ class TaylorLoss(nn.Module):
             reduction=reduction,
             normalise=bool(norm.get("enabled", False)),
             eta=float(norm.get("eta", 1.0)),
-            class_reduction=doc.get("class_reduction", "sum"),
+            class_reduction=doc.get("class_reduction", DEFAULT_CLASS_REDUCTION),
         )
 
     def extra_repr(self) -> str:

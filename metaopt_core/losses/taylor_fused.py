@@ -21,7 +21,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["EagerHardLabelTaylor", "HardLabelTaylor", "hard_label_taylor", "softmax_small"]
+__all__ = ["EagerHardLabelTaylor", "HardLabelTaylor", "constant_key", "hard_label_taylor", "softmax_small"]
 
 # Below this many classes, on CPU, four elementwise ops beat torch.softmax's fixed per-call cost
 # (measured: 17 us against 51 us at 256 x 10).
@@ -43,6 +43,17 @@ def softmax_small(logits: Tensor, inplace: bool = False) -> Tensor:
     return torch.softmax(logits, -1)
 
 
+def constant_key(values: Tensor) -> tuple[float, ...] | None:
+    """The values of a small CPU tensor that no gradient flows to, as a hashable key; None where it
+    could change under the caller (autograd, torch.func transforms, a device, a batch of them).
+
+    Keying caches on values, not on the tensor, stays right when the values are changed in place
+    (an optimiser step, ``.data`` assignments, which bump no version counter)."""
+    if values.requires_grad or values.dim() != 1 or values.device.type != "cpu" or torch._C._are_functorch_transforms_active():
+        return None
+    return tuple(values.tolist())
+
+
 @functools.lru_cache(maxsize=64)
 def _derivative_weights(order: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """[2, 3, ..., order, 0]: the coefficients of d^2..d^order, shifted down one power, times their
@@ -51,92 +62,92 @@ def _derivative_weights(order: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def _matrices(coefficients: Tensor) -> tuple[Tensor, Tensor]:
-    """(weights, bias) of shape (..., 2 [all classes, labelled], 2 [value, slope], order) and
-    (..., 2, 2, 1): ``weights @ [d; d^2; ...] + bias`` gives f(d) in row 0 and f'(d) in row 1."""
+    """(weights, bias) of shape (..., 4, order) and (..., 4, 1): ``weights @ [d; d^2; ...] + bias``
+    gives f_a(d), f_a'(d), f_b(d), f_b'(d) in its rows (a: every class, b: the labelled class's
+    increment)."""
     order = coefficients.shape[-1]
     shifted = torch.cat((coefficients[..., 1:], coefficients[..., :1]), -1)  # c_2 .. c_order, then anything
     slopes = shifted * _derivative_weights(order, coefficients.dtype, coefficients.device)
-    weights = torch.stack((coefficients, slopes), -2)
-    bias = torch.stack((torch.zeros_like(coefficients[..., :1]), coefficients[..., :1]), -2)
+    weights = torch.stack((coefficients, slopes), -2).flatten(-3, -2)
+    bias = torch.stack((torch.zeros_like(coefficients[..., :1]), coefficients[..., :1]), -2).flatten(-3, -2)
     return weights, bias
 
 
 def _matrices_cpu(coefficients: Tensor) -> tuple[Tensor, Tensor]:
-    """``_matrices`` for one (2, order) CPU tensor outside autograd: built from Python floats (two
-    ops instead of seven; only the forward pass uses it, the gradients are analytic)."""
-    rows = coefficients.tolist()
-    weights = [[row, [i * c for i, c in enumerate(row[1:], start=2)] + [0.0]] for row in rows]
-    bias = [[[0.0], [row[0]]] for row in rows]
-    return (
-        torch.tensor(weights, dtype=coefficients.dtype),
-        torch.tensor(bias, dtype=coefficients.dtype),
-    )
+    """``_matrices`` for one (2, order) CPU tensor outside autograd, from its values: a fixed loss
+    finds its matrices cached instead of building them with seven tiny ops per call (only the
+    forward pass uses them; the gradients are analytic)."""
+    return _matrices_from_values(tuple(coefficients.flatten().tolist()), coefficients.shape[-1], coefficients.dtype)
 
 
-def _evaluate(
-    logits: Tensor, coefficients: Tensor, c0: Tensor, index: Tensor, per_row: bool, inplace: bool = False
-) -> tuple[Tensor, ...]:
-    """(loss, grad_unit, powers, labelled, slope): the loss; its gradient with respect to the
-    logits for a unit weight on each loss value; d^1..d^order of every class (..., order, N*C) and
-    of the labelled class (..., order, N), d = softmax(logits) - c0; and F = f'(d) (+ the labelled
-    increment), (..., N, C). Powers are products (no ``pow``, whose derivative at 0 is NaN)."""
+@functools.lru_cache(maxsize=32)
+def _matrices_from_values(values: tuple[float, ...], order: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _matrices(torch.tensor(values, dtype=dtype).view(2, order))
+
+
+@functools.lru_cache(maxsize=64)
+def _class_range(classes: int, device: torch.device) -> Tensor:
+    return torch.arange(classes, device=device)
+
+
+def _evaluate(logits: Tensor, coefficients: Tensor, c0: Tensor, index: Tensor, per_row: bool, eager: bool = False) -> tuple[Tensor, ...]:
+    """(loss, grad_unit, powers, mask, slope): the loss; its gradient with respect to the logits
+    for a unit weight on each loss value; d^1..d^order (..., order, N*C), d = softmax(logits) - c0;
+    the one-hot labels (..., N, C); and F = f'(d) at the labels (..., N, C). Powers are products
+    (no ``pow``, whose derivative at 0 is NaN)."""
     order = coefficients.shape[-1]
-    if inplace and coefficients.dim() == 2 and coefficients.device.type == "cpu":
+    if eager and coefficients.dim() == 2 and coefficients.device.type == "cpu":
         weights, bias = _matrices_cpu(coefficients)
     else:
         weights, bias = _matrices(coefficients)
-    p = softmax_small(logits, inplace)
+    p = softmax_small(logits, inplace=eager)
     d = p - c0
     powers = [d]
     for _ in range(order - 1):
         powers.append(powers[-1] * d)
-    stacked = torch.stack(powers, -3)  # (..., order, N, C)
-    where = index.unsqueeze(-1).unsqueeze(-3).expand(*index.shape[:-1], order, index.shape[-1], 1)
-    labelled = stacked.gather(-1, where).squeeze(-1)  # (..., order, N)
-    powers = stacked.flatten(-2)  # (..., order, N*C)
-    if powers.dim() == 2 and weights.dim() == 3:  # one loss, one batch: plain addmm
-        every = torch.addmm(bias[0], weights[0], powers)
-        label = torch.addmm(bias[1], weights[1], labelled)
+    powers = torch.stack(powers, -3).flatten(-2)  # (..., order, N*C)
+    if powers.dim() == 2 and weights.dim() == 2:  # one loss, one batch: plain addmm
+        rows = torch.addmm(bias, weights, powers)
     else:
-        every = weights[..., 0, :, :] @ powers + bias[..., 0, :, :]  # (..., 2, N*C)
-        label = weights[..., 1, :, :] @ labelled + bias[..., 1, :, :]  # (..., 2, N)
-    every = every.unflatten(-1, d.shape[-2:])  # (..., 2, N, C)
-    if per_row:
-        loss = every[..., 0, :, :].sum(-1) + label[..., 0, :]
-    else:
-        loss = every[..., 0, :, :].sum((-2, -1)) + label[..., 0, :].sum(-1)
-    slope = every[..., 1, :, :].scatter_add(-1, index.unsqueeze(-1), label[..., 1, :].unsqueeze(-1))
+        rows = weights @ powers + bias
+    rows = rows.unflatten(-1, d.shape[-2:])  # (..., 4, N, C): f_a, f_a', f_b, f_b'
+    mask = (index.unsqueeze(-1) == _class_range(d.shape[-1], d.device)).to(d.dtype)
+    # value and slope at the labels: f_a + y f_b, f_a' + y f_b'
+    value, slope = torch.addcmul(rows.narrow(-3, 0, 2), rows.narrow(-3, 2, 2), mask.unsqueeze(-3)).unbind(-3)
+    loss = value.sum(-1) if per_row else value.sum((-2, -1))
     weighted = p * slope  # the softmax Jacobian: g = p F - p <p, F>
     grad_unit = torch.addcmul(weighted, p, weighted.sum(-1, keepdim=True), value=-1.0)
-    return loss, grad_unit, powers, labelled, slope
+    return loss, grad_unit, powers, mask, slope
 
 
-def _loss_forward(logits: Tensor, coefficients: Tensor, c0: Tensor, index: Tensor, per_row: bool):
-    return _evaluate(logits, coefficients, c0, index, per_row, inplace=True)
+def _loss_forward(logits: Tensor, coefficients: Tensor, c0: Tensor, index: Tensor, per_row: bool, eager: bool):
+    """``_evaluate`` inside ``forward`` (nothing recorded); ``eager``: outside torch.func transforms."""
+    return _evaluate(logits, coefficients, c0, index, per_row, eager)
+
 
 def _save(ctx, inputs, output) -> None:
     logits, coefficients, c0, index, per_row = inputs
-    _, grad_unit, powers, labelled, slope = output
-    ctx.save_for_backward(logits, coefficients, c0, index, grad_unit, powers, labelled, slope)
-    ctx.mark_non_differentiable(grad_unit, powers, labelled, slope)
+    _, grad_unit, powers, mask, slope = output
+    ctx.save_for_backward(logits, coefficients, c0, index, grad_unit, powers, mask, slope)
+    ctx.mark_non_differentiable(grad_unit, powers, mask, slope)
     ctx.set_materialize_grads(False)
     ctx.per_row = per_row
 
 
 def _loss_backward(ctx, grad_loss: Tensor | None, *_unused: Tensor | None):
-    logits, coefficients, c0, index, grad_unit, powers, labelled, slope = ctx.saved_tensors
+    logits, coefficients, c0, index, grad_unit, powers, mask, slope = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None
     per_row = ctx.per_row
     if torch.is_grad_enabled():  # the backward is being differentiated: recompute, tied to the inputs
-        _, grad_unit, powers, labelled, slope = _evaluate(logits, coefficients, c0, index, per_row)
+        _, grad_unit, powers, mask, slope = _evaluate(logits, coefficients, c0, index, per_row)
     # the loss is linear in its per-value weights: every gradient is the unit one times grad_loss
     weight = grad_loss.unsqueeze(-1) if per_row else grad_loss.unsqueeze(-1).unsqueeze(-1)
     grad_logits = grad_unit * weight
     grad_coefficients = grad_c0 = None
     if ctx.needs_input_grad[1]:  # d loss / d c_i: power sums of every class (row 0), labelled (row 1)
-        every = powers.unflatten(-1, slope.shape[-2:]).sum(-1)  # (..., order, N)
-        sums = torch.stack((every, labelled), -3)  # (..., 2, order, N)
+        powers = powers.unflatten(-1, slope.shape[-2:])  # (..., order, N, C)
+        sums = torch.stack((powers.sum(-1), (powers * mask.unsqueeze(-3)).sum(-1)), -3)  # (..., 2, order, N)
         if per_row:
             grad = (sums * grad_loss.unsqueeze(-2).unsqueeze(-2)).sum(-1)
         else:
@@ -165,7 +176,7 @@ class HardLabelTaylor(torch.autograd.Function):
 
     @staticmethod
     def forward(logits: Tensor, coefficients: Tensor, c0: Tensor, index: Tensor, per_row: bool):
-        return _loss_forward(logits, coefficients, c0, index, per_row)
+        return _loss_forward(logits, coefficients, c0, index, per_row, eager=False)
 
     setup_context = staticmethod(_save)
     backward = staticmethod(_loss_backward)
@@ -176,7 +187,7 @@ class EagerHardLabelTaylor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, coefficients: Tensor, c0: Tensor, index: Tensor, per_row: bool):
-        output = _loss_forward(logits, coefficients, c0, index, per_row)
+        output = _loss_forward(logits, coefficients, c0, index, per_row, eager=True)
         _save(ctx, (logits, coefficients, c0, index, per_row), output)
         return output
 

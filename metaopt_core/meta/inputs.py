@@ -31,31 +31,42 @@ def integral_floats_to_int(value: Any) -> Any:
 
 @dataclass
 class PreparedInputs:
-    """What meta-training reads, prepared once: ARL's pool datasets (in pool order), ITL's domain
-    dataset, MetaMD's domain dataset (network tasks) or nothing (quadratic tasks, generated from the
-    config). ``fingerprint`` identifies the content: a single dataset's own fingerprint, else the
-    sha256 of the parts' fingerprints (quadratics: of the generated problems)."""
+    """What a run reads, prepared once, before any training.
+
+    ``datasets``: what meta-training reads (ARL: the pool's datasets in pool order; ITL, MetaMD:
+    the domain dataset; none for tasks generated from the config). ``meta_test``: what the
+    meta-test reads, prepared from examples meta-training never touches. ``meta_test_settings``:
+    the settings those were prepared for. ``manifest``: the split manifest (which examples and
+    domains each phase touches; checked disjoint). ``fingerprint`` identifies the content: a single
+    dataset's own fingerprint, else the sha256 of the parts' fingerprints."""
 
     learner: str  # the registry name of the learner the inputs were prepared for
     datasets: list[PreparedData]
     fingerprint: str
     details: dict = field(default_factory=dict)
+    meta_test: list[PreparedData] = field(default_factory=list)
+    meta_test_settings: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        entries = []
-        for position, data in enumerate(self.datasets):
-            name = f"dataset-{position}"
-            data.save(directory / name)
-            entries.append({"dir": name, "fingerprint": data.fingerprint, "spec": data.spec, "domains": data.domains})
-        doc = {"format": INPUTS_FORMAT, "learner": self.learner, "fingerprint": self.fingerprint,
-               "datasets": entries, "details": self.details}  # fmt: skip
+        groups = {}
+        for group, items in (("datasets", self.datasets), ("meta_test", self.meta_test)):
+            entries = []
+            for position, data in enumerate(items):
+                name = f"{'dataset' if group == 'datasets' else 'meta-test'}-{position}"
+                data.save(directory / name)
+                entries.append({"dir": name, "fingerprint": data.fingerprint, "spec": data.spec, "domains": data.domains})
+            groups[group] = entries
+        doc = {"format": INPUTS_FORMAT, "learner": self.learner, "fingerprint": self.fingerprint, **groups, "details": self.details,
+               "meta_test_settings": self.meta_test_settings}  # fmt: skip
         (directory / "inputs.json").write_text(json.dumps(doc, indent=2))
+        (directory / "split_manifest.json").write_text(json.dumps(self.manifest))
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "PreparedInputs":
+    def load(cls, directory: str | Path) -> PreparedInputs:
         directory = Path(directory)
         path = directory / "inputs.json"
         if not path.exists():
@@ -63,11 +74,16 @@ class PreparedInputs:
         doc = json.loads(path.read_text())
         if doc.get("format") != INPUTS_FORMAT:
             raise ValueError(f"prepared inputs {path}: format {doc.get('format')!r}; expected {INPUTS_FORMAT!r}")
-        datasets = [PreparedData.load(directory / entry["dir"]) for entry in doc["datasets"]]
-        for entry, data in zip(doc["datasets"], datasets):
-            if data.fingerprint != entry["fingerprint"]:
-                raise ValueError(f"prepared inputs {path}: {entry['dir']} has fingerprint {data.fingerprint}, recorded {entry['fingerprint']}")
-        return cls(doc["learner"], datasets, doc["fingerprint"], dict(doc.get("details") or {}))
+        loaded = {}
+        for group in ("datasets", "meta_test"):
+            loaded[group] = [PreparedData.load(directory / entry["dir"]) for entry in doc.get(group, [])]
+            for entry, data in zip(doc.get(group, []), loaded[group]):
+                if data.fingerprint != entry["fingerprint"]:
+                    raise ValueError(f"prepared inputs {path}: {entry['dir']} has fingerprint {data.fingerprint}, recorded {entry['fingerprint']}")
+        manifest_path = directory / "split_manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        return cls(doc["learner"], loaded["datasets"], doc["fingerprint"], dict(doc.get("details") or {}), loaded["meta_test"],
+                   dict(doc.get("meta_test_settings") or {}), manifest)  # fmt: skip
 
     def summary(self) -> str:
         if not self.datasets:
@@ -77,7 +93,9 @@ class PreparedInputs:
             sizes = sum(len(split) for split in data.splits.values())
             where = f"{len(data.domains)} domains" if data.domains else "train/val"
             parts.append(f"{data.spec.get('source')} ({where}, {sizes} images)")
-        return f"{', '.join(parts)} (fingerprint {self.fingerprint[:12]})"
+        held_out = sum(len(split) for data in self.meta_test for split in data.splits.values())
+        tail = f"; meta-test {held_out} unseen images" if self.meta_test else ""
+        return f"{', '.join(parts)}{tail} (fingerprint {self.fingerprint[:12]})"
 
 
 def combine_fingerprints(fingerprints: Sequence[str]) -> str:

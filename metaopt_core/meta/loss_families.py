@@ -7,7 +7,7 @@ Every family offers
 - ``functional(params, logits, target)``: the mean loss, differentiable in ω and in the logits,
   free of data-dependent Python control flow (so it works under ``torch.func.vmap`` and inside
   double backward for implicit hypergradients);
-- ``per_example(params, scale, logits, target)`` and ``scales(params)``: the same loss in the
+- ``per_example(params, scale, logits, target)`` and ``scales(params, classes)``: the same loss in the
   shape :mod:`metaopt_core.population` vmaps over (so CMA-ES can search any family too);
 - ``to_module(params)``: a drop-in ``nn.Module`` for ``nn.CrossEntropyLoss``;
 - ``to_dict(params)`` / :func:`family_from_dict`: the white-box JSON document the model registry
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from metaopt_core.losses.document import loss_from_document, validate_loss_document
 from metaopt_core.losses.robust import SymmetricCrossEntropy, reverse_cross_entropy
 from metaopt_core.losses.taylor import (
+    DEFAULT_CLASS_REDUCTION,
     ORDERS,
     PRESETS,
     Form,
@@ -72,7 +73,7 @@ class LossFamily(Protocol):
 
     def functional(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor: ...
 
-    def scales(self, params: Tensor) -> Tensor: ...
+    def scales(self, params: Tensor, classes: int) -> Tensor: ...
 
     def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor: ...
 
@@ -116,7 +117,7 @@ class TaylorFamily:
     ce_centre: float = 0.5
     normalise: bool = False
     eta: float = 1.0
-    class_reduction: Literal["sum", "mean"] = "sum"
+    class_reduction: Literal["sum", "mean"] = DEFAULT_CLASS_REDUCTION
     kind: str = "taylor"
 
     def __post_init__(self):
@@ -138,8 +139,9 @@ class TaylorFamily:
         return num_params(self.order)
 
     def init(self, spec: InitSpec) -> Tensor:
-        """ω to start from: a Taylor preset name (its order and form must match), ``"ce-like"``
-        or ``num_params`` explicit numbers."""
+        """ω to start from: a Taylor preset name (its order and form must match; the preset's
+        ``loss_params()``, i.e. with its ``sign`` applied, as ``TaylorLoss.from_preset`` uses it),
+        ``"ce-like"`` or ``num_params`` explicit numbers."""
         if isinstance(spec, str):
             if spec == CE_LIKE:
                 return self.ce_like()
@@ -147,10 +149,8 @@ class TaylorFamily:
                 raise ValueError(f"init: got {spec!r}; allowed: {CE_LIKE!r}, {sorted(PRESETS)} or a list of {self.num_params} numbers")
             preset = PRESETS[spec]
             if self.order != 4 or preset.form != self.form:
-                raise ValueError(
-                    f"init: preset {spec!r} is order 4, form {preset.form!r}; the family is order {self.order}, form {self.form!r}"
-                )
-            return torch.tensor(preset.params, dtype=torch.float32)
+                raise ValueError(f"init: preset {spec!r} is order 4, form {preset.form!r}; the family is order {self.order}, form {self.form!r}")
+            return torch.tensor(preset.loss_params(), dtype=torch.float32)
         return _as_vector(spec, self.num_params, "init")
 
     def ce_like(self) -> Tensor:
@@ -168,12 +168,14 @@ class TaylorFamily:
         return torch.tensor(params, dtype=torch.float32)
 
     def functional(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor:
-        scale = normalisation_scale(params, self.order, self.form, self.eta) if self.normalise else 1.0
+        scale = 1.0
+        if self.normalise:
+            scale = normalisation_scale(params, self.order, self.form, self.eta, classes=logits.shape[-1], class_reduction=self.class_reduction)
         return taylor_loss(params, logits, target, self.order, self.form, scale, "mean", self.class_reduction)
 
-    def scales(self, params: Tensor) -> Tensor:
+    def scales(self, params: Tensor, classes: int) -> Tensor:
         if self.normalise:
-            return normalisation_scale(params, self.order, self.form, self.eta)
+            return normalisation_scale(params, self.order, self.form, self.eta, classes=classes, class_reduction=self.class_reduction)
         return torch.ones(params.shape[0], dtype=params.dtype, device=params.device)
 
     def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
@@ -257,7 +259,7 @@ class ISCEFamily:
     def functional(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor:
         return self._per_example(params, logits, target).mean(-1)
 
-    def scales(self, params: Tensor) -> Tensor:
+    def scales(self, params: Tensor, classes: int) -> Tensor:
         return torch.ones(params.shape[0], dtype=params.dtype, device=params.device)
 
     def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:

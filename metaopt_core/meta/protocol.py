@@ -12,7 +12,7 @@ what a pipeline fans out), *tell* (merge the shards' parts and take the outer st
         state = learner.tell(state, parts, inputs)
         learner.save_state(state, "ckpt")                                           # resumable
     learner.export(state, inputs, "learned")        # the white-box loss or divergence
-    report = learner.meta_test(config, read_result("learned"), inputs, settings)
+    report = learner.meta_test(config, read_result("learned"), inputs, settings, champion=production)
 
 Work and parts are JSON-able dicts, so they cross process and machine boundaries unchanged.
 :class:`LearnerBase` implements the parts that do not depend on the algorithm (configuration,
@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence
 from pydantic import BaseModel
 
 from metaopt_core.config import ConfigError, DataSpec, validate
+from metaopt_core.data.manifest import SplitManifest
 from metaopt_core.meta.inputs import PreparedInputs, combine_fingerprints, integral_floats_to_int
 
 Work = dict  # one outer step's jobs (JSON-able)
@@ -42,14 +43,29 @@ FINISHED = "finished"  # key of a work document when the run has nothing left to
 
 @dataclass
 class MetaTestReport:
-    """The meta-test's tables (Markdown), the scores the registry records and promotion compares
-    (``metric``, ``greater_is_better``), and the details as JSON."""
+    """The meta-test's tables (Markdown), the scores the registry records (``metric``,
+    ``greater_is_better``), and the details as JSON.
+
+    ``paired``: candidate label (``learned``, ``champion`` when the production version was
+    re-evaluated, each baseline) -> its score on every unit of ``units`` (task x seed), the same
+    units in the same order for every label, in the direction of ``metric``: what the promotion
+    gate (:mod:`metaopt_core.gate`) compares. ``settings``: how the candidates were run (lr grid,
+    budget, seeds, the lr chosen per candidate and task), also in ``details`` and the Markdown."""
 
     markdown: str
     scores: dict[str, float]
     metric: str
     greater_is_better: bool
     details: dict = field(default_factory=dict)
+    paired: dict[str, list[float]] = field(default_factory=dict)
+    units: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def gate_inputs(self) -> dict:
+        """What the promotion step needs from this run, as JSON: metric, direction, paired scores,
+        their units and the settings."""
+        return {"metric": self.metric, "greater_is_better": self.greater_is_better, "paired": self.paired,
+                "units": self.units, "settings": self.settings}  # fmt: skip
 
 
 @runtime_checkable
@@ -68,7 +84,8 @@ class MetaLearner(Protocol):
     def with_device(self, config: BaseModel, device: str | None) -> BaseModel: ...
     def total_steps(self, config: BaseModel) -> int: ...
     def with_total_steps(self, config: BaseModel, steps: int) -> BaseModel: ...
-    def prepare(self, config: BaseModel, progress: ProgressReporter | None = None) -> PreparedInputs: ...
+    def prepare(self, config: BaseModel, meta_test: Mapping[str, Any] | BaseModel | None = None,
+                progress: ProgressReporter | None = None) -> PreparedInputs: ...  # fmt: skip
 
     def init(self, config: BaseModel, data: PreparedInputs) -> Any: ...
     def ask(self, state: Any, data: PreparedInputs) -> Work: ...
@@ -82,7 +99,7 @@ class MetaLearner(Protocol):
 
     def export(self, state: Any, data: PreparedInputs, directory: str | Path) -> dict[str, Path]: ...
     def meta_test(self, config: BaseModel, exported: Mapping[str, Any], data: PreparedInputs, settings: BaseModel, *,
-                  progress: ProgressReporter | None = None) -> MetaTestReport: ...  # fmt: skip
+                  champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport: ...  # fmt: skip
 
     def save_state(self, state: Any, directory: str | Path) -> Path: ...
     def load_state(self, directory: str | Path) -> Any: ...
@@ -174,9 +191,23 @@ class LearnerBase:
 
     # ---------------------------------------------------------------- data
 
-    def data_specs(self, config: BaseModel) -> list[DataSpec]:
+    def data_specs(self, config: BaseModel, meta_test: BaseModel) -> list[DataSpec]:
         """The datasets meta-training reads, in order (none: tasks generated from the config)."""
         return []
+
+    def meta_test_specs(self, config: BaseModel, meta_test: BaseModel) -> list[DataSpec]:
+        """The datasets the meta-test reads: examples (and held-out domains) meta-training never touches."""
+        return []
+
+    def split_manifest(self, config: BaseModel, meta_test: BaseModel, data: PreparedInputs) -> SplitManifest:
+        """Which splits each phase reads (see :mod:`metaopt_core.data.manifest`). The default:
+        meta-training reads all of ``data.datasets``, the meta-test all of ``data.meta_test``."""
+        manifest = SplitManifest()
+        for dataset in data.datasets:
+            manifest.add("inner_training", dataset)
+        for dataset in data.meta_test:
+            manifest.add("meta_test", dataset)
+        return manifest
 
     def generated_inputs(self, config: BaseModel) -> PreparedInputs:
         """Inputs of a learner that reads no dataset: an empty set whose fingerprint is the config's."""
@@ -186,27 +217,38 @@ class LearnerBase:
         digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
         return PreparedInputs(self.name, [], digest, {"kind": "generated from the config"})
 
-    def prepare(self, config: BaseModel, progress: ProgressReporter | None = None) -> PreparedInputs:
-        """Prepare every dataset the configuration reads (re-reading its source, so new data shows
-        up as a new fingerprint)."""
+    def prepare(self, config: BaseModel, meta_test: Mapping[str, Any] | BaseModel | None = None,
+                progress: ProgressReporter | None = None) -> PreparedInputs:  # fmt: skip
+        """Prepare every dataset the run reads, meta-training's and the meta-test's (re-reading the
+        sources, so new data shows up as a new fingerprint), and the split manifest; refuses an
+        overlap between meta-training and meta-test (:class:`SplitOverlapError`) before any training."""
         from metaopt_core.data.prepare import prepare
 
-        datasets = []
-        for spec in self.data_specs(config):
+        settings = self.resolve_meta_test(meta_test)
+
+        def prepared(spec: DataSpec) -> Any:
             data = prepare(spec)
-            datasets.append(data)
             if progress:
                 splits = sorted(data.splits)
-                progress(f"prepared {spec.source}: splits {splits[:4]}{'...' if len(splits) > 4 else ''}, fingerprint {data.fingerprint[:12]}")
-        if not datasets:
-            return self.generated_inputs(config)
-        return PreparedInputs(self.name, datasets, combine_fingerprints([d.fingerprint for d in datasets]), {"kind": "datasets"})
+                progress(f"prepared {spec.source} ({spec.part}): splits {splits[:4]}{'...' if len(splits) > 4 else ''}, fingerprint {data.fingerprint[:12]}")
+            return data
+
+        datasets = [prepared(spec) for spec in self.data_specs(config, settings)]
+        held_out = [prepared(spec) for spec in self.meta_test_specs(config, settings)]
+        if datasets:
+            inputs = PreparedInputs(self.name, datasets, "", {"kind": "datasets"})
+        else:
+            inputs = self.generated_inputs(config)
+        inputs.meta_test, inputs.meta_test_settings = held_out, settings.model_dump(mode="json")
+        inputs.fingerprint = combine_fingerprints([*(d.fingerprint for d in datasets), *(d.fingerprint for d in held_out)] or [inputs.fingerprint])
+        inputs.manifest = self.split_manifest(config, settings, inputs).check().to_dict()
+        return inputs
 
     def check_inputs(self, config: BaseModel, data: PreparedInputs) -> None:
         """The prepared inputs are the ones this configuration reads."""
         if data.learner != self.name:
             raise ValueError(f"inputs: prepared for {data.learner!r}; the config is {self.name!r}")
-        wanted = [spec.model_dump(mode="json") for spec in self.data_specs(config)]
+        wanted = [spec.model_dump(mode="json") for spec in self.data_specs(config, self.resolve_meta_test(data.meta_test_settings))]
         have = [dataset.spec for dataset in data.datasets]
         if wanted != have:
             raise ValueError(f"inputs: prepared from data specs {have}; the config reads {wanted} (prepare the data again)")

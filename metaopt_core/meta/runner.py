@@ -169,13 +169,19 @@ def meta_test(
     inputs: PreparedInputs,
     settings: Mapping[str, Any] | BaseModel | None = None,
     *,
+    champion: Mapping[str, Any] | None = None,
     progress: ProgressReporter | None = None,
 ) -> MetaTestReport:
-    """Meta-test an exported result with the learner's protocol (its ``meta_test_class`` settings)."""
+    """Meta-test an exported result with the learner's protocol (its ``meta_test_class`` settings).
+    ``champion``: the production version (shaped like :func:`read_result`'s document: ``kind`` and
+    ``loss`` or ``divergence_dir``), re-evaluated in the same run on the same units; None if none."""
     exported = read_result(learned_dir)
     if exported["learner"] != learner.name:
         raise ValueError(f"learned_dir: holds a {exported['learner']!r} result; the config is {learner.name!r}")
-    return learner.meta_test(config, exported, inputs, learner.resolve_meta_test(settings), progress=progress)
+    if champion is not None and champion.get("kind") != learner.kind:
+        raise ValueError(f"champion: a {champion.get('kind')!r} result; this learner exports a {learner.kind!r}")
+    extra = {} if champion is None else {"champion": champion}  # learners written before the gate take no champion
+    return learner.meta_test(config, exported, inputs, learner.resolve_meta_test(settings), progress=progress, **extra)
 
 
 __all__ = [

@@ -5,7 +5,8 @@
 into the model and, on ``mlflow.pyfunc.load_model(uri)``, executes it and takes the object given
 to ``mlflow.models.set_model`` below. Nothing is unpickled: the model's state is the white-box
 artifact (``loss.json``, or ``divergence.safetensors`` + ``manifest.json``), read in
-``load_context``. It therefore needs ``metaopt`` installed where it is loaded, like any code model.
+``load_context``. It therefore needs ``metaopt_core`` importable where it is loaded (the ``metaopt-core`` distribution, which
+its logged requirements pin), like any code model.
 
 Inputs and outputs (also recorded as the model signature):
 
@@ -57,9 +58,7 @@ class MetaoptPyfuncModel(mlflow.pyfunc.PythonModel):
             self.kind = "optimizer"
             self.divergence, self.manifest = load_divergence(artifacts[DIVERGENCE_ARTIFACT])
         else:
-            raise ValueError(
-                f"model artifacts: got {sorted(artifacts)}; a metaopt model has {LOSS_ARTIFACT!r} or {DIVERGENCE_ARTIFACT!r}"
-            )
+            raise ValueError(f"model artifacts: got {sorted(artifacts)}; a metaopt model has {LOSS_ARTIFACT!r} or {DIVERGENCE_ARTIFACT!r}")
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -86,10 +85,7 @@ def loss_values(loss: Any, frame: pd.DataFrame) -> list[float]:
     for i, p in enumerate(probabilities):
         row = np.asarray(p, dtype=np.float64).reshape(-1)
         if row.size < 2 or not np.all(np.isfinite(row)) or row.min() < 0 or abs(row.sum() - 1.0) > 1e-3:
-            raise ValueError(
-                f"model_input row {i}: probabilities {row.tolist()[:10]} must be >= 0, finite, at least 2 "
-                "classes, and sum to 1"
-            )
+            raise ValueError(f"model_input row {i}: probabilities {row.tolist()[:10]} must be >= 0, finite, at least 2 classes, and sum to 1")
         label = labels.iloc[i]
         if isinstance(label, (bool, np.bool_)) or not float(label).is_integer() or not 0 <= int(label) < row.size:
             raise ValueError(f"model_input row {i}: label {label!r} is not a class index in [0, {row.size})")
@@ -127,8 +123,7 @@ def step_directions(divergence: Any, frame: pd.DataFrame) -> list[list[float]]:
         expected = int(np.prod(divergence.param_shapes[k]))
         if flat.numel() != expected:
             raise ValueError(
-                f"model_input row {i}: gradient of {name!r} has {flat.numel()} values; its shape "
-                f"{tuple(divergence.param_shapes[k])} needs {expected}"
+                f"model_input row {i}: gradient of {name!r} has {flat.numel()} values; its shape {tuple(divergence.param_shapes[k])} needs {expected}"
             )
         full[k] = flat.reshape(divergence.param_shapes[k])
     with torch.no_grad():

@@ -1,11 +1,11 @@
 """MetaMD's optimiser: mirror descent with a learned (Kronecker-factored) Bregman divergence.
 
-    from metaopt_core.optim import KroneckerBregman, MirrorDescent
-    div = KroneckerBregman.for_model(model)          # M = I: starts as SGD
-    opt = MirrorDescent(model.parameters(), div, lr=0.1)
-    ...
-    save_divergence(div, "out/metamd", lr=0.1)
-    opt = MirrorDescent.from_pretrained("out/metamd", new_model)
+from metaopt_core.optim import KroneckerBregman, MirrorDescent
+div = KroneckerBregman.for_model(model)          # M = I: starts as SGD
+opt = MirrorDescent(model.parameters(), div, lr=0.1)
+...
+save_divergence(div, "out/metamd", lr=0.1)
+opt = MirrorDescent.from_pretrained("out/metamd", new_model)
 """
 
 from .divergence import (

@@ -58,9 +58,7 @@ def _normalise_names_and_shapes(names_and_shapes: NamesAndShapes) -> tuple[tuple
         try:
             name, shape = item
         except (TypeError, ValueError):
-            raise ValueError(
-                f"names_and_shapes[{position}]: got {item!r}; allowed: a (name, shape) pair"
-            ) from None
+            raise ValueError(f"names_and_shapes[{position}]: got {item!r}; allowed: a (name, shape) pair") from None
         if not isinstance(name, str) or not name:
             raise ValueError(f"names_and_shapes[{position}] name: got {name!r}; allowed: a non-empty string")
         if name in seen:
@@ -68,14 +66,9 @@ def _normalise_names_and_shapes(names_and_shapes: NamesAndShapes) -> tuple[tuple
         try:
             dims = tuple(int(d) for d in shape)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"names_and_shapes[{position}] shape of {name!r}: got {shape!r}; allowed: a sequence of ints"
-            ) from None
+            raise ValueError(f"names_and_shapes[{position}] shape of {name!r}: got {shape!r}; allowed: a sequence of ints") from None
         if any(d < 0 for d in dims) or any(int(d) != d for d in shape):
-            raise ValueError(
-                f"names_and_shapes[{position}] shape of {name!r}: got {tuple(shape)!r}; "
-                "allowed: non-negative integer dimensions"
-            )
+            raise ValueError(f"names_and_shapes[{position}] shape of {name!r}: got {tuple(shape)!r}; allowed: non-negative integer dimensions")
         seen.add(name)
         names.append(name)
         shapes.append(torch.Size(dims))
@@ -101,17 +94,17 @@ class Divergence(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def for_shapes(cls, names_and_shapes: NamesAndShapes, **options: Any) -> "Divergence":
+    def for_shapes(cls, names_and_shapes: NamesAndShapes, **options: Any) -> Divergence:
         """Build for an explicit ordered list of ``(name, shape)`` pairs (or a name -> shape mapping)."""
         return cls(names_and_shapes, **options)
 
     @classmethod
-    def for_model(cls, model: nn.Module, **options: Any) -> "Divergence":
+    def for_model(cls, model: nn.Module, **options: Any) -> Divergence:
         """Build for ``model.named_parameters()``, in that order (the order of ``model.parameters()``)."""
         return cls.for_shapes([(name, p.shape) for name, p in model.named_parameters()], **options)
 
     @classmethod
-    def for_params(cls, params: Iterable[Tensor], **options: Any) -> "Divergence":
+    def for_params(cls, params: Iterable[Tensor], **options: Any) -> Divergence:
         """Build for a raw list of tensors; they are named ``"0"``, ``"1"``, ... by position."""
         return cls.for_shapes([(str(i), t.shape) for i, t in enumerate(params)], **options)
 
@@ -150,16 +143,12 @@ class Divergence(nn.Module):
     def _tensor_list(self, tensors: Iterable[Tensor], arg: str) -> list[Tensor]:
         tensors = list(tensors)
         if len(tensors) != len(self.param_names):
-            raise ShapeMismatchError(
-                f"{arg}: got {len(tensors)} tensors; the divergence covers {len(self.param_names)} parameters"
-            )
+            raise ShapeMismatchError(f"{arg}: got {len(tensors)} tensors; the divergence covers {len(self.param_names)} parameters")
         for position, (t, name, shape) in enumerate(zip(tensors, self.param_names, self.param_shapes)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{arg}[{position}] ({name!r}): got {type(t).__name__}; allowed: a torch.Tensor")
             if t.shape != shape:
-                raise ShapeMismatchError(
-                    f"{arg}[{position}] ({name!r}): expected shape {_fmt_shape(shape)}, got shape {_fmt_shape(t.shape)}"
-                )
+                raise ShapeMismatchError(f"{arg}[{position}] ({name!r}): expected shape {_fmt_shape(shape)}, got shape {_fmt_shape(t.shape)}")
         return tensors
 
     # ------------------------------------------------------------------ math (subclasses)
@@ -192,7 +181,7 @@ class Divergence(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> "Divergence":
+    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> Divergence:
         """Rebuild (with initial factors) from ``description()``; raises ``ValueError`` if it is inconsistent."""
         raise NotImplementedError
 
@@ -335,7 +324,7 @@ class KroneckerBregman(Divergence):
 
         # Per parameter: (block index, is tied bias, rows, cols of the matrix the parameter is seen as).
         plan: list[tuple[int, bool, int, int]] = []
-        for name, shape in zip(self.param_names, self.param_shapes):
+        for name in self.param_names:
             if name in self.tied_biases:
                 block = block_of[self.tied_biases[name]]
                 plan.append((block, True, blocks[block].rows, 1))
@@ -351,7 +340,7 @@ class KroneckerBregman(Divergence):
         self.b = nn.ParameterList([nn.Parameter(torch.zeros(blk.rows, **factory)) for blk in blocks])
 
     @classmethod
-    def for_model(cls, model: nn.Module, **options: Any) -> "KroneckerBregman":
+    def for_model(cls, model: nn.Module, **options: Any) -> KroneckerBregman:
         """One block per layer of ``model``; biases of Linear/Conv layers tied to their weights.
 
         Transposed convolutions keep their bias untied: their weight's dim 0 is the input channels.
@@ -360,9 +349,7 @@ class KroneckerBregman(Divergence):
         if "tied_biases" not in options:
             ties = default_bias_ties([n for n, _ in named], [p.shape for _, p in named])
             transposed = {
-                f"{prefix}.bias" if prefix else "bias"
-                for prefix, module in model.named_modules()
-                if isinstance(module, nn.modules.conv._ConvTransposeNd)
+                f"{prefix}.bias" if prefix else "bias" for prefix, module in model.named_modules() if isinstance(module, nn.modules.conv._ConvTransposeNd)
             }
             options["tied_biases"] = {b: w for b, w in ties.items() if b not in transposed}
         return cls.for_shapes([(n, p.shape) for n, p in named], **options)
@@ -378,9 +365,7 @@ class KroneckerBregman(Divergence):
             if weight in ties:
                 raise ValueError(f"tied_biases[{bias!r}]: {weight!r} is itself tied as a bias")
             if len(shape_of[bias]) != 1:
-                raise ValueError(
-                    f"tied_biases: bias {bias!r} has shape {_fmt_shape(shape_of[bias])}; allowed: 1-D"
-                )
+                raise ValueError(f"tied_biases: bias {bias!r} has shape {_fmt_shape(shape_of[bias])}; allowed: 1-D")
             w_shape = shape_of[weight]
             if len(w_shape) < 2 or w_shape[0] != shape_of[bias][0]:
                 raise ValueError(
@@ -388,9 +373,7 @@ class KroneckerBregman(Divergence):
                     f">= 2 dims with dim 0 == {shape_of[bias][0]} (the bias length)"
                 )
             if weight in weights_used:
-                raise ValueError(
-                    f"tied_biases: weight {weight!r} is tied to both {weights_used[weight]!r} and {bias!r}"
-                )
+                raise ValueError(f"tied_biases: weight {weight!r} is tied to both {weights_used[weight]!r} and {bias!r}")
             weights_used[weight] = bias
         return ties
 
@@ -520,26 +503,6 @@ class KroneckerBregman(Divergence):
                 prepared["b_col_scaled"] = scaled.unsqueeze(1).split(sizes, 0)
         return prepared
 
-    def _scratch_views(self, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor] | None]:
-        """Per parameter: (rows x cols, parameter-shaped) views of one reused work buffer.
-
-        A fresh rows x cols temporary per layer per step would cost allocation and page faults.
-        """
-
-        def build() -> list[tuple[Tensor, Tensor] | None]:
-            numels = [rows * cols for _, is_bias, rows, cols in self._plan if not is_bias and cols > 1]
-            buffer = torch.empty(max(numels, default=0), device=device, dtype=dtype)
-            views: list[tuple[Tensor, Tensor] | None] = []
-            for (_, is_bias, rows, cols), shape in zip(self._plan, self.param_shapes):
-                if is_bias or cols == 1:
-                    views.append(None)
-                else:
-                    matrix = buffer[: rows * cols].view(rows, cols)
-                    views.append((matrix, matrix.view(shape)))
-            return views
-
-        return self._static(("scratch", device, dtype), build)
-
     @torch.no_grad()
     def apply_update_(
         self,
@@ -551,12 +514,14 @@ class KroneckerBregman(Divergence):
     ) -> None:
         """In place: P -= lr * B^{-1} (G + weight_decay P) A^{-1} per parameter.
 
-        Matrix blocks, in a reused scratch S, layer by layer so that S and P stay in cache:
-        S = G + wd P; u = S a; S -= u (alpha a)^T (now S A^{-1}); w = b^T S; S -= (beta b) w (now
-        B^{-1} S A^{-1}); P -= lr S. Six passes over the layer against SGD's two (g + wd p, p -= lr g):
-        two matrix-vector products and two rank-1 updates are the irreducible extra work with stock
-        PyTorch kernels. Vector blocks (tied biases, 1-D and scalar parameters) are many small tensors:
-        they are updated together in one flat batch, with a fixed number of ops.
+        Matrix blocks, by Sherman-Morrison: with S = G + wd P, u = S a, w = b^T S and
+        alpha = 1/(1 + a^T a), beta = 1/(1 + b^T b),
+        B^{-1} S A^{-1} = S - U V,  U = [u - beta (w a) b, beta b] (rows x 2),  V = [alpha a^T; w],
+        so the step is P <- (1 - lr wd) P - lr G + lr U V: two matrix-vector products per operand
+        (G and, with weight decay, P; S is never formed), one ``addmm_`` (the rank-2 term and the
+        decay in one pass over P) and one ``add_`` of G. Vector blocks (tied biases, 1-D and scalar
+        parameters) are many small tensors: they are updated together in one flat batch, with a
+        fixed number of ops.
         """
         by_device: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for k, g in enumerate(grads):
@@ -566,30 +531,48 @@ class KroneckerBregman(Divergence):
         for (device, dtype), members in by_device.items():
             f = self._prepared_factors(device, dtype)
             a_col, a_row_scaled, b_row, b_col_scaled = f["a_col"], f["a_row_scaled"], f["b_row"], f["b_col_scaled"]
-            scratch = self._scratch_views(device, dtype)
             vector_members: list[int] = []
             for k in members:
                 position = indices[k]
-                views = scratch[position]
-                if views is None:
+                block, is_bias, rows, cols = self._plan[position]
+                if is_bias or cols == 1:
                     vector_members.append(k)
                     continue
-                S, S_shaped = views
-                block = self._plan[position][0]
                 p, g = params[k], grads[k]
+                G = g.view(rows, cols) if g.is_contiguous() else g.reshape(rows, cols)
+                if not p.is_contiguous():  # e.g. channels_last: no (rows, cols) view to update in place
+                    self._update_matrix_strided(p, G, a_col[block], a_row_scaled[block], b_row[block], b_col_scaled[block], lr, weight_decay)
+                    continue
+                P = p.view(rows, cols)
+                u = torch.mm(G, a_col[block])  # (rows, 1)
+                w = torch.mm(b_row[block], G)  # (1, cols)
                 if weight_decay:
-                    torch.add(g, p, alpha=weight_decay, out=S_shaped)
-                    u = torch.mm(S, a_col[block])
-                    S.addcmul_(u, a_row_scaled[block], value=-1.0)
-                else:
-                    G = g.view(S.shape) if g.is_contiguous() else g.reshape(S.shape)
-                    u = torch.mm(G, a_col[block])
-                    torch.addcmul(G, u, a_row_scaled[block], value=-1.0, out=S)
-                w = torch.mm(b_row[block], S)
-                S.addcmul_(b_col_scaled[block], w, value=-1.0)
-                p.add_(S_shaped, alpha=-lr)  # follows p's strides (e.g. channels_last)
+                    u = torch.addmm(u, P, a_col[block], alpha=weight_decay)
+                    w = torch.addmm(w, b_row[block], P, alpha=weight_decay)
+                left = torch.cat((torch.addcmul(u, b_col_scaled[block], torch.mm(w, a_col[block]), value=-1.0),
+                                  b_col_scaled[block]), 1)  # fmt: skip
+                right = torch.cat((a_row_scaled[block], w), 0)
+                P.addmm_(left, right, beta=1.0 - lr * weight_decay, alpha=lr)
+                P.add_(G, alpha=-lr)
             if vector_members:
                 self._update_vectors(vector_members, indices, params, grads, lr, weight_decay, f)
+
+    def _update_matrix_strided(
+        self,
+        p: Tensor,
+        G: Tensor,
+        a_col: Tensor,
+        a_row_scaled: Tensor,
+        b_row: Tensor,
+        b_col_scaled: Tensor,
+        lr: float,
+        weight_decay: float,
+    ) -> None:
+        """A parameter with no (rows, cols) view (non-contiguous): form S, precondition, add back."""
+        S = G + weight_decay * p.reshape(G.shape) if weight_decay else G.clone()
+        S.addcmul_(torch.mm(S, a_col), a_row_scaled, value=-1.0)
+        S.addcmul_(b_col_scaled, torch.mm(b_row, S), value=-1.0)
+        p.add_(S.view(p.shape), alpha=-lr)  # follows p's strides
 
     def _update_vectors(
         self,
@@ -652,14 +635,12 @@ class KroneckerBregman(Divergence):
         }
 
     @classmethod
-    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> "KroneckerBregman":
+    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> KroneckerBregman:
         blocks = _require_list(description, "blocks")
         ties: dict[str, str] = {}
         for k, blk in enumerate(blocks):
             if not isinstance(blk, Mapping) or not isinstance(blk.get("parameter"), str):
-                raise ValueError(
-                    f"blocks[{k}]: got {blk!r}; allowed: an object with 'parameter', 'bias', 'rows', 'cols', 'factors'"
-                )
+                raise ValueError(f"blocks[{k}]: got {blk!r}; allowed: an object with 'parameter', 'bias', 'rows', 'cols', 'factors'")
             if blk.get("bias") is not None:
                 ties[blk["bias"]] = blk["parameter"]
         div = cls(names_and_shapes, tied_biases=ties)
@@ -687,9 +668,7 @@ class DiagonalBregman(Divergence):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(names_and_shapes)
-        self.log_scale = nn.ParameterList(
-            [nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)) for shape in self.param_shapes]
-        )
+        self.log_scale = nn.ParameterList([nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)) for shape in self.param_shapes])
 
     def _scale(self, k: int, like: Tensor) -> Tensor:
         return self.log_scale[k].to(device=like.device, dtype=like.dtype)
@@ -732,7 +711,7 @@ class DiagonalBregman(Divergence):
         }
 
     @classmethod
-    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> "DiagonalBregman":
+    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> DiagonalBregman:
         div = cls(names_and_shapes)
         _require_same_description(div, description)
         return div
@@ -811,7 +790,7 @@ class DenseBregman(Divergence):
         }
 
     @classmethod
-    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> "DenseBregman":
+    def from_description(cls, names_and_shapes: NamesAndShapes, description: Mapping[str, Any]) -> DenseBregman:
         options = description.get("options") if isinstance(description, Mapping) else None
         if not isinstance(options, Mapping) or "epsilon" not in options:
             raise ValueError(f"options: got {options!r}; allowed: an object with 'epsilon'")
@@ -852,7 +831,5 @@ def _require_same_description(div: Divergence, description: Mapping[str, Any]) -
                 for k, (e, g) in enumerate(zip(expected[key], got)):
                     if e != g:
                         raise ValueError(f"blocks[{k}]: got {g!r}; for these parameter shapes expected {e!r}")
-                raise ValueError(
-                    f"blocks: got {len(got)} blocks; for these parameter shapes expected {len(expected[key])}"
-                )
+                raise ValueError(f"blocks: got {len(got)} blocks; for these parameter shapes expected {len(expected[key])}")
             raise ValueError(f"{key}: got {got!r}; for these parameter shapes expected {expected[key]!r}")

@@ -63,9 +63,7 @@ def save_divergence(
     """
     if not isinstance(div, Divergence):
         raise TypeError(f"div: got {type(div).__name__}; allowed: a metaopt_core.optim.Divergence")
-    if lr is not None and (
-        isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0
-    ):
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
         raise ValueError(f"lr: got {lr!r}; allowed: a finite float > 0, or None")
     metadata = dict(metadata or {})
     try:
@@ -114,9 +112,7 @@ def _validate_manifest(manifest: Any) -> list[tuple[str, list[int]]]:
         raise DivergenceFormatError(f"{MANIFEST_FILE}: field 'format' is {fmt!r}; allowed: {FORMAT!r}")
     version = _field(manifest, "format_version", int, f"one of {list(SUPPORTED_FORMAT_VERSIONS)}")
     if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise DivergenceFormatError(
-            f"{MANIFEST_FILE}: field 'format_version' is {version!r}; allowed: {list(SUPPORTED_FORMAT_VERSIONS)}"
-        )
+        raise DivergenceFormatError(f"{MANIFEST_FILE}: field 'format_version' is {version!r}; allowed: {list(SUPPORTED_FORMAT_VERSIONS)}")
     kind = _field(manifest, "kind", str, f"one of {sorted(DIVERGENCE_KINDS)}")
     if kind not in DIVERGENCE_KINDS:
         raise DivergenceFormatError(f"{MANIFEST_FILE}: field 'kind' is {kind!r}; allowed: {sorted(DIVERGENCE_KINDS)}")
@@ -140,9 +136,7 @@ def _validate_manifest(manifest: Any) -> list[tuple[str, list[int]]]:
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
         )
         if not ok:
-            raise DivergenceFormatError(
-                f"{MANIFEST_FILE}: parameters[{k}] is {entry!r}; allowed: {{'name': str, 'shape': [non-negative ints]}}"
-            )
+            raise DivergenceFormatError(f"{MANIFEST_FILE}: parameters[{k}] is {entry!r}; allowed: {{'name': str, 'shape': [non-negative ints]}}")
         names_and_shapes.append((entry["name"], entry["shape"]))
     return names_and_shapes
 
@@ -163,8 +157,7 @@ def load_divergence(directory: str | PathLike[str]) -> tuple[Divergence, dict[st
     digest = _sha256(tensor_path)
     if digest != manifest["tensor_sha256"]:
         raise DivergenceFormatError(
-            f"{tensor_path}: sha256 {digest} does not match the manifest's tensor_sha256 "
-            f"{manifest['tensor_sha256']} (the file was modified or corrupted)"
+            f"{tensor_path}: sha256 {digest} does not match the manifest's tensor_sha256 {manifest['tensor_sha256']} (the file was modified or corrupted)"
         )
     try:
         tensors = load_file(str(tensor_path))
@@ -186,13 +179,9 @@ def load_divergence(directory: str | PathLike[str]) -> tuple[Divergence, dict[st
         declared = manifest["tensors"].get(key)
         t: Tensor = tensors[key]
         if not isinstance(declared, dict) or declared.get("shape") != list(t.shape):
-            raise DivergenceFormatError(
-                f"{MANIFEST_FILE}: tensors[{key!r}] is {declared!r}; the tensor file has shape {list(t.shape)}"
-            )
+            raise DivergenceFormatError(f"{MANIFEST_FILE}: tensors[{key!r}] is {declared!r}; the tensor file has shape {list(t.shape)}")
         if t.shape != expected[key].shape:
-            raise DivergenceFormatError(
-                f"{tensor_path}: tensor {key!r} has shape {list(t.shape)}; the layout needs {list(expected[key].shape)}"
-            )
+            raise DivergenceFormatError(f"{tensor_path}: tensor {key!r} has shape {list(t.shape)}; the layout needs {list(expected[key].shape)}")
         if not t.is_floating_point():
             raise DivergenceFormatError(f"{tensor_path}: tensor {key!r} has dtype {t.dtype}; allowed: floating point")
         if not torch.isfinite(t).all():

@@ -39,6 +39,9 @@ class MirrorDescent(torch.optim.Optimizer):
         divergence: the learned ``Divergence``; its own tensors are not updated by ``step``.
         lr: learning rate (per group overridable).
         weight_decay: L2 coefficient added to the gradient before preconditioning, as in SGD.
+        compile: run the update through ``torch.compile`` (``True``: inductor; a string names
+            another backend). Off by default: on the 2-core CPU it measured slower than eager
+            (docs/benchmarks.md); try it on a GPU.
 
     ``state_dict()`` includes the divergence's factors (under ``"divergence"``), so that
     ``load_state_dict`` restores an optimiser that continues exactly; it copies them into this
@@ -51,6 +54,7 @@ class MirrorDescent(torch.optim.Optimizer):
         divergence: Divergence,
         lr: float,
         weight_decay: float = 0.0,
+        compile: bool | str = False,
     ) -> None:
         if not isinstance(divergence, Divergence):
             raise TypeError(f"divergence: got {type(divergence).__name__}; allowed: a metaopt_core.optim.Divergence")
@@ -59,6 +63,9 @@ class MirrorDescent(torch.optim.Optimizer):
             weight_decay=_check_number("weight_decay", weight_decay, positive=False),
         )
         self.divergence = divergence
+        self._apply_update = divergence.apply_update_
+        if compile:
+            self._apply_update = torch.compile(divergence.apply_update_, backend="inductor" if compile is True else compile, dynamic=False)
         super().__init__(params, defaults)
         attached = sum(len(g["params"]) for g in self.param_groups)
         if attached != len(divergence.param_names):
@@ -83,8 +90,7 @@ class MirrorDescent(torch.optim.Optimizer):
             if position >= len(names):
                 self.param_groups.pop()
                 raise ShapeMismatchError(
-                    f"params: parameter #{position} with shape {_fmt_shape(p.shape)} is beyond the "
-                    f"{len(names)} parameters the divergence covers"
+                    f"params: parameter #{position} with shape {_fmt_shape(p.shape)} is beyond the {len(names)} parameters the divergence covers"
                 )
             if p.shape != shapes[position]:
                 self.param_groups.pop()
@@ -116,7 +122,7 @@ class MirrorDescent(torch.optim.Optimizer):
             offset += len(group["params"])
             if not params:
                 continue
-            self.divergence.apply_update_(indices, params, grads, group["lr"], group["weight_decay"])
+            self._apply_update(indices, params, grads, group["lr"], group["weight_decay"])
         return loss
 
     # ------------------------------------------------------------------ checkpointing
@@ -137,19 +143,13 @@ class MirrorDescent(torch.optim.Optimizer):
         saved = state_dict.pop(STATE_KEY, None)
         if not isinstance(saved, dict) or "tensors" not in saved:
             raise ValueError(
-                f"state_dict[{STATE_KEY!r}]: missing or malformed; a MirrorDescent state_dict carries the "
-                "divergence's kind, description and tensors"
+                f"state_dict[{STATE_KEY!r}]: missing or malformed; a MirrorDescent state_dict carries the divergence's kind, description and tensors"
             )
         if saved.get("kind") != self.divergence.kind:
-            raise ValueError(
-                f"state_dict[{STATE_KEY!r}]['kind']: got {saved.get('kind')!r}; this optimiser's divergence "
-                f"is {self.divergence.kind!r}"
-            )
+            raise ValueError(f"state_dict[{STATE_KEY!r}]['kind']: got {saved.get('kind')!r}; this optimiser's divergence is {self.divergence.kind!r}")
         self.divergence.check_shapes([(n, s) for n, s in saved.get("parameters", [])], what="saved state")
         if saved.get("description") != self.divergence.description():
-            raise ValueError(
-                f"state_dict[{STATE_KEY!r}]['description']: the saved block layout differs from this divergence's"
-            )
+            raise ValueError(f"state_dict[{STATE_KEY!r}]['description']: the saved block layout differs from this divergence's")
         with torch.no_grad():
             self.divergence.load_state_dict(saved["tensors"])
         super().load_state_dict(state_dict)
@@ -161,7 +161,7 @@ class MirrorDescent(torch.optim.Optimizer):
         model: nn.Module,
         lr: float | None = None,
         weight_decay: float = 0.0,
-    ) -> "MirrorDescent":
+    ) -> MirrorDescent:
         """Load a saved divergence (``save_divergence``), attach it to ``model`` and optimise its parameters.
 
         ``lr`` defaults to the learning rate the divergence was meta-trained with (from the manifest).
@@ -173,7 +173,5 @@ class MirrorDescent(torch.optim.Optimizer):
         if lr is None:
             lr = manifest.get("lr")
             if lr is None:
-                raise ValueError(
-                    f"lr: not given and the manifest in {str(directory)!r} records no meta-training lr; pass lr="
-                )
+                raise ValueError(f"lr: not given and the manifest in {str(directory)!r} records no meta-training lr; pass lr=")
         return cls(model.parameters(), divergence, lr=lr, weight_decay=weight_decay)

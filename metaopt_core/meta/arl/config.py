@@ -32,7 +32,7 @@ class PoolSpec(StrictModel):
     datasets: list[DataSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _shape_of_pool(self) -> "PoolSpec":
+    def _shape_of_pool(self) -> PoolSpec:
         if self.kind == "ar" and len(self.datasets) != 1:
             raise ValueError(f"kind 'ar' takes exactly one dataset, got {len(self.datasets)}; use kind 'dr' for several")
         if self.kind == "dr" and len(self.models) != 1:
@@ -72,7 +72,7 @@ class ARLConfig(StrictModel):
     # CMA-ES (thesis / TaylorGLO: population 20, sigma0 1.2, <= 100 generations)
     population_size: int = Field(20, ge=2)
     sigma0: float = Field(1.2, gt=0.0)
-    init: str | list[float] = "zeros"  # "zeros", a preset name, or the n initial parameters
+    init: str | list[float] = "zeros"  # "zeros", a preset name (its loss_params(): sign applied), or the n initial parameters
     bounds: tuple[float, float] | None = (-50.0, 50.0)  # per-parameter box; covers every published preset
     generations: int = Field(100, ge=1)
     seed: int = Field(0, ge=0)
@@ -96,17 +96,14 @@ class ARLConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ARLConfig":
+    def _consistent(self) -> ARLConfig:
         n = num_params(self.order)
         if isinstance(self.init, str):
             if self.init != "zeros" and self.init not in PRESETS:
                 raise ValueError(f"init: got {self.init!r}; allowed: 'zeros', {sorted(PRESETS)} or a list of {n} numbers")
             if self.init in PRESETS and (self.order != 4 or PRESETS[self.init].form != self.form):
                 preset = PRESETS[self.init]
-                raise ValueError(
-                    f"init: preset {self.init!r} is order 4, form {preset.form!r}; the config has order "
-                    f"{self.order}, form {self.form!r}"
-                )
+                raise ValueError(f"init: preset {self.init!r} is order 4, form {preset.form!r}; the config has order {self.order}, form {self.form!r}")
         elif len(self.init) != n:
             raise ValueError(f"init: got {len(self.init)} numbers; order {self.order} needs {n}")
         if self.bounds is not None:
@@ -122,7 +119,7 @@ class ARLConfig(StrictModel):
             return [float(v) for v in self.init]
         if self.init == "zeros":
             return [0.0] * num_params(self.order)
-        return list(PRESETS[self.init].params)
+        return list(PRESETS[self.init].loss_params())  # the sign-corrected vector TaylorLoss trains with
 
     def family(self) -> TaylorFamily:
         return TaylorFamily(self.order, self.form, self.normalise, self.eta)

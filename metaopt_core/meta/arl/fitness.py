@@ -62,7 +62,7 @@ class Fitness:
         return np.where(self.diverged_candidates, WORST_FITNESS, values)
 
     @classmethod
-    def merge(cls, parts: Sequence["Fitness"]) -> "Fitness":
+    def merge(cls, parts: Sequence[Fitness]) -> Fitness:
         """Combine shards of one generation; every job must be evaluated exactly once."""
         if not parts:
             raise ValueError("merge: no fitness parts given")
@@ -92,7 +92,7 @@ class Fitness:
         }
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "Fitness":
+    def from_dict(cls, doc: dict) -> Fitness:
         accuracy = np.array([[np.nan if v is None else v for v in row] for row in doc["accuracy"]], dtype=np.float64)
         return cls(
             int(doc["generation"]), np.asarray(doc["candidates"], dtype=np.float64), list(doc["entries"]), accuracy,
@@ -105,7 +105,7 @@ class Fitness:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Fitness":
+    def load(cls, path: str | Path) -> Fitness:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

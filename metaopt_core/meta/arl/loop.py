@@ -4,7 +4,6 @@ its history."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -15,6 +14,7 @@ from metaopt_core.meta.arl.config import ARLConfig
 from metaopt_core.meta.arl.fitness import FITNESS_CONVENTION, evaluate
 from metaopt_core.meta.arl.pool import Pool, build_pool
 from metaopt_core.meta.arl.state import STATE_FILE, ARLState, ask, tell
+from metaopt_core.meta.checkpoint import save_loss_export
 
 # Fields that may change when resuming without changing what the search computes (up to the
 # float reassociation between the batched and sequential paths, for the last two).
@@ -39,12 +39,7 @@ class ARLResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """``loss.json`` (the registry artifact: JSON only) and ``history.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {"loss": directory / "loss.json", "history": directory / "history.json"}
-        paths["loss"].write_text(json.dumps(self.document, indent=2))
-        paths["history"].write_text(json.dumps(self.history, indent=2))
-        return paths
+        return save_loss_export(directory, self.document, self.history)
 
 
 def result_of(state: ARLState, pool_names: Sequence[str] | None = None, fingerprints: Sequence[str] | None = None) -> ARLResult:

@@ -9,6 +9,7 @@ from metaopt_core.data.prepare import PreparedData, prepare
 from metaopt_core.data.sources import ImageData
 from metaopt_core.meta.arl.config import ARLConfig
 
+
 @dataclass
 class PoolEntry:
     name: str  # "<model>@<dataset>"

@@ -18,6 +18,7 @@ import numpy as np
 
 from metaopt_core.meta.arl.config import ARLConfig
 
+
 @contextmanager
 def numpy_rng(box: dict):
     """Run pycma with the search's own NumPy global-RNG state (``box['rng']``), restoring the caller's."""

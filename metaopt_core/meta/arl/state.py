@@ -41,7 +41,7 @@ class ARLState:
     _cache: CMASearch | None = field(default=None, repr=False, compare=False)  # CMA object after `generation` tells
 
     @classmethod
-    def initial(cls, config: ARLConfig) -> "ARLState":
+    def initial(cls, config: ARLConfig) -> ARLState:
         search = CMASearch(config)
         state = cls(config=config.model_dump(mode="json"), search=search.summary())
         state._cache = search
@@ -72,7 +72,7 @@ class ARLState:
         }
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "ARLState":
+    def from_dict(cls, doc: dict) -> ARLState:
         if doc.get("format") != STATE_FORMAT:
             raise ValueError(f"ARL state: format {doc.get('format')!r}; expected {STATE_FORMAT!r}")
         return cls(doc["config"], doc["generation"], doc["records"], doc["best"], doc["search"], doc.get("stop_reasons", []))
@@ -83,7 +83,7 @@ class ARLState:
         return atomic_write_text(Path(directory) / STATE_FILE, json.dumps(self.to_dict()))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ARLState":
+    def load(cls, directory: str | Path) -> ARLState:
         """Read a checkpoint and rebuild the CMA-ES object by replay (verified; see module docstring)."""
         path = Path(directory) / STATE_FILE
         if not path.exists():
@@ -116,7 +116,7 @@ class Candidates:
         return {"generation": self.generation, "params": self.params.tolist(), "config": self.config}
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "Candidates":
+    def from_dict(cls, doc: dict) -> Candidates:
         return cls(int(doc["generation"]), np.asarray(doc["params"], dtype=np.float64), doc["config"])
 
     def save(self, path: str | Path) -> Path:
@@ -125,7 +125,7 @@ class Candidates:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Candidates":
+    def load(cls, path: str | Path) -> Candidates:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def __len__(self) -> int:

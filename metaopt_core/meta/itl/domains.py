@@ -30,7 +30,7 @@ class DomainSet:
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (x, y)
 
     @classmethod
-    def from_prepared(cls, data: PreparedData) -> "DomainSet":
+    def from_prepared(cls, data: PreparedData) -> DomainSet:
         if len(data.domains) < 2:
             raise ValueError(f"data: got domains {data.domains}; leave-one-domain-out needs at least 2")
         xs, ys, ranges, val, start = [], [], [], [], 0

@@ -54,7 +54,7 @@ class Hypergradient:
                 "grad": self.grad, "diverged": self.diverged, "metrics": self.metrics}  # fmt: skip
 
     @classmethod
-    def from_dict(cls, doc: Mapping) -> "Hypergradient":
+    def from_dict(cls, doc: Mapping) -> Hypergradient:
         if doc.get("format") != HYPERGRAD_FORMAT:
             raise ValueError(f"hypergradient: format {doc.get('format')!r}; expected {HYPERGRAD_FORMAT!r}")
         return cls(int(doc["step"]), str(doc["domain"]), [float(v) for v in doc["omega"]],
@@ -66,7 +66,7 @@ class Hypergradient:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Hypergradient":
+    def load(cls, path: str | Path) -> Hypergradient:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -85,12 +85,12 @@ def _scores(model_fn: Callable[[Tensor], Tensor], data: ImageData, chunk: int, d
 
 
 def _concat_splits(parts: Sequence[ImageData]) -> ImageData:
-    return ImageData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes, "sources-val")
+    return ImageData(
+        torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes, "sources-val", ids=torch.cat([p.ids for p in parts])
+    )
 
 
-def hypergradient_of(
-    config: ITLConfig, data: DomainSet, job: InnerJob, trained: TrainedModel, omega: Tensor, step: int, seconds: float = 0.0
-) -> Hypergradient:
+def hypergradient_of(config: ITLConfig, data: DomainSet, job: InnerJob, trained: TrainedModel, omega: Tensor, step: int, seconds: float = 0.0) -> Hypergradient:
     """The IFT hypergradient of the held-out cross-entropy w.r.t. ω at the trained model, plus the
     job's metrics (see the module docstring for which split each number uses)."""
     device = torch.device(config.device)

@@ -4,7 +4,6 @@ loss and its history."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -12,7 +11,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from metaopt_core.data.prepare import PreparedData
-from metaopt_core.meta.checkpoint import STATE_FILE, check_resumable
+from metaopt_core.meta.checkpoint import STATE_FILE, check_resumable, save_loss_export
 from metaopt_core.meta.itl.config import ITLConfig, as_config
 from metaopt_core.meta.itl.domains import DomainSet, domain_set
 from metaopt_core.meta.itl.outer_step import inner_hypergrads, outer_update, with_domains
@@ -43,12 +42,7 @@ class ITLResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """``loss.json`` (the registry artifact: JSON only) and ``history.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {"loss": directory / "loss.json", "history": directory / "history.json"}
-        paths["loss"].write_text(json.dumps(self.document, indent=2))
-        paths["history"].write_text(json.dumps(self.history, indent=2))
-        return paths
+        return save_loss_export(directory, self.document, self.history)
 
 
 def result_of(state: ITLState, fingerprint: str | None = None) -> ITLResult:

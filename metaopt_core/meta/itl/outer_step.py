@@ -53,9 +53,7 @@ def inner_hypergrads(
     return [hypergradient_of(config, domains, job, model, state.omega, state.step, train_seconds) for job, model in zip(jobs, trained)]
 
 
-def inner_hypergrad(
-    state: ITLState, held_out_domain: str | int, *, data: PreparedData | DomainSet | None = None
-) -> Hypergradient:
+def inner_hypergrad(state: ITLState, held_out_domain: str | int, *, data: PreparedData | DomainSet | None = None) -> Hypergradient:
     """Train a fresh model on every domain but ``held_out_domain`` with the current loss, then the
     IFT hypergradient of that domain's cross-entropy w.r.t. ω (one job of the pipeline's fan-out)."""
     return inner_hypergrads(state, [held_out_domain], data=data)[0]
@@ -96,7 +94,9 @@ def outer_update(state: ITLState, hypergradients: Sequence[Hypergradient]) -> IT
     ordered = sorted(hypergradients, key=lambda h: names.index(h.domain) if expected is None else expected.index(h.domain))
     usable = [h for h in ordered if not h.diverged]
     if not usable:
-        raise RuntimeError(f"outer_update: every inner training of step {state.step} diverged or gave a non-finite hypergradient; lower inner.lr or change the loss's start")
+        raise RuntimeError(
+            f"outer_update: every inner training of step {state.step} diverged or gave a non-finite hypergradient; lower inner.lr or change the loss's start"
+        )
     gradients = [torch.tensor(h.grad, dtype=torch.float32) for h in usable]
     combined = aggregate(gradients, config.outer.aggregation, config.seed, state.step)
     raw_norm = float(combined.norm())

@@ -10,13 +10,13 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from metaopt_core.meta.checkpoint import load_checkpoint, save_checkpoint
+from metaopt_core.meta.checkpoint import load_checkpoint, omega_tensors, save_checkpoint
 from metaopt_core.meta.itl.config import ITLConfig, as_config
 
 STATE_FORMAT = "metaopt.itl.state/1"
 
 
-def _config_of(state: "ITLState") -> ITLConfig:
+def _config_of(state: ITLState) -> ITLConfig:
     return as_config(state.config, source="state.config")
 
 
@@ -34,7 +34,7 @@ class ITLState:
     domains: list[str] | None = None  # the dataset's domains: every step needs one hypergradient each
 
     @classmethod
-    def initial(cls, config: ITLConfig | Mapping[str, Any]) -> "ITLState":
+    def initial(cls, config: ITLConfig | Mapping[str, Any]) -> ITLState:
         config = as_config(config)
         return cls(config=config.model_dump(mode="json"), omega=config.initial_omega().to(torch.float32))
 
@@ -51,9 +51,7 @@ class ITLState:
         return self.itl_config.loss_family().to_module(self.omega)
 
     def tensors(self) -> dict[str, Tensor]:
-        out = {"omega": self.omega.detach().cpu().contiguous()}
-        out.update({f"optimizer.{k}": v.detach().cpu().contiguous() for k, v in self.optimizer.items()})
-        return out
+        return omega_tensors(self.omega, self.optimizer)
 
     def save(self, directory: str | Path) -> Path:
         """Write the checkpoint (crash-safe; see :mod:`metaopt_core.meta.checkpoint`)."""
@@ -69,7 +67,7 @@ class ITLState:
         return save_checkpoint(directory, self.step, doc, self.tensors())
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ITLState":
+    def load(cls, directory: str | Path) -> ITLState:
         doc, tensors, path = load_checkpoint(directory, STATE_FORMAT, "ITL")
         tensor_path = Path(directory) / doc["tensors"]
         optimizer = {key: tensors[f"optimizer.{key}"] for key in doc["optimizer_keys"]}

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from metaopt_core.config import Betas, DataSpec, DeviceName, ModelName, StrictModel, validate
+from metaopt_core.data.folders import is_folder_source
 from metaopt_core.meta.metamd.quadratics import QuadraticFamily
 
 
@@ -30,7 +31,7 @@ class NetworkTasks(StrictModel):
     @field_validator("data")
     @classmethod
     def _has_domains(cls, value: DataSpec) -> DataSpec:
-        if value.domains == "none" and not value.source.startswith("folder:"):
+        if value.domains == "none" and not is_folder_source(value.source):
             raise ValueError("network tasks need several domains: set domains: rotated | colored (or use a folder: source)")
         return value
 
@@ -145,7 +146,7 @@ class MetaMDConfig(StrictModel):
     device: DeviceName = "cpu"
 
     @model_validator(mode="after")
-    def _consistent(self) -> "MetaMDConfig":
+    def _consistent(self) -> MetaMDConfig:
         if self.hypergrad.method == "implicit" and self.objective.kind != "bound":
             raise ValueError(
                 "hypergrad.method: 'implicit' differentiates a function of the inner solution only (eq 5.28); "

@@ -6,30 +6,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
-import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
 from metaopt_core.config import DataSpec, StrictModel
+from metaopt_core.data.manifest import SplitManifest
+from metaopt_core.data.prepare import domain_matches
 from metaopt_core.meta import metamd
-from metaopt_core.meta.metamd import quadratics
 from metaopt_core.meta.hypergradient_learner import HypergradientLearner
 from metaopt_core.meta.inputs import PreparedInputs
+from metaopt_core.meta.metamd import meta_test, quadratics
 from metaopt_core.meta.protocol import MetaTestReport, ProgressReporter
 
 
 class MetaMDMetaTest(StrictModel):
-    """MetaMD meta-test: mirror descent with the learned divergence against SGD (the identity
-    divergence) at the same lr. Network tasks: ``steps`` steps on each held-out domain, ``seeds``
-    fresh models, accuracy on its val split. Quadratic tasks: iterations to the threshold on the
-    held-out problems (lower is better)."""
+    """MetaMD meta-test: mirror descent with the learned divergence, the production version's
+    divergence (when there is one) and ``baselines`` (SGD = the identity divergence, SGD with
+    momentum, Adam), each at its own lr from the same ``lr_grid``, chosen on the meta-training
+    tasks. Network tasks: ``steps`` steps on each held-out domain, ``seeds`` fresh models,
+    accuracy on its val split (default grid: 0.003 … 1 and the learned lr). Quadratic tasks:
+    iterations to the threshold on the held-out problems (lower is better; default grid: 1e-4 … 3)."""
 
     steps: int | None = Field(None, ge=1)
-    seeds: int = Field(2, ge=1)
+    seeds: int = Field(3, ge=1)
+    baselines: list[Literal["sgd", "sgd-m", "adam"]] = ["sgd", "sgd-m", "adam"]
+    lr_grid: list[float] | None = Field(None, min_length=1)
 
 
 class MetaMDLearner(HypergradientLearner):
@@ -42,15 +46,48 @@ class MetaMDLearner(HypergradientLearner):
     hypergradient_class = metamd.Hypergradient
     scalar_metrics = metamd.SCALAR_METRICS
     demo_configs = ("metamd-demo.yaml", "metamd-quadratic.yaml")
-    default_meta_test = {"seeds": 2}
+    default_meta_test = {"seeds": 3}
     # MetaMD's demo ramps the inner lr from 1.0 to 2.5 over 20 outer steps (only a well-learned M is
     # stable at 2.5); a 6-step run cannot learn that far, so `make run` stays at 1.0 (measured:
     # held-out rot75 after 50 steps, learned M 86.8 % vs SGD 59.3 %; the ramp squeezed into 6 steps diverged)
     presets = {"quick": {"outer.steps": 6, "inner.lr": 1.0, "inner.lr_warmup_steps": 0, "evaluation.every": 3}}
     history_keys = ("objective", "hypergrad_norm", "lambda", "frobenius_distance")
 
-    def data_specs(self, config: BaseModel) -> list[DataSpec]:
-        return [] if config.tasks.family == "quadratic" else [config.tasks.network.data]
+    def data_specs(self, config: BaseModel, meta_test: MetaMDMetaTest) -> list[DataSpec]:
+        if config.tasks.family == "quadratic":
+            return []
+        return [config.tasks.network.data.model_copy(update={"part": "meta-train"})]
+
+    def meta_test_specs(self, config: BaseModel, meta_test: MetaMDMetaTest) -> list[DataSpec]:
+        if config.tasks.family == "quadratic":
+            return []
+        return [config.tasks.network.data.model_copy(update={"part": "meta-test"})]
+
+    def split_manifest(self, config: BaseModel, meta_test: MetaMDMetaTest, data: PreparedInputs) -> SplitManifest:
+        """Network tasks: meta-training trains and scores on the meta-train part's non-held-out
+        domains (the held-out ones only feed the logged curves); the meta-test chooses each
+        candidate's lr on those domains' val splits, trains fresh models on the meta-test part's
+        held-out domains and reports their val splits. Quadratics: the
+        meta-train and held-out problems are drawn from two seeds (recorded as generated)."""
+        manifest = SplitManifest()
+        if config.tasks.family == "quadratic":
+            family = config.tasks.quadratic
+            manifest.generated = {"quadratics": {"seed": family.seed, "meta_train": family.meta_train, "held_out": family.held_out,
+                                                 "note": "meta-train and held-out problems come from two seeds of one SeedSequence"}}  # fmt: skip
+            return manifest
+        held_names = config.tasks.network.held_out_domains
+        for dataset in data.datasets:
+            held = [d for d in dataset.domains if any(domain_matches(d, name) for name in held_names)]
+            train = [f"{d}/train" for d in dataset.domains if d not in held]
+            manifest.add("inner_training", dataset, train).add("outer_objective", dataset, train)
+            manifest.add("monitoring", dataset, [f"{d}/{split}" for d in held for split in ("train", "val")])
+            # each meta-test candidate's lr: chosen on the meta-training domains' val splits
+            manifest.add("lr_selection", dataset, [f"{d}/val" for d in dataset.domains if d not in held])
+        for dataset in data.meta_test:
+            held = [d for d in dataset.domains if any(domain_matches(d, name) for name in held_names)]
+            manifest.add("meta_test_training", dataset, [f"{d}/train" for d in held])
+            manifest.add("meta_test", dataset, [f"{d}/val" for d in held])
+        return manifest
 
     def generated_inputs(self, config: BaseModel) -> PreparedInputs:
         """Quadratic tasks: the fingerprint of the generated problems themselves."""
@@ -90,68 +127,38 @@ class MetaMDLearner(HypergradientLearner):
         return metamd.result_of(state, self.dataset(data)).save(directory)
 
     def meta_test(self, config, exported: Mapping[str, Any], data: PreparedInputs, settings: MetaMDMetaTest, *,
-                  progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
+                  champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
         from metaopt_core.optim import load_divergence
 
         learned, manifest = load_divergence(exported["divergence_dir"])
         lr = float(manifest.get("lr") or config.inner.lr)
+        candidates = {meta_test.LEARNED: learned}
+        if champion is not None:
+            candidates[meta_test.CHAMPION] = load_divergence(champion["divergence_dir"])[0]
         tasks = metamd.task_set(config, self.dataset(data))
         if isinstance(tasks, metamd.QuadraticTasks):
-            return _quadratic_meta_test(config, tasks, learned, lr)
-        return _network_meta_test(config, tasks, learned, lr, settings, progress)
+            return _quadratic_meta_test(config, tasks, candidates, settings)
+        # the held-out domains' images come from the meta-test part, which meta-training never read
+        held_out = metamd.task_set(config, data.meta_test[0])
+        return _network_meta_test(config, tasks, held_out, candidates, lr, settings, progress)
 
 
-def _quadratic_meta_test(config: BaseModel, tasks: metamd.QuadraticTasks, learned: Any, lr: float) -> MetaTestReport:
-    family = config.tasks.quadratic
+def _quadratic_meta_test(config: BaseModel, tasks: metamd.QuadraticTasks, candidates: dict, settings: MetaMDMetaTest) -> MetaTestReport:
+    # which problems: each candidate's lr is tuned on the meta-train problems, scored on the held-out ones
     with torch.no_grad():
-        metric = learned.to_dense()
-    counts = {
-        "metamd": quadratics.iterations_to_threshold(tasks.held_out, "metamd", lr, tol=family.tol, max_iters=family.max_iters, metric=metric),
-        "sgd": quadratics.iterations_to_threshold(tasks.held_out, "sgd", lr, tol=family.tol, max_iters=family.max_iters),
-    }
-    summary = {name: quadratics.summarise(np.asarray(value), family.max_iters) for name, value in counts.items()}
-    lines = [f"### MetaMD meta-test: {len(tasks.held_out)} held-out quadratics, lr {lr:g}, threshold ||grad|| < {family.tol:g}", "",
-             "| optimiser | median iterations | mean iterations | converged |", "|---|---:|---:|---:|"]  # fmt: skip
-    for name, row in summary.items():
-        lines.append(f"| {name} | {row['median']:.0f} | {row['mean']:.1f} | {row['converged']:.0%} |")
-    scores = {"meta_test_iterations": summary["metamd"]["median"], "meta_test_converged": summary["metamd"]["converged"],
-              "baseline.sgd.iterations": summary["sgd"]["median"], "baseline.sgd.converged": summary["sgd"]["converged"]}  # fmt: skip
-    return MetaTestReport("\n".join(lines) + "\n", scores, "meta_test_iterations", False, {"summary": summary, "lr": lr})
+        metrics = {label: div.to_dense() for label, div in candidates.items()}
+    return meta_test.quadratic_meta_test(config, tasks, {**metrics, **{b: b for b in settings.baselines}}, settings.lr_grid)
 
 
-def _network_meta_test(config: BaseModel, tasks: Any, learned: Any, lr: float, settings: MetaMDMetaTest,
+def _network_meta_test(config: BaseModel, tasks: Any, held_out: Any, candidates: dict, lr: float, settings: MetaMDMetaTest,
                        progress: ProgressReporter | None) -> MetaTestReport:  # fmt: skip
     steps = settings.steps or config.inner.steps
-    run_config = config.model_copy(update={"inner": config.inner.model_copy(update={"lr": lr})})
-    identity = metamd.build_divergence(run_config, tasks)
-    rows: dict[str, list[dict]] = {"metamd": [], "sgd": []}
-    for domain in tasks.held_out:
-        _, val = tasks.data.domain(domain)
-        for seed in range(settings.seeds):
-            init_seed, data_seed = np.random.SeedSequence([config.seed, seed, 0x7E57]).generate_state(2)
-            for name, div in (("metamd", learned), ("sgd", identity)):
-                concrete = metamd.network_task(run_config, tasks, metamd.Task("domain", seed, domain, int(init_seed), int(data_seed)), steps=steps)
-                _, losses = metamd.train_with_mirror_descent(run_config, div.to(run_config.device), concrete, steps=steps)
-                with torch.no_grad():
-                    logits = concrete.model(val.x.to(concrete.x.device))
-                    accuracy = float((logits.argmax(-1).cpu() == val.y).float().mean())
-                final = losses[-1] if losses else float("nan")
-                rows[name].append({"domain": domain, "seed": seed, "accuracy": accuracy, "final_loss": final,
-                                   "diverged": not math.isfinite(final)})  # fmt: skip
-                if progress:
-                    progress(f"meta-test: {name} on held-out {domain} seed {seed}: accuracy {accuracy:.4f}, final minibatch loss {final:.4f}")
-
-    def mean(name: str, key: str) -> float:
-        values = [r[key] for r in rows[name] if math.isfinite(r[key])]
-        return sum(values) / len(values) if values else float("nan")
-
-    lines = [f"### MetaMD meta-test: {steps} steps on held-out {', '.join(tasks.held_out)}, lr {lr:g}, {settings.seeds} seed(s)", "",
-             "| optimiser | val accuracy | final minibatch loss | diverged |", "|---|---:|---:|---:|"]  # fmt: skip
-    for name in rows:
-        lines.append(f"| {name} | {mean(name, 'accuracy') * 100:.1f}% | {mean(name, 'final_loss'):.4f} | {sum(r['diverged'] for r in rows[name])} |")
-    scores = {"meta_test_accuracy": mean("metamd", "accuracy"), "meta_test_final_loss": mean("metamd", "final_loss"),
-              "baseline.sgd.accuracy": mean("sgd", "accuracy"), "baseline.sgd.final_loss": mean("sgd", "final_loss")}  # fmt: skip
-    return MetaTestReport("\n".join(lines) + "\n", scores, "meta_test_accuracy", True, {"runs": rows, "lr": lr, "steps": steps})
+    # which data: each candidate's lr is tuned on the meta-train domains (their val splits), then
+    # it trains fresh models on the held-out domains and is scored on their val splits
+    tune_on = [(tasks, domain, tasks.data.domain(domain)[1]) for domain in tasks.meta_train]
+    test_on = [(held_out, domain, held_out.data.domain(domain)[1]) for domain in held_out.held_out]
+    return meta_test.network_meta_test(config, {**candidates, **{b: b for b in settings.baselines}}, tune_on, test_on,
+                                       settings.lr_grid or meta_test.network_lr_grid(lr), steps, settings.seeds, progress)  # fmt: skip
 
 
 __all__ = ["MetaMDLearner", "MetaMDMetaTest"]

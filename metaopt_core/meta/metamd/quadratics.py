@@ -75,7 +75,7 @@ class QuadraticProblems:
     def __len__(self) -> int:
         return int(self.Q.shape[0])
 
-    def subset(self, index: Sequence[int] | Tensor) -> "QuadraticProblems":
+    def subset(self, index: Sequence[int] | Tensor) -> QuadraticProblems:
         index = torch.as_tensor(index, dtype=torch.long)
         return QuadraticProblems(self.Q[index], self.b[index], self.start)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from metaopt_core.data.prepare import PreparedData
-from metaopt_core.meta.checkpoint import load_checkpoint, save_checkpoint
+from metaopt_core.meta.checkpoint import load_checkpoint, omega_tensors, save_checkpoint
 from metaopt_core.meta.metamd.config import MetaMDConfig, as_config
 from metaopt_core.meta.metamd.divergence import divergence_at, initial_omega, omega_digest
 from metaopt_core.meta.metamd.tasks import Task, TaskSet
@@ -46,7 +46,7 @@ class Hypergradient:
                 "value": self.value, "diverged": self.diverged, "metrics": self.metrics}  # fmt: skip
 
     @classmethod
-    def from_dict(cls, doc: Mapping) -> "Hypergradient":
+    def from_dict(cls, doc: Mapping) -> Hypergradient:
         if doc.get("format") != HYPERGRAD_FORMAT:
             raise ValueError(f"hypergradient: format {doc.get('format')!r}; expected {HYPERGRAD_FORMAT!r}")
         dtype = getattr(torch, str(doc.get("dtype", "float64")))
@@ -60,7 +60,7 @@ class Hypergradient:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Hypergradient":
+    def load(cls, path: str | Path) -> Hypergradient:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -77,7 +77,7 @@ class MetaMDState:
     history: list[dict] = field(default_factory=list)
 
     @classmethod
-    def initial(cls, config: MetaMDConfig | Mapping[str, Any], data: TaskSet | PreparedData | None = None) -> "MetaMDState":
+    def initial(cls, config: MetaMDConfig | Mapping[str, Any], data: TaskSet | PreparedData | None = None) -> MetaMDState:
         config = as_config(config)
         return cls(config=config.model_dump(mode="json"), omega=initial_omega(config, data))
 
@@ -94,9 +94,7 @@ class MetaMDState:
         return divergence_at(self.metamd_config, self.omega, data)
 
     def tensors(self) -> dict[str, Tensor]:
-        out = {"omega": self.omega.detach().cpu().contiguous()}
-        out.update({f"optimizer.{k}": v.detach().cpu().contiguous() for k, v in self.optimizer.items()})
-        return out
+        return omega_tensors(self.omega, self.optimizer)
 
     def save(self, directory: str | Path) -> Path:
         """Write the checkpoint (crash-safe; see :mod:`metaopt_core.meta.checkpoint`)."""
@@ -111,7 +109,7 @@ class MetaMDState:
         return save_checkpoint(directory, self.step, doc, self.tensors())
 
     @classmethod
-    def load(cls, directory: str | Path) -> "MetaMDState":
+    def load(cls, directory: str | Path) -> MetaMDState:
         doc, tensors, path = load_checkpoint(directory, STATE_FORMAT, "MetaMD")
         tensor_path = Path(directory) / doc["tensors"]
         optimizer = {key: tensors[f"optimizer.{key}"] for key in doc["optimizer_keys"]}

@@ -38,9 +38,7 @@ def task_hypergradient(config: MetaMDConfig, tasks: TaskSet, div: Divergence, ta
     return network_hypergradient(config, div, network_task(config, tasks, task), method)
 
 
-def inner_hypergrads(
-    state: MetaMDState, tasks: Sequence[Task] | None = None, *, data: TaskSet | PreparedData | None = None
-) -> list[Hypergradient]:
+def inner_hypergrads(state: MetaMDState, tasks: Sequence[Task] | None = None, *, data: TaskSet | PreparedData | None = None) -> list[Hypergradient]:
     """The hypergradients of the state's next outer step for ``tasks`` (default: all of
     :func:`tasks_for_step`). Quadratic tasks with the forward method run together through the
     closed-form recursion; everything else runs task by task. A task's result does not depend on
@@ -113,9 +111,7 @@ def outer_update(state: MetaMDState, hypergradients: Sequence[Hypergradient], *,
     ordered = sorted(hypergradients, key=lambda h: expected.index(h.task.key))  # arrival order must not matter
     usable = [h for h in ordered if not h.diverged]
     if not usable:
-        raise RuntimeError(
-            f"outer_update: every inner run of step {state.step} diverged or gave a non-finite hypergradient; lower inner.lr or outer.lr"
-        )
+        raise RuntimeError(f"outer_update: every inner run of step {state.step} diverged or gave a non-finite hypergradient; lower inner.lr or outer.lr")
     grads = [h.grad.to(state.omega.dtype) for h in usable]
     task_norms = [float(g.norm()) for g in grads]
     clip = config.outer.clip_norm

@@ -43,7 +43,7 @@ class Task:
         return {"kind": self.kind, "index": self.index, "domain": self.domain, "init_seed": self.init_seed, "data_seed": self.data_seed}
 
     @classmethod
-    def from_dict(cls, doc: Mapping) -> "Task":
+    def from_dict(cls, doc: Mapping) -> Task:
         return cls(doc["kind"], int(doc["index"]), doc.get("domain"), int(doc.get("init_seed", 0)), int(doc.get("data_seed", 0)))
 
 
@@ -56,13 +56,11 @@ class DomainTasks:
     held_out: list[str]
 
     @classmethod
-    def from_prepared(cls, data: PreparedData, held_out: Sequence[str]) -> "DomainTasks":
+    def from_prepared(cls, data: PreparedData, held_out: Sequence[str]) -> DomainTasks:
         chosen = [resolve_domain(data.domains, name, "tasks.network.held_out_domains") for name in held_out]
         meta_train = [d for d in data.domains if d not in chosen]
         if not meta_train:
-            raise ConfigError(
-                f"tasks.network.held_out_domains: got {list(held_out)}; that leaves no meta-train domain of {data.domains}"
-            )
+            raise ConfigError(f"tasks.network.held_out_domains: got {list(held_out)}; that leaves no meta-train domain of {data.domains}")
         return cls(data, meta_train, chosen)
 
     @property
@@ -122,7 +120,7 @@ def seed_sequence(*entropy: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(e) for e in entropy])
 
 
-def tasks_for_step(state: "MetaMDState", data: TaskSet | PreparedData | None = None) -> list[Task]:
+def tasks_for_step(state: MetaMDState, data: TaskSet | PreparedData | None = None) -> list[Task]:
     """The tasks of the state's next outer step: a function of (seed, step) only.
 
     Quadratic: ``tasks_per_step`` distinct meta-train problems. Networks: the meta-train domains in a

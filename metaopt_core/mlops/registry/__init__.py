@@ -20,7 +20,8 @@ nothing is pickled; see ``metaopt_core.mlops.pyfunc``):
 Modules: ``common`` (tag names, errors, shared helpers), ``register`` (``register_loss``,
 ``register_optimizer``), ``resolve`` (``models:/`` URIs to versions), ``load`` (``load_loss``,
 ``load_optimizer``: only the white-box files, sha256-checked, never unpickled), ``promotion``
-(``promote``, its lock, and the pure ``decide_promotion``) and ``listing`` (``metaopt models``).
+(``promote``, its lock, and the pure ``decide_promotion``), ``gate`` (the champion for a meta-test, and
+recording the gate's decision: ``metaopt.gate.*`` tags, ``gate.json``) and ``listing`` (``metaopt models``).
 """
 
 from metaopt_core.mlops.registry.common import (
@@ -50,6 +51,7 @@ from metaopt_core.mlops.registry.common import (
     loss_from_doc,
     validate_loss_doc,
 )
+from metaopt_core.mlops.registry.gate import GATE_FILE, GATE_PREFIX, apply_gate, gate_tags, load_champion, recorded_decision
 from metaopt_core.mlops.registry.listing import describe_model, describe_version, iter_versions, list_models
 from metaopt_core.mlops.registry.load import load_loss, load_loss_doc, load_optimizer
 from metaopt_core.mlops.registry.promotion import (
@@ -60,7 +62,7 @@ from metaopt_core.mlops.registry.promotion import (
     promote,
     reconcile,
 )
-from metaopt_core.mlops.registry.register import RegisteredVersion, register_loss, register_optimizer
+from metaopt_core.mlops.registry.register import DISTRIBUTION, RegisteredVersion, find_version, pip_requirements, register_loss, register_optimizer
 from metaopt_core.mlops.registry.resolve import ModelRef, parse_models_uri, resolve_version
 from metaopt_core.mlops.tracking import TrackingServerUnreachable, resolve_tracking_uri
 
@@ -68,8 +70,11 @@ __all__ = [
     "ALIAS",
     "ArtifactValidationError",
     "DEFAULT_METRIC",
+    "DISTRIBUTION",
     "DIVERGENCE_DIR",
     "DIVERGENCE_FILES",
+    "GATE_FILE",
+    "GATE_PREFIX",
     "LOCK_EXPIRES",
     "LOCK_OWNER",
     "LOCK_SUFFIX",
@@ -93,11 +98,15 @@ __all__ = [
     "TAG_SCORES",
     "TrackingServerUnreachable",
     "WrongModelKindError",
+    "apply_gate",
     "decide_promotion",
     "describe_model",
     "describe_version",
+    "find_version",
+    "gate_tags",
     "iter_versions",
     "list_models",
+    "load_champion",
     "load_loss",
     "load_loss_doc",
     "load_optimizer",
@@ -106,6 +115,8 @@ __all__ = [
     "production_version",
     "promote",
     "reconcile",
+    "recorded_decision",
+    "pip_requirements",
     "register_loss",
     "register_optimizer",
     "resolve_tracking_uri",

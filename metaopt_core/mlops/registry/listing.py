@@ -14,6 +14,7 @@ from metaopt_core.mlops.registry.common import (
     TAG_KIND,
     score_tag,
 )
+from metaopt_core.mlops.registry.gate import GATE_PREFIX
 from metaopt_core.mlops.registry.load import load_loss_doc
 from metaopt_core.mlops.registry.promotion import current_production
 from metaopt_core.mlops.registry.resolve import ModelRef, existing_store, list_versions, registered_model, resolve_version
@@ -48,7 +49,7 @@ def list_models(*, metric: str = DEFAULT_METRIC, tracking_uri: str | None = None
 
 
 def describe_model(name: str, *, metric: str = DEFAULT_METRIC, tracking_uri: str | None = None) -> dict:
-    """A registered model and a row per version (stage, aliases, score, last promotion decision)."""
+    """A registered model and a row per version (stage, aliases, score, last promotion decision and its reason)."""
     client = existing_store(tracking_uri)
     model = registered_model(client, name)
     by_version: dict[str, list[str]] = {}
@@ -62,6 +63,7 @@ def describe_model(name: str, *, metric: str = DEFAULT_METRIC, tracking_uri: str
             "family": v.tags.get(TAG_FAMILY, ""),
             metric: score_tag(v, metric),
             "decision": v.tags.get(PROMOTION_PREFIX + "decision", ""),
+            "reason": v.tags.get(GATE_PREFIX + "reason") or v.tags.get(PROMOTION_PREFIX + "reason", ""),
             "created": _timestamp(v.creation_timestamp),
             "run_id": v.run_id,
         }

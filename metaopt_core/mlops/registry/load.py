@@ -40,9 +40,7 @@ def download_files(uri: str, kind: str, files: list[str], destination: Path, tra
     if uri.startswith("file://") or not re.match(r"^[a-zA-Z][\w+.-]*:/", uri):
         local = Path(urllib.parse.urlparse(uri).path if uri.startswith("file://") else uri)
         if not local.exists():
-            raise FileNotFoundError(
-                f"uri: {uri!r} is neither an existing path nor a models:/, runs:/ or other artifact URI"
-            )
+            raise FileNotFoundError(f"uri: {uri!r} is neither an existing path nor a models:/, runs:/ or other artifact URI")
         return local_files(local, kind, files), str(local)
     if uri.startswith("models:/") and not re.fullmatch(r"models:/m-[0-9a-f]+/?", uri):
         client = existing_store(tracking_uri)
@@ -61,14 +59,11 @@ def download_files(uri: str, kind: str, files: list[str], destination: Path, tra
             try:
                 path = Path(repo.download_artifacts(f"artifacts/{rel}", str(destination)))
             except (MlflowException, OSError) as exc:
-                raise ArtifactValidationError(
-                    f"{where}: artifact artifacts/{rel} could not be downloaded ({exc}); not a metaopt {kind} model?"
-                ) from None
+                raise ArtifactValidationError(f"{where}: artifact artifacts/{rel} could not be downloaded ({exc}); not a metaopt {kind} model?") from None
             expected = version.tags.get(SHA_PREFIX + rel)
             if expected is None:
                 raise ArtifactValidationError(
-                    f"{where}: version tag {SHA_PREFIX + rel} is missing, so the artifact cannot be verified; "
-                    "register it with metaopt_core.mlops.registry"
+                    f"{where}: version tag {SHA_PREFIX + rel} is missing, so the artifact cannot be verified; register it with metaopt_core.mlops.registry"
                 )
             actual = sha256_file(path)
             if actual != expected:
@@ -129,9 +124,7 @@ def load_loss(uri: str, *, reduction: str = "mean", tracking_uri: str | None = N
     return loss_from_doc(doc, reduction=reduction, source=f"{uri}: {LOSS_FILE}")
 
 
-def load_optimizer(
-    uri: str, model: Any, lr: float | None = None, *, weight_decay: float = 0.0, tracking_uri: str | None = None
-) -> Any:
+def load_optimizer(uri: str, model: Any, lr: float | None = None, *, weight_decay: float = 0.0, tracking_uri: str | None = None) -> Any:
     """A ready ``MirrorDescent`` over ``model.parameters()`` from a registered MetaMD divergence.
 
     ``lr`` defaults to the learning rate recorded at meta-training. The model's parameter shapes

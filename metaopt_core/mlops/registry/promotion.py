@@ -36,9 +36,9 @@ from metaopt_core.mlops.registry.common import (
     TAG_KIND,
     PromotionLockTimeout,
     RegistryError,
+    quiet_stages,
     score_tag,
     scores_of,
-    quiet_stages,
     truncate_tag,
 )
 from metaopt_core.mlops.registry.resolve import ModelRef, existing_store, list_versions, registered_model, resolve_version
@@ -120,23 +120,15 @@ def decide_promotion(
         return PromotionVerdict(True, "promoted", "no production version yet")
     challenger_score = _score(challenger_scores, metric)
     if challenger_score is None:
-        raise ValueError(
-            f"scores: {challenger} has no {metric!r} score to compare with {champion}; "
-            f"pass scores={{{metric!r}: value}} or force=True"
-        )
+        raise ValueError(f"scores: {challenger} has no {metric!r} score to compare with {champion}; pass scores={{{metric!r}: value}} or force=True")
     champion_score = _score(champion_scores, metric)
     if champion_score is None:
-        return PromotionVerdict(
-            False, "rejected", f"{champion} has no {metric!r} score to compare with; use force to replace it"
-        )
+        return PromotionVerdict(False, "rejected", f"{champion} has no {metric!r} score to compare with; use force to replace it")
     delta = challenger_score - champion_score if greater_is_better else champion_score - challenger_score
     promoted = delta > margin
     relation = "beats" if promoted else "does not beat"
     better = "higher" if greater_is_better else "lower"
-    reason = (
-        f"{metric} {challenger_score:.6g} {relation} {champion}'s {champion_score:.6g} "
-        f"by more than the margin {margin:g} ({better} is better)"
-    )
+    reason = f"{metric} {challenger_score:.6g} {relation} {champion}'s {champion_score:.6g} by more than the margin {margin:g} ({better} is better)"
     return PromotionVerdict(promoted, "promoted" if promoted else "rejected", reason)
 
 
@@ -148,7 +140,7 @@ class PromotionLock:
         self.ttl_s, self.timeout_s = ttl_s, timeout_s
         self.token = uuid.uuid4().hex
 
-    def __enter__(self) -> "PromotionLock":
+    def __enter__(self) -> PromotionLock:
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
@@ -200,6 +192,7 @@ def production_version(name: str, *, tracking_uri: str | None = None) -> str | N
 
 
 def current_production(client: MlflowClient, name: str) -> str | None:
+    """The production version: the alias if set, else the newest version in the Production stage."""
     aliases = client.get_registered_model(name).aliases
     if ALIAS in aliases:
         return str(aliases[ALIAS])
@@ -208,6 +201,7 @@ def current_production(client: MlflowClient, name: str) -> str | None:
 
 
 def set_production(client: MlflowClient, name: str, version: str) -> None:
+    """Point the alias, then the stage, at ``version``."""
     # alias first: it is the commit point the reconciliation (and current_production) trusts
     client.set_registered_model_alias(name, ALIAS, version)
     with quiet_stages():

@@ -79,10 +79,7 @@ def loss_doc_of(obj: Any) -> dict:
             value = getattr(obj, key, None)
             if value is not None:
                 return loss_doc_of(value)
-    raise TypeError(
-        f"result_or_loss_doc: got {type(obj).__name__}; allowed: a loss JSON document (with 'family'), "
-        "a TaylorLoss, or a result with 'best_loss'"
-    )
+    raise TypeError(f"result_or_loss_doc: got {type(obj).__name__}; allowed: a loss JSON document (with 'family'), a TaylorLoss, or a result with 'best_loss'")
 
 
 def field_of(obj: Any, *names: str) -> Any:
@@ -258,11 +255,17 @@ def register_optimizer(
         )
 
 
-def pip_requirements() -> list[str]:
-    import metaopt_core
-    import torch
+# The distribution that holds metaopt_core (pyproject.toml). Not "metaopt": that name on the public
+# index is an unrelated 2014 package, which `mlflow models serve` / `build-docker` would install.
+DISTRIBUTION = "metaopt-core"
 
-    return [f"metaopt=={metaopt_core.__version__}", f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"]
+
+def pip_requirements() -> list[str]:
+    """What a registered version's environment installs: this project's library, exactly this
+    version (it pins torch and everything the model code imports)."""
+    import metaopt_core
+
+    return [f"{DISTRIBUTION}=={metaopt_core.__version__}"]
 
 
 def _register(
@@ -372,6 +375,27 @@ def _register(
     )
 
 
+def find_version(name: str, tag: str, value: str, *, tracking_uri: str | None = None) -> RegisteredVersion | None:
+    """The first version of ``name`` whose tag ``tag`` is ``value`` (e.g. ``metaopt.kfp_run_id``:
+    the version a pipeline run registered, which its retried registration step reuses), or None."""
+    from metaopt_core.mlops.tracking import call_with_retries
+
+    _check_model_name(name)
+    client = connect(tracking_uri)
+    quote = lambda text: str(text).replace("'", "\\'")  # noqa: E731
+    try:
+        found = call_with_retries(client.search_model_versions, f"name='{quote(name)}' and tags.`{tag}` = '{quote(value)}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if not found:
+        return None
+    first = min(found, key=lambda mv: int(mv.version))
+    return RegisteredVersion(name=name, version=str(first.version), model_uri=f"models:/{name}/{first.version}", run_id=first.run_id or "",
+                             model_id=getattr(first, "model_id", None) or "", tags=dict(first.tags or {}))  # fmt: skip
+
+
 def _ensure_registered_model(client: MlflowClient, name: str, kind: str) -> None:
     """Create the registered model, or check that an existing one holds the same kind of model."""
     try:
@@ -396,7 +420,9 @@ __all__ = [
     "LOSS_DOC_KEYS",
     "RegisteredVersion",
     "field_of",
+    "find_version",
     "loss_doc_of",
+    "DISTRIBUTION",
     "pip_requirements",
     "register_loss",
     "register_optimizer",

@@ -71,27 +71,23 @@ def parse_models_uri(uri: str) -> ModelRef:
 
 
 def how_to_promote(name: str) -> str:
-    return (
-        f"promote a version with `metaopt models promote {name} VERSION` "
-        f"(or metaopt_core.mlops.registry.promote({name!r}, VERSION, scores))"
-    )
+    """The hint appended to "no production version" errors."""
+    return f"promote a version with `metaopt models promote {name} VERSION` (or metaopt_core.mlops.registry.promote({name!r}, VERSION, scores))"
 
 
 def registered_model(client: MlflowClient, name: str) -> Any:
+    """The ``RegisteredModel`` ``name``; ``ModelNotFoundError`` listing the models that exist if it does not."""
     try:
         return client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        known = sorted(
-            m.name for m in client.search_registered_models(max_results=100) if not m.name.endswith(LOCK_SUFFIX)
-        )
-        raise ModelNotFoundError(
-            f"no registered model named {name!r} at {client.tracking_uri}; registered models: {known or 'none'}"
-        ) from None
+        known = sorted(m.name for m in client.search_registered_models(max_results=100) if not m.name.endswith(LOCK_SUFFIX))
+        raise ModelNotFoundError(f"no registered model named {name!r} at {client.tracking_uri}; registered models: {known or 'none'}") from None
 
 
 def list_versions(client: MlflowClient, name: str) -> list[Any]:
+    """Every ``ModelVersion`` of ``name``, oldest first (all result pages)."""
     escaped = name.replace("'", "\\'")
     found, token = [], None
     while True:
@@ -130,9 +126,7 @@ def resolve_version(client: MlflowClient, ref: ModelRef, uri: str = "") -> Any:
             return max(latest, key=lambda v: int(v.version))
         if ref.stage.lower() == STAGE.lower():
             raise NoProductionVersionError(no_production_message(client, ref.name, uri))
-        raise ModelNotFoundError(
-            f"{uri}: model {ref.name!r} has no version in stage {ref.stage!r} (stages: None, Staging, Production, Archived)"
-        )
+        raise ModelNotFoundError(f"{uri}: model {ref.name!r} has no version in stage {ref.stage!r} (stages: None, Staging, Production, Archived)")
     versions = list_versions(client, ref.name)
     if not versions:
         raise ModelNotFoundError(f"{uri}: model {ref.name!r} has no versions yet")
@@ -140,11 +134,9 @@ def resolve_version(client: MlflowClient, ref: ModelRef, uri: str = "") -> Any:
 
 
 def no_production_message(client: MlflowClient, name: str, uri: str) -> str:
+    """The error text for a model without a production version, listing its versions."""
     have = [str(v.version) for v in list_versions(client, name)]
-    return (
-        f"{uri or name}: model {name!r} has no production version yet (versions: {have or 'none'}); "
-        + how_to_promote(name)
-    )
+    return f"{uri or name}: model {name!r} has no production version yet (versions: {have or 'none'}); " + how_to_promote(name)
 
 
 __all__ = [

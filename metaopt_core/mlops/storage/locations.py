@@ -15,6 +15,8 @@ from metaopt_core.mlops.storage.errors import StorageError, StorageNotFoundError
 
 @dataclass(frozen=True)
 class Location:
+    """Where a URI points: a local path or an S3 bucket and key."""
+
     kind: Literal["local", "s3"]
     uri: str  # as the caller wrote it, for messages
     path: str = ""  # local file-system path
@@ -29,13 +31,11 @@ def is_s3_uri(uri: str | os.PathLike[str]) -> bool:
 
 
 def parse_location(uri: str | os.PathLike[str], *, argument: str = "uri", need_key: bool = True) -> Location:
+    """Parse a path, ``file://`` or ``s3://`` URI; errors name ``argument``. ``need_key``: an S3 object, not a prefix."""
     if isinstance(uri, os.PathLike):
         uri = os.fspath(uri)
     if not isinstance(uri, str):
-        raise TypeError(
-            f"{argument} must be a str or os.PathLike (a path, file:// or s3:// URI), "
-            f"got {type(uri).__name__}"
-        )
+        raise TypeError(f"{argument} must be a str or os.PathLike (a path, file:// or s3:// URI), got {type(uri).__name__}")
     if not uri:
         raise ValueError(f"{argument} is empty; expected a path, file:// URI or s3:// URI")
     if is_s3_uri(uri):
@@ -44,56 +44,47 @@ def parse_location(uri: str | os.PathLike[str], *, argument: str = "uri", need_k
         if not bucket:
             raise ValueError(f"{argument}={uri!r} has no bucket name; expected s3://bucket/key")
         if need_key and (not key or key.endswith("/")):
-            raise ValueError(
-                f"{argument}={uri!r} names a bucket or prefix, not an object; "
-                "expected s3://bucket/key with a non-empty key not ending in '/'"
-            )
+            raise ValueError(f"{argument}={uri!r} names a bucket or prefix, not an object; expected s3://bucket/key with a non-empty key not ending in '/'")
         return Location(kind="s3", uri=uri, bucket=bucket, key=key)
     scheme = urllib.parse.urlsplit(uri).scheme.lower()
     if scheme == "file":
         parts = urllib.parse.urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
             raise ValueError(
-                f"{argument}={uri!r} names host {parts.netloc!r}; only local file:// URIs "
-                "(file:///abs/path or file://localhost/abs/path) are supported"
+                f"{argument}={uri!r} names host {parts.netloc!r}; only local file:// URIs (file:///abs/path or file://localhost/abs/path) are supported"
             )
         path = urllib.parse.unquote(parts.path)
         if not path.startswith("/"):
             raise ValueError(f"{argument}={uri!r} has no absolute path; expected file:///abs/path")
         return Location(kind="local", uri=uri, path=path, as_file_uri=True)
     if scheme and "://" in uri:
-        raise ValueError(
-            f"{argument}={uri!r} has unsupported scheme {scheme!r}; "
-            "allowed: plain paths, file:// URIs and s3:// URIs"
-        )
+        raise ValueError(f"{argument}={uri!r} has unsupported scheme {scheme!r}; allowed: plain paths, file:// URIs and s3:// URIs")
     return Location(kind="local", uri=uri, path=uri)
 
 
 def local_path_arg(path: str | os.PathLike[str], argument: str) -> str:
+    """The file-system path of a local path or ``file://`` URI (``ValueError`` for S3)."""
     location = parse_location(path, argument=argument)
     if location.kind != "local":
         raise ValueError(f"{argument}={location.uri!r} must be a local path or file:// URI")
     return location.path
 
 
-
 @contextlib.contextmanager
 def local_errors(operation: str, uri: str) -> Iterator[None]:
+    """Turn ``OSError`` inside the block into ``StorageError`` (``StorageNotFoundError`` for ENOENT)."""
     try:
         yield
     except StorageError:
         raise
     except FileNotFoundError as exc:
         raise StorageNotFoundError(
-            f"{operation} failed for {uri}: no such file or directory"
-            + (f" ({exc.filename})" if exc.filename and str(exc.filename) != uri else ""),
+            f"{operation} failed for {uri}: no such file or directory" + (f" ({exc.filename})" if exc.filename and str(exc.filename) != uri else ""),
             uri=uri,
             operation=operation,
         ) from exc
     except OSError as exc:
-        raise StorageError(
-            f"{operation} failed for {uri}: {exc.strerror or exc}", uri=uri, operation=operation
-        ) from exc
+        raise StorageError(f"{operation} failed for {uri}: {exc.strerror or exc}", uri=uri, operation=operation) from exc
 
 
 __all__ = ["Location", "is_s3_uri", "local_errors", "local_path_arg", "parse_location"]

@@ -27,8 +27,7 @@ def _as_bytes(data: Any, argument: str = "data") -> bytes | memoryview:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return data
     raise TypeError(
-        f"{argument} must be bytes, bytearray or memoryview, got {type(data).__name__}"
-        + ("; use write_text() for str" if isinstance(data, str) else "")
+        f"{argument} must be bytes, bytearray or memoryview, got {type(data).__name__}" + ("; use write_text() for str" if isinstance(data, str) else "")
     )
 
 
@@ -123,16 +122,12 @@ def upload_file(local_path: str | os.PathLike[str], uri: str | os.PathLike[str])
         )
     location = parse_location(uri)
     if location.kind == "local":
-        with local_errors("upload", location.uri), open(source, "rb") as src, atomic_file(
-            location.path
-        ) as dst:
+        with local_errors("upload", location.uri), open(source, "rb") as src, atomic_file(location.path) as dst:
             shutil.copyfileobj(src, dst, STREAM_BUFFER_BYTES)
         return
     settings = S3Settings.from_env()
     with s3_errors("upload", location.uri):
-        s3_client(settings).upload_file(
-            source, location.bucket, location.key, Config=settings.transfer_config()
-        )
+        s3_client(settings).upload_file(source, location.bucket, location.key, Config=settings.transfer_config())
     logger.debug("uploaded %s to %s", source, location.uri)
 
 
@@ -153,9 +148,7 @@ def download_file(uri: str | os.PathLike[str], local_path: str | os.PathLike[str
     client = s3_client(settings)
     with local_errors("download", location.uri), atomic_file(destination) as dst:
         with s3_errors("download", location.uri):
-            client.download_fileobj(
-                location.bucket, location.key, dst, Config=settings.transfer_config()
-            )
+            client.download_fileobj(location.bucket, location.key, dst, Config=settings.transfer_config())
     logger.debug("downloaded %s to %s", location.uri, destination)
 
 
@@ -205,11 +198,7 @@ def list_uris(prefix_uri: str | os.PathLike[str]) -> list[str]:
             shown_dir = dirpath if base else os.path.relpath(dirpath, ".")
             shown_dir = "" if shown_dir == "." else shown_dir
             # Prune subtrees that cannot contain a match.
-            dirnames[:] = sorted(
-                d
-                for d in dirnames
-                if _could_match(os.path.join(shown_dir, d) + os.sep, prefix)
-            )
+            dirnames[:] = sorted(d for d in dirnames if _could_match(os.path.join(shown_dir, d) + os.sep, prefix))
             for name in filenames:
                 candidate = os.path.join(shown_dir, name)
                 if candidate.startswith(prefix) and not is_temp_name(name):

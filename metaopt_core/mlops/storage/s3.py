@@ -69,23 +69,13 @@ class S3Settings:
         if endpoint is not None:
             parts = urllib.parse.urlsplit(endpoint)
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(
-                    f"{endpoint_name}={endpoint!r} is not an endpoint URL: "
-                    "expected http://host[:port] or https://host[:port]"
-                )
+                raise ValueError(f"{endpoint_name}={endpoint!r} is not an endpoint URL: expected http://host[:port] or https://host[:port]")
             if parts.username or parts.password:
                 # Never echo the value: it holds a password.
-                raise ValueError(
-                    f"{endpoint_name} must not contain credentials (user:password@); "
-                    "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead"
-                )
-        region = (
-            env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip()
-        ) or "us-east-1"
+                raise ValueError(f"{endpoint_name} must not contain credentials (user:password@); use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead")
+        region = (env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip()) or "us-east-1"
         max_attempts = _int_env(env, "METAOPT_S3_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, minimum=1)
-        threshold_mb = _int_env(
-            env, "METAOPT_S3_MULTIPART_THRESHOLD_MB", DEFAULT_MULTIPART_THRESHOLD_MB, minimum=1
-        )
+        threshold_mb = _int_env(env, "METAOPT_S3_MULTIPART_THRESHOLD_MB", DEFAULT_MULTIPART_THRESHOLD_MB, minimum=1)
         chunksize_mb = _int_env(
             env,
             "METAOPT_S3_MULTIPART_CHUNKSIZE_MB",
@@ -174,22 +164,12 @@ def _install_log_redaction() -> None:
         for directory in getattr(package, "__path__", []):
             for dirpath, dirnames, filenames in os.walk(directory):
                 # Skip botocore's service-model data tree and caches: no modules there.
-                dirnames[:] = [
-                    d for d in dirnames if d.isidentifier() and d not in ("data", "__pycache__")
-                ]
+                dirnames[:] = [d for d in dirnames if d.isidentifier() and d not in ("data", "__pycache__")]
                 relative = os.path.relpath(dirpath, directory)
                 module_prefix = root if relative == "." else root + "." + relative.replace(os.sep, ".")
                 names.add(module_prefix)
-                names.update(
-                    f"{module_prefix}.{name[:-3]}"
-                    for name in filenames
-                    if name.endswith(".py") and name != "__init__.py"
-                )
-    names.update(
-        name
-        for name in list(logging.Logger.manager.loggerDict)
-        if name.split(".", 1)[0] in _REDACTED_LOGGER_ROOTS
-    )
+                names.update(f"{module_prefix}.{name[:-3]}" for name in filenames if name.endswith(".py") and name != "__init__.py")
+    names.update(name for name in list(logging.Logger.manager.loggerDict) if name.split(".", 1)[0] in _REDACTED_LOGGER_ROOTS)
     for name in names:
         logger_ = logging.getLogger(name)
         if not any(isinstance(f, _RedactCredentials) for f in logger_.filters):
@@ -237,11 +217,7 @@ def s3_client(settings: S3Settings | None = None):
         credentials = session.get_credentials()
         if credentials is not None:
             frozen = credentials.get_frozen_credentials()
-            _known_secrets = _known_secrets | {
-                value
-                for value in (frozen.access_key, frozen.secret_key, frozen.token)
-                if value and len(value) >= 4
-            }
+            _known_secrets = _known_secrets | {value for value in (frozen.access_key, frozen.secret_key, frozen.token) if value and len(value) >= 4}
         client = session.client(
             "s3",
             endpoint_url=settings.endpoint_url,
@@ -317,9 +293,7 @@ def _translate_s3_error(exc: BaseException, operation: str, uri: str) -> Storage
         return cls(message, uri=uri, operation=operation, code=code)
     code = type(original).__name__
     detail = scrub(str(original))
-    return StorageError(
-        f"{operation} failed for {uri}: {code}: {detail}", uri=uri, operation=operation, code=code
-    )
+    return StorageError(f"{operation} failed for {uri}: {code}: {detail}", uri=uri, operation=operation, code=code)
 
 
 _BOTO_FAILURES: tuple[type[BaseException], ...] = (ClientError, BotoCoreError, Boto3Error)
@@ -327,6 +301,7 @@ _BOTO_FAILURES: tuple[type[BaseException], ...] = (ClientError, BotoCoreError, B
 
 @contextlib.contextmanager
 def s3_errors(operation: str, uri: str) -> Iterator[None]:
+    """Turn botocore/boto3 failures inside the block into ``StorageError`` naming ``operation`` and ``uri``."""
     try:
         yield
     except _BOTO_FAILURES as exc:

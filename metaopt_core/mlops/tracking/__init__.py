@@ -19,6 +19,10 @@ Where runs go (first match wins):
 3. the embedded default ``sqlite:///<cwd>/mlflow.db`` (MLflow 3 refuses a plain ``./mlruns``
    file store by default, so the local default is a SQLite file).
 
+A pipeline run has one MLflow run, tagged with the KFP run id (``lineage``: ``metaopt.kfp_run_id``,
+the KFP UI page when ``KFP_UI_URL`` is set); every step logs into it and the pipeline's exit step
+ends it. Client calls are retried on transient errors (``retry``).
+
 ``MLFLOW_RUN_ID`` (set by KFP's MLflow integration) resumes that run instead of creating one, and
 ``MLFLOW_EXPERIMENT_ID`` selects the experiment of a new run. An HTTP tracking server is probed
 at ``/health`` with a few bounded retries first, so a wrong or dead URI fails in seconds with
@@ -28,6 +32,17 @@ Every call goes through an explicit ``MlflowClient`` and run id; nothing here us
 process-global "active run", so two trackers in one process (threads, tests) do not interfere.
 """
 
+from metaopt_core.mlops.tracking.lineage import (
+    KFP_UI_URL_ENV,
+    TAG_KFP_RUN_ID,
+    TAG_KFP_RUN_NAME,
+    TAG_KFP_RUN_URL,
+    find_pipeline_run,
+    kfp_run_url,
+    kfp_tags,
+    mlflow_run_url,
+)
+from metaopt_core.mlops.tracking.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy, call_with_retries, is_transient
 from metaopt_core.mlops.tracking.server import (
     DB_FILE,
     DEFAULT_EXPERIMENT,
@@ -44,6 +59,13 @@ from metaopt_core.mlops.tracking.server import (
     resolve_tracking_uri,
 )
 from metaopt_core.mlops.tracking.tracker import Tracker, start_run
+from metaopt_core.mlops.tracking.trainings import (
+    TAG_CONFIG_HASH,
+    FinishedTraining,
+    config_hash,
+    finished_training_tags,
+    last_finished_training,
+)
 from metaopt_core.mlops.tracking.values import (
     STEP_KEYS,
     flatten,
@@ -60,23 +82,41 @@ from metaopt_core.mlops.tracking.values import (
 __all__ = [
     "DB_FILE",
     "DEFAULT_EXPERIMENT",
+    "DEFAULT_RETRY",
+    "FinishedTraining",
+    "KFP_UI_URL_ENV",
+    "NO_RETRY",
+    "RetryPolicy",
     "STEP_KEYS",
     "TAG_ALGORITHM",
+    "TAG_CONFIG_HASH",
     "TAG_FINGERPRINT",
     "TAG_GIT_COMMIT",
+    "TAG_KFP_RUN_ID",
+    "TAG_KFP_RUN_NAME",
+    "TAG_KFP_RUN_URL",
     "Tracker",
     "TrackingServerUnreachable",
+    "call_with_retries",
+    "config_hash",
     "connect",
     "default_tracking_uri",
     "ensure_reachable",
+    "find_pipeline_run",
+    "finished_training_tags",
     "flatten",
     "get_or_create_experiment",
     "git_commit",
     "history_rows",
     "is_http_uri",
+    "is_transient",
+    "kfp_run_url",
+    "kfp_tags",
+    "last_finished_training",
     "loss_curves_input",
     "markdown_table",
     "metric_key",
+    "mlflow_run_url",
     "numeric_metrics",
     "param_value",
     "resolve_tracking_uri",

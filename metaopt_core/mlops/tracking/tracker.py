@@ -1,5 +1,9 @@
 """``Tracker``: one MLflow run of a meta-training job (params, per-step metrics through a callback,
-tags, plots, tables), always through an explicit client and run id, never MLflow's active run."""
+tags, plots, tables), always through an explicit client and run id, never MLflow's active run.
+
+Every client call that is safe to repeat is retried on transient errors (``retry.py``), and a
+metric is logged at most once per step: a retried pipeline step that repeats outer steps it
+logged before does not log them twice."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from metaopt_core.mlops.tracking.retry import DEFAULT_RETRY, RetryPolicy, call_with_retries, is_transient
 from metaopt_core.mlops.tracking.server import (
     DEFAULT_EXPERIMENT,
     TAG_FINGERPRINT,
@@ -51,7 +56,12 @@ class Tracker:
 
     Use as a context manager (the run ends FINISHED, or FAILED / KILLED on an exception) or call
     :meth:`start` / :meth:`end`. A run resumed from ``run_id`` / ``MLFLOW_RUN_ID`` that was already
-    RUNNING (KFP created it) is left running at the end: its owner closes it.
+    RUNNING (the pipeline's run) is left running at the end: its owner closes it (:meth:`terminate`).
+
+    ``client``: an ``MlflowClient`` (or anything with its methods) to use instead of connecting.
+    ``retry``: how often to retry a call that failed transiently (:class:`RetryPolicy`).
+    A metric key is logged at most once per step: steps already in the run's history (a resumed
+    run: read once per key) are skipped.
     """
 
     def __init__(
@@ -62,13 +72,16 @@ class Tracker:
         run_id: str | None = None,
         tracking_uri: str | None = None,
         tags: Mapping[str, Any] | None = None,
+        client: Any = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.experiment = experiment
         self.run_name = run_name
         self._requested_run_id = run_id
         self._requested_uri = tracking_uri
         self._tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        self.client: MlflowClient | None = None
+        self.client: MlflowClient | None = client
+        self.retry = retry
         self.tracking_uri: str | None = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -76,23 +89,31 @@ class Tracker:
         self._owns_run = False
         self._auto_step = 0
         self._lock = threading.Lock()
+        self._logged_steps: dict[str, set[int]] = {}  # metric key -> steps in the run's history
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A client call, retried on transient errors."""
+        return call_with_retries(fn, *args, policy=self.retry, **kwargs)
 
     # ------------------------------------------------------------------ life cycle
-    def start(self) -> "Tracker":
+    def start(self) -> Tracker:
         """Create (or resume) the run. Idempotent."""
         if self.run_id is not None:
             return self
-        self.client = connect(self._requested_uri)
+        if self.client is None:
+            self.client = connect(self._requested_uri)
         self.tracking_uri = resolve_tracking_uri(self._requested_uri)
         run_id = self._requested_run_id or os.environ.get("MLFLOW_RUN_ID") or None
         if run_id:
             try:
-                run = self.client.get_run(run_id)
+                run = self._call(self.client.get_run, run_id)
             except mlflow.exceptions.MlflowException as exc:
+                if is_transient(exc):
+                    raise
                 raise LookupError(f"run_id: run {run_id!r} not found at {self.tracking_uri} ({exc.message})") from None
             self.resumed = True
             if run.info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
+                self._call(self.client.update_run, run_id, status="RUNNING")
                 self._owns_run = True  # we revived it, so we close it
             if self._tags:
                 self.set_tags(self._tags, run_id=run_id)
@@ -105,7 +126,7 @@ class Tracker:
         commit = git_commit()
         if commit and TAG_GIT_COMMIT not in tags:
             tags[TAG_GIT_COMMIT] = commit
-        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)  # not retried: a lost answer would make two runs
         self.run_id, self.experiment_id = run.info.run_id, experiment_id
         self._owns_run = True
         return self
@@ -115,10 +136,19 @@ class Tracker:
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status: got {status!r}; allowed: ['FINISHED', 'FAILED', 'KILLED']")
         if self.run_id is not None and self._owns_run:
-            self.client.set_terminated(self.run_id, status=status)
+            self._call(self.client.set_terminated, self.run_id, status=status)
             self._owns_run = False
 
-    def __enter__(self) -> "Tracker":
+    def terminate(self, status: str = "FINISHED") -> None:
+        """End the run whoever started it: the pipeline's exit step closes the run every step
+        left running."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status: got {status!r}; allowed: ['FINISHED', 'FAILED', 'KILLED']")
+        client, run_id = self._require_run()
+        self._call(client.set_terminated, run_id, status=status)
+        self._owns_run = False
+
+    def __enter__(self) -> Tracker:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -158,12 +188,12 @@ class Tracker:
         items = [Param(str(k)[:MAX_KEY], param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), MAX_BATCH_PARAMS):
             try:
-                client.log_batch(run_id, params=items[i : i + MAX_BATCH_PARAMS])
+                self._call(client.log_batch, run_id, params=items[i : i + MAX_BATCH_PARAMS])
             except mlflow.exceptions.MlflowException as exc:
                 if "Changing param values is not allowed" in str(exc) or exc.error_code == "INVALID_PARAMETER_VALUE":
                     raise ValueError(
                         f"params: run {run_id} already has different values for some of "
-                        f"{[p.key for p in items[i:i + MAX_BATCH_PARAMS]][:10]}...; MLflow params are "
+                        f"{[p.key for p in items[i : i + MAX_BATCH_PARAMS]][:10]}...; MLflow params are "
                         f"write-once ({exc.message})"
                     ) from None
                 raise
@@ -173,7 +203,7 @@ class Tracker:
         run_id = run_id or self.run_id
         items = [RunTag(str(k)[:MAX_KEY], str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
         for i in range(0, len(items), MAX_BATCH_PARAMS):
-            client.log_batch(run_id, tags=items[i : i + MAX_BATCH_PARAMS])
+            self._call(client.log_batch, run_id, tags=items[i : i + MAX_BATCH_PARAMS])
 
     def set_fingerprint(self, fingerprint: str) -> None:
         """Tag the run with the content fingerprint of its (prepared) training data."""
@@ -184,7 +214,8 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
         """Log the numeric entries of ``metrics`` (nested dicts flattened with ``.``) at ``step``.
 
-        ``step=None`` uses an internal counter (0, 1, 2, ...). Returns what was logged.
+        ``step=None`` uses an internal counter (0, 1, 2, ...). A key already logged at ``step`` (by
+        this tracker, or in the history of a resumed run) is skipped. Returns what was logged.
         """
         client, run_id = self._require_run()
         with self._lock:
@@ -193,12 +224,21 @@ class Tracker:
             if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
                 raise ValueError(f"step: got {step!r}; allowed: an int >= 0")
             self._auto_step = int(step) + 1
-        values = numeric_metrics(metrics)
-        now = int(time.time() * 1000)
+        values = {k: v for k, v in numeric_metrics(metrics).items() if int(step) not in self._steps_logged(k)}
+        now = int(time.time() * 1000)  # one timestamp: a resent batch is the same rows
         items = [Metric(k, v, now, int(step)) for k, v in values.items()]
         for i in range(0, len(items), MAX_BATCH_METRICS):
-            client.log_batch(run_id, metrics=items[i : i + MAX_BATCH_METRICS])
+            self._call(client.log_batch, run_id, metrics=items[i : i + MAX_BATCH_METRICS])
+        for key in values:
+            self._logged_steps[key].add(int(step))
         return values
+
+    def _steps_logged(self, key: str) -> set[int]:
+        """The steps at which ``key`` is in the run (a resumed run's history is read once per key)."""
+        if key not in self._logged_steps:
+            history = self._call(self.client.get_metric_history, self.run_id, key) if self.resumed else []
+            self._logged_steps[key] = {int(m.step) for m in history}
+        return self._logged_steps[key]
 
     def callback(self, prefix: str = "") -> Callable[[Mapping[str, Any]], None]:
         """The hook the meta-learners call once per outer step with a dict of metrics.
@@ -227,16 +267,16 @@ class Tracker:
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """``[(step, value), ...]`` of one metric of this run, by step."""
         client, run_id = self._require_run()
-        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        return sorted((m.step, m.value) for m in self._call(client.get_metric_history, run_id, key))
 
     # ------------------------------------------------------------------ artifacts
     def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         client, run_id = self._require_run()
-        client.log_artifact(run_id, str(local_path), artifact_path)
+        self._call(client.log_artifact, run_id, str(local_path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         client, run_id = self._require_run()
-        client.log_text(run_id, text, artifact_file)
+        self._call(client.log_text, run_id, text, artifact_file)
 
     def log_dict(self, doc: Any, artifact_file: str) -> None:
         """A JSON document as an artifact (pretty-printed, keys in insertion order)."""
@@ -257,7 +297,7 @@ class Tracker:
             renamed = path.with_name(Path(artifact_file).name)
             path.replace(renamed)
             path = renamed
-        client.log_artifact(run_id, str(path), None if directory == "." else directory)
+        self._call(client.log_artifact, run_id, str(path), None if directory == "." else directory)
 
     def log_loss_plot(
         self,

@@ -97,6 +97,7 @@ def numeric_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 
 def as_number(value: Any) -> float | None:
+    """A float for a number, bool or one-element tensor/array; None for anything else."""
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, numbers.Real):
@@ -139,9 +140,7 @@ def table_rows(table: Sequence[Mapping[str, Any]] | Mapping[str, Mapping[str, An
         return [{index: name, **dict(row)} for name, row in table.items()]
     if isinstance(table, (list, tuple)) and all(isinstance(r, Mapping) for r in table):
         return [dict(r) for r in table]
-    raise TypeError(
-        f"table: got {type(table).__name__}; allowed: a list of row dicts or a mapping {{row name: row dict}}"
-    )
+    raise TypeError(f"table: got {type(table).__name__}; allowed: a list of row dicts or a mapping {{row name: row dict}}")
 
 
 def loss_curves_input(losses: Mapping[str, Any], *, compare_ce: bool = True) -> dict[str, Any]:
@@ -173,9 +172,9 @@ def history_rows(history: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[fl
 
 def _as_loss_module(loss: Any) -> Any:
     if isinstance(loss, Mapping):
-        from metaopt_core.mlops.registry import loss_from_doc
+        from metaopt_core.losses.document import loss_from_document
 
-        return loss_from_doc(loss)
+        return loss_from_document(loss)
     return loss
 
 

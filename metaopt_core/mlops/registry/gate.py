@@ -1,0 +1,160 @@
+"""The registry side of the champion/challenger gate (:mod:`metaopt_core.gate` decides): fetch the
+production version for the meta-test to re-evaluate (:func:`load_champion`), and record a
+version's gate decision (tags ``metaopt.gate.*``, artifact ``gate.json``), moving production
+under the promotion lock when the gate promotes (:func:`apply_gate`). A rejected version stays
+registered, its reason on its tags."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from metaopt_core.mlops.registry.common import (
+    DIVERGENCE_DIR,
+    DIVERGENCE_FILES,
+    PROMOTION_PREFIX,
+    TAG_KIND,
+    ModelNotFoundError,
+    truncate_tag,
+)
+from metaopt_core.mlops.registry.promotion import PromotionDecision, PromotionLock, current_production, reconcile, set_production
+from metaopt_core.mlops.registry.resolve import existing_store, registered_model
+
+GATE_PREFIX = "metaopt.gate."
+GATE_FILE = "gate.json"
+
+
+def load_champion(name: str, directory: str | Path, *, tracking_uri: str | None = None) -> tuple[str | None, dict | None]:
+    """(production version, its result document shaped like ``runner.read_result``: ``{"kind":
+    "loss", "loss": doc}`` or ``{"kind": "optimizer", "divergence_dir": path}`` with the files under
+    ``directory``), or (None, None) when ``name`` is not registered or has no production version."""
+    from metaopt_core.mlops.registry.load import download_files, load_loss_doc
+
+    try:
+        client = existing_store(tracking_uri)
+        model = registered_model(client, name)
+    except ModelNotFoundError:  # no store or no such model yet: nothing to re-evaluate
+        return None, None
+    version = current_production(client, name)
+    if version is None:
+        return None, None
+    uri = f"models:/{name}/{version}"
+    kind = model.tags.get(TAG_KIND) or client.get_model_version(name, version).tags.get(TAG_KIND)
+    if kind == "loss":
+        return version, {"kind": "loss", "loss": load_loss_doc(uri, tracking_uri=tracking_uri), "version": version}
+    target = Path(directory) / "divergence"
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, _ = download_files(uri, "optimizer", [f"{DIVERGENCE_DIR}/{f}" for f in DIVERGENCE_FILES], Path(tmp), tracking_uri)
+        for rel, path in paths.items():
+            shutil.copyfile(path, target / Path(rel).name)
+    return version, {"kind": "optimizer", "divergence_dir": str(target), "version": version}
+
+
+def gate_tags(gate: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, str]:
+    """The ``metaopt.gate.*`` tags of a decision (``gate``: ``GateDecision.to_dict()``) and of what it
+    was decided on (``record``: champion version, metric, settings, fingerprint)."""
+    tags = {"decision": gate["decision"], "promoted": str(bool(gate["promoted"])).lower(), "reason": gate["reason"]}
+    for key, value in (gate.get("numbers") or {}).items():
+        tags[key] = json.dumps(value) if isinstance(value, (dict, list)) else repr(value) if isinstance(value, float) else str(value)
+    for key in ("champion_version", "metric", "fingerprint"):
+        tags[key] = str(record.get(key) or "none")
+    tags["settings"] = json.dumps(record.get("settings") or {}, sort_keys=True)
+    return {GATE_PREFIX + key: truncate_tag(value) for key, value in tags.items()}
+
+
+def apply_gate(
+    name: str,
+    version: int | str,
+    gate: Mapping[str, Any],
+    record: Mapping[str, Any],
+    *,
+    tracking_uri: str | None = None,
+    lock_timeout_s: float = 60.0,
+    lock_ttl_s: float = 120.0,
+) -> PromotionDecision:
+    """Record the gate's decision on ``name`` version ``version`` and promote it when the gate says
+    so. ``gate``: ``GateDecision.to_dict()``; ``record``: what the meta-test ran on (``champion_version``
+    it re-evaluated, ``metric``, ``greater_is_better``, ``settings``, ``fingerprint``,
+    ``split_manifest``, ``paired``, ``units``). Under the promotion lock: if production moved since
+    the meta-test re-evaluated its champion, the challenger is rejected (it was not compared with
+    the version it would replace). Tags ``metaopt.gate.*`` and ``metaopt.promotion.*`` and the
+    artifact ``gate.json`` (on the version's logged model, else its run) record it all."""
+    version = str(int(version))
+    client = existing_store(tracking_uri)
+    metric = str(record.get("metric") or "")
+    compared = record.get("champion_version") or None
+    with PromotionLock(client, name, ttl_s=lock_ttl_s, timeout_s=lock_timeout_s):
+        champion = current_production(client, name)
+        promoted, decision, reason = bool(gate["promoted"]), str(gate["decision"]), str(gate["reason"])
+        # champion == version: a retry of a registration step whose earlier attempt promoted it already
+        if promoted and champion != compared and champion != version:
+            promoted, decision = False, "rejected"
+            reason = f"rejected: production moved from version {compared or 'none'} to {champion} during this run; the gate compared with {compared or 'no champion'}"
+        gate = {**gate, "promoted": promoted, "decision": decision, "reason": reason}
+        tags = gate_tags(gate, record)
+        tags.update({PROMOTION_PREFIX + "decision": decision, PROMOTION_PREFIX + "reason": truncate_tag(reason),
+                     PROMOTION_PREFIX + "metric": metric, PROMOTION_PREFIX + "champion_version": str(compared or "none"),
+                     PROMOTION_PREFIX + "decided_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        if promoted:
+            set_production(client, name, version)
+            if champion is not None and champion != version:
+                client.set_model_version_tag(name, champion, PROMOTION_PREFIX + "replaced_by", version)
+        current = reconcile(client, name)
+    _log_gate_file(client, name, version, {"name": name, "version": version, **gate, **dict(record)})
+    numbers = gate.get("numbers") or {}
+    return PromotionDecision(
+        name=name, version=version, promoted=promoted, decision=decision, reason=reason, metric=metric,
+        challenger_score=numbers.get("challenger_mean"), champion_version=compared, champion_score=numbers.get("champion_mean"),
+        margin=float(numbers.get("margin", 0.0)), greater_is_better=bool(record.get("greater_is_better", True)), production_version=current,
+    )  # fmt: skip
+
+
+def recorded_decision(name: str, version: int | str, *, tracking_uri: str | None = None) -> PromotionDecision | None:
+    """The gate decision :func:`apply_gate` recorded on ``name`` version ``version``, or None when it
+    recorded none, or not all of it (the ``gate.json`` artifact is its last write): a retried
+    registration step reuses a complete record instead of deciding again."""
+    version = str(int(version))
+    client = existing_store(tracking_uri)
+    tags = client.get_model_version(name, version).tags
+    if GATE_PREFIX + "artifact" not in tags or GATE_PREFIX + "decision" not in tags:
+        return None
+
+    def number(key: str) -> float | None:
+        try:
+            return float(tags[GATE_PREFIX + key])
+        except (KeyError, ValueError):
+            return None
+
+    compared = tags.get(GATE_PREFIX + "champion_version", "none")
+    return PromotionDecision(
+        name=name, version=version, promoted=tags.get(GATE_PREFIX + "promoted") == "true", decision=tags[GATE_PREFIX + "decision"],
+        reason=tags.get(GATE_PREFIX + "reason", ""), metric=tags.get(GATE_PREFIX + "metric", ""), challenger_score=number("challenger_mean"),
+        champion_version=None if compared == "none" else compared, champion_score=number("champion_mean"), margin=number("margin") or 0.0,
+        greater_is_better=tags.get(GATE_PREFIX + "greater_is_better", "True") != "False", production_version=current_production(client, name),
+    )  # fmt: skip
+
+
+def _log_gate_file(client: Any, name: str, version: str, doc: Mapping[str, Any]) -> None:
+    mv = client.get_model_version(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / GATE_FILE
+        path.write_text(json.dumps(doc, indent=2, default=str))
+        model_id = getattr(mv, "model_id", None)
+        if model_id:
+            client.log_model_artifact(model_id, str(path))
+            where = f"models:/{model_id}/{GATE_FILE}"
+        else:
+            client.log_artifact(mv.run_id, str(path), f"registry/{name}/{version}")
+            where = f"runs:/{mv.run_id}/registry/{name}/{version}/{GATE_FILE}"
+    client.set_model_version_tag(name, version, GATE_PREFIX + "artifact", where)
+
+
+__all__ = ["GATE_FILE", "GATE_PREFIX", "apply_gate", "gate_tags", "load_champion", "recorded_decision"]

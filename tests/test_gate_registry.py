@@ -1,0 +1,77 @@
+"""The registry side of the promotion gate against a real MLflow server: the champion fetched for
+the meta-test, the decision recorded as ``metaopt.gate.*`` tags and ``gate.json``, a rejected
+version kept with its reason (and shown by ``metaopt models show``)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+
+from metaopt_core.gate import decide_gate
+from metaopt_core.losses.taylor import TaylorLoss
+from metaopt_core.mlops.registry import GATE_PREFIX, apply_gate, load_champion, production_version, register_loss
+from pipelines.cli import main as cli_main
+from tests.fixtures_mlflow import mlflow_server  # noqa: F401
+
+SETTINGS = {"lr_grid": [0.01, 0.1], "epochs": 2, "seeds": [0, 1, 2], "replicates": 3, "chosen_lr": {"learned": {"digits": 0.1}}}
+
+
+def record(champion: str | None) -> dict:
+    return {"metric": "meta_test_accuracy", "greater_is_better": True, "champion_version": champion, "settings": SETTINGS,
+            "fingerprint": "f" * 64, "split_manifest": {"phases": {}}}  # fmt: skip
+
+
+def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_server, tmp_path, capsys):
+    name = f"gate-{uuid.uuid4().hex[:8]}"
+    loss = TaylorLoss.from_preset("itl")
+    assert load_champion(name, tmp_path, tracking_uri=mlflow_server) == (None, None)  # not registered yet
+
+    first = register_loss(loss, name, scores={"meta_test_accuracy": 0.7}, tracking_uri=mlflow_server)
+    worse = decide_gate({"learned": [0.5, 0.5, 0.5], "ce": [0.7, 0.7, 0.7]}, greater_is_better=True, margin=0.0, seeds=3)
+    decision = apply_gate(name, first.version, worse.to_dict(), record(None), tracking_uri=mlflow_server)
+    assert (decision.decision, decision.production_version) == ("rejected", None)
+    tags = MlflowClient(mlflow_server).get_model_version(name, first.version).tags
+    assert tags[GATE_PREFIX + "decision"] == "rejected" and "best tuned baseline 'ce'" in tags[GATE_PREFIX + "reason"]
+    assert json.loads(tags[GATE_PREFIX + "settings"])["lr_grid"] == [0.01, 0.1]
+    assert tags[GATE_PREFIX + "fingerprint"] == "f" * 64 and tags[GATE_PREFIX + "best_baseline"] == "ce"
+    assert tags["metaopt.promotion.decision"] == "rejected"
+
+    second = register_loss(loss, name, scores={"meta_test_accuracy": 0.8}, tracking_uri=mlflow_server)
+    better = decide_gate({"learned": [0.8, 0.81, 0.79], "ce": [0.7, 0.7, 0.7]}, greater_is_better=True, margin=0.0, seeds=3)
+    assert apply_gate(name, second.version, better.to_dict(), record(None), tracking_uri=mlflow_server).promoted
+    assert production_version(name, tracking_uri=mlflow_server) == second.version
+    version, champion = load_champion(name, tmp_path, tracking_uri=mlflow_server)
+    assert version == second.version and champion["kind"] == "loss" and champion["loss"]["family"] == "taylor"
+
+    # a gate decided against a champion that is no longer production does not promote
+    third = register_loss(loss, name, tracking_uri=mlflow_server)
+    stale = apply_gate(name, third.version, better.to_dict(), record(first.version), tracking_uri=mlflow_server)
+    assert not stale.promoted and "production moved" in stale.reason
+
+    client = MlflowClient(mlflow_server)
+    where = client.get_model_version(name, first.version).tags[GATE_PREFIX + "artifact"]
+    import mlflow
+
+    gate_file = mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=str(tmp_path / "gate"), tracking_uri=mlflow_server)
+    doc = json.loads(open(gate_file).read())
+    assert doc["decision"] == "rejected" and doc["settings"] == SETTINGS and doc["fingerprint"] == "f" * 64
+
+    capsys.readouterr()
+    assert cli_main(["models", "show", name, "--tracking-uri", mlflow_server]) == 0
+    out = capsys.readouterr().out
+    assert f"version {first.version}: rejected: no production version" in out
+    assert f"version {second.version}: promoted:" in out and "production moved" in out
+
+
+@pytest.mark.parametrize("margin", [0.0])
+def test_the_gate_tags_hold_every_number(margin):
+    from metaopt_core.mlops.registry import gate_tags
+
+    decision = decide_gate({"learned": [0.8] * 3, "champion": [0.7] * 3, "ce": [0.6] * 3}, greater_is_better=True, margin=margin, seeds=3)
+    tags = gate_tags(decision.to_dict(), record("1"))
+    for key in ("decision", "reason", "lower_bound", "mean_difference", "baseline_shortfall", "champion_version", "settings", "fingerprint"):
+        assert GATE_PREFIX + key in tags
+    assert tags[GATE_PREFIX + "champion_version"] == "1"

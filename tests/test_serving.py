@@ -1,0 +1,97 @@
+"""Serving a registered loss: ``mlflow models serve`` answers POST /invocations with the loss
+values the library computes, and the requirements logged with the model name only this
+project's library distribution (metaopt-core; not "metaopt", an unrelated package on the index)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import tomllib
+import torch
+
+from metaopt_core.losses.taylor import TaylorLoss
+from metaopt_core.mlops.pyfunc import loss_values
+from metaopt_core.mlops.registry import DISTRIBUTION, pip_requirements, register_loss
+from tests.fixtures_mlflow import mlflow_server, reset_mlflow_uri  # noqa: F401  (fixtures)
+from tests.fixtures_s3 import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _requirement_name(line: str) -> str:
+    import re
+
+    return re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower().replace("_", "-")
+
+
+def test_registered_requirements_name_only_this_project(mlflow_server):
+    library = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    app = tomllib.loads((ROOT / "app" / "pyproject.toml").read_text())["project"]
+    assert library["name"] == DISTRIBUTION == "metaopt-core"
+    # the library a downstream job installs holds no pipeline code and needs no kfp
+    assert not any(_requirement_name(d).startswith(("kfp", "kubeflow")) for d in library["dependencies"])
+    assert "Private :: Do Not Upload" in app["classifiers"] and f"{DISTRIBUTION}=={library['version']}" in app["dependencies"]
+    assert pip_requirements() == [f"metaopt-core=={library['version']}"]
+
+    name = f"serve-req-{uuid.uuid4().hex[:8]}"
+    version = register_loss(TaylorLoss.from_preset("itl"), name, tracking_uri=mlflow_server)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", tracking_uri=mlflow_server))
+    lines = [line.strip() for line in (local / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    names = {_requirement_name(line) for line in lines}
+    # MLflow itself serves the model; everything else comes from this project's distribution
+    assert names - {"mlflow"} == {"metaopt-core"} and "metaopt" not in names
+    assert f"metaopt-core=={library['version']}" in lines
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(mlflow_server, tmp_path):
+    name = f"serve-{uuid.uuid4().hex[:8]}"
+    loss = TaylorLoss.from_preset("itl")
+    registered = register_loss(loss, name, tracking_uri=mlflow_server)
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": str(mlflow_server)}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # the server execs this environment's uvicorn
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/{registered.version}", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping: " + (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        rows = [[[0.7, 0.2, 0.1], 0], [[0.1, 0.1, 0.8], 1], [[0.5, 0.5], 1]]
+        body = json.dumps({"dataframe_split": {"columns": ["probabilities", "label"], "data": rows}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+        served = [row["loss"] for row in predictions]
+        with torch.no_grad():
+            expected = loss_values(TaylorLoss.from_preset("itl", reduction="none"), pd.DataFrame(rows, columns=["probabilities", "label"]))
+        assert served == pytest.approx(expected, rel=1e-6)
+        assert len(set(round(v, 6) for v in served)) == 3  # three different rows, three different losses
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
