@@ -294,7 +294,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if shown:
             lines.append(f"  meta-test        {', '.join(shown)}")
         lines.append(f"  registered       {summary['model_uri']}")
-        lines.append(f"  promotion        {summary['decision']}: {summary['reason']}")
+        reason = str(summary["reason"])  # the gate's reasons already start with the decision
+        lines.append(f"  promotion        {reason if reason.startswith(summary['decision']) else summary['decision'] + ': ' + reason}")
         lines.append(f"  production       models:/{name}/{summary['production_version'] or '-'}")
     lines.append("  use it:")
     lines += [f"    {line}" for line in summary["downstream"]]

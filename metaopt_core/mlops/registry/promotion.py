@@ -151,8 +151,12 @@ class PromotionLock:
                 )
                 return self
             except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                # On PostgreSQL a create that races the holder's release can fail with "does not
+                # exist" (the server looks the clashing model up after it is gone): a lost race too.
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                     raise
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST" and self._owned():
+                    return self
             self._break_if_expired()
             if time.monotonic() > deadline:
                 raise PromotionLockTimeout(
@@ -160,6 +164,12 @@ class PromotionLock:
                     f"retry later (a crashed holder's lock expires after {self.ttl_s:g} s)"
                 )
             time.sleep(random.uniform(0.02, 0.15))
+
+    def _owned(self) -> bool:
+        try:
+            return self.client.get_registered_model(self.name).tags.get(LOCK_OWNER) == self.token
+        except MlflowException:
+            return False
 
     def _break_if_expired(self) -> None:
         try:
