@@ -190,8 +190,52 @@ def run_set(name: str, size: str, out: Path, work_root: Path, threads: int) -> d
     (work / "report.json").write_text(json.dumps(record, indent=1, default=str))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(markdown(record))
+    (out / f"{name}.json").write_text(json.dumps({k: record[k] for k in SUMMARY_KEYS}, indent=1, default=str))
     log(f"wrote {out / f'{name}.md'}")
     return record
+
+
+# What docs/results.md's generated block is rebuilt from (one JSON per set beside its Markdown).
+SUMMARY_KEYS = ("set", "learner", "size", "metric", "greater_is_better", "paired", "report_settings", "gate", "commit")
+BEGIN, END = "<!-- results.py: begin (generated; edit scripts/results.py, not this block) -->", "<!-- results.py: end -->"
+
+
+def summary_block(records: list[dict]) -> str:
+    """The summary table and each set's candidate table and verdict, for docs/results.md."""
+    lines = [BEGIN, "", "| set | learned (mean ± std) | best tuned baseline (mean ± std) | beats it? | gate |", "|---|---:|---:|---|---|"]
+    for record in records:
+        numbers, paired = record["gate"]["numbers"], record["paired"]
+        best = numbers["best_baseline"]
+        scale = 100.0 if record["metric"].endswith("accuracy") else 1.0
+        learned, base = summarise(paired[CHALLENGER], record["greater_is_better"]), summarise(paired[best], record["greater_is_better"])
+        beats = (1 if record["greater_is_better"] else -1) * (learned["mean"] - base["mean"]) > 0
+        lines.append(f"| [{record['set']}](results/{record['set']}.md) ({record['metric']}) | {learned['mean'] * scale:.1f} ± {learned['std'] * scale:.1f} | "
+                     f"{best} {base['mean'] * scale:.1f} ± {base['std'] * scale:.1f} | {'yes' if beats else '**no**'} | {record['gate']['decision']} |")  # fmt: skip
+    for record in records:
+        scale = 100.0 if record["metric"].endswith("accuracy") else 1.0
+        chosen = record["report_settings"].get("chosen_lr", {})
+        lines += ["", f"### {record['set']}", "", f"`python scripts/results.py {record['set']}` (size {record['size']}, commit `{record['commit']}`)", "",
+                  "| candidate | chosen lr | mean ± std | median | worst |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for label, values in record["paired"].items():
+            s = summarise(values, record["greater_is_better"])
+            name = f"**{label}**" if label == CHALLENGER else label
+            lines.append(f"| {name} | {chosen_lr_text(chosen.get(label, '?'))} | {s['mean'] * scale:.1f} ± {s['std'] * scale:.1f} | "
+                         f"{s['median'] * scale:.1f} | {s['worst'] * scale:.1f} |")  # fmt: skip
+        edges = grid_edges(chosen, [float(v) for v in record["report_settings"].get("lr_grid", [])])
+        lines += ["", verdict(record) + (" The gate promotes it." if record["gate"]["promoted"] else " The gate keeps it out of production.")]
+        if edges:
+            lines.append(f"Chosen lr at an edge of the grid: {edges}.")
+    return "\n".join([*lines, "", END])
+
+
+def update_results_doc(doc: Path, out: Path) -> None:
+    """Rebuild the generated block of docs/results.md from every set's JSON in ``out``."""
+    records = [json.loads((out / f"{name}.json").read_text()) for name in RESULT_SETS if (out / f"{name}.json").exists()]
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc}: no generated block ({BEGIN!r} ... {END!r}) to rebuild")
+    head, rest = text.split(BEGIN, 1)
+    doc.write_text(head + summary_block(records) + rest.split(END, 1)[1])
 
 
 def verdict(record: dict) -> str:
@@ -307,6 +351,7 @@ def main() -> int:
     names = list(RESULT_SETS) if "all" in args.sets else list(dict.fromkeys(args.sets))
     torch.set_num_threads(args.threads)
     records = [run_set(name, args.size or RESULT_SETS[name].size, Path(args.out), Path(args.work), args.threads) for name in names]
+    update_results_doc(Path(args.out).parent / "results.md", Path(args.out))
     for record in records:
         numbers = record["gate"]["numbers"]
         best = numbers.get("best_baseline")
