@@ -19,9 +19,21 @@ from tests.fixtures_mlflow import mlflow_server  # noqa: F401
 SETTINGS = {"lr_grid": [0.01, 0.1], "epochs": 2, "seeds": [0, 1, 2], "replicates": 3, "chosen_lr": {"learned": {"digits": 0.1}}}
 
 
+def split_manifest() -> dict:
+    from metaopt_core.data.manifest import SplitManifest
+    from metaopt_core.data.prepare import prepare
+
+    spec = {"source": "digits", "max_examples": 60}
+    train, test = prepare({**spec, "part": "meta-train"}), prepare({**spec, "part": "meta-test"})
+    return SplitManifest().add("inner_training", train, ["train"]).add("meta_test", test, ["val"]).check().to_dict()
+
+
+MANIFEST = split_manifest()
+
+
 def record(champion: str | None) -> dict:
     return {"metric": "meta_test_accuracy", "greater_is_better": True, "champion_version": champion, "settings": SETTINGS,
-            "fingerprint": "f" * 64, "split_manifest": {"phases": {}}}  # fmt: skip
+            "fingerprint": "f" * 64, "split_manifest": MANIFEST}  # fmt: skip
 
 
 def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_server, tmp_path, capsys):
@@ -58,6 +70,9 @@ def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_serve
     gate_file = mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=str(tmp_path / "gate"), tracking_uri=mlflow_server)
     doc = json.loads(open(gate_file).read())
     assert doc["decision"] == "rejected" and doc["settings"] == SETTINGS and doc["fingerprint"] == "f" * 64
+    # the split manifest is on the version: its summary as a tag, every entry (with ids) in gate.json
+    assert json.loads(tags[GATE_PREFIX + "split_manifest"]) == MANIFEST["summary"]
+    assert doc["split_manifest"] == MANIFEST and doc["split_manifest"]["entries"][1]["phase"] == "meta_test"
 
     capsys.readouterr()
     assert cli_main(["models", "show", name, "--tracking-uri", mlflow_server]) == 0

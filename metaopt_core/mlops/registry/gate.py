@@ -65,6 +65,8 @@ def gate_tags(gate: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, s
     for key in ("champion_version", "metric", "fingerprint"):
         tags[key] = str(record.get(key) or "none")
     tags["settings"] = json.dumps(record.get("settings") or {}, sort_keys=True)
+    # which examples and domains each phase read (the summary; every id is in gate.json)
+    tags["split_manifest"] = json.dumps((record.get("split_manifest") or {}).get("summary") or {}, sort_keys=True)
     return {GATE_PREFIX + key: truncate_tag(value) for key, value in tags.items()}
 
 
