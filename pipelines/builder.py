@@ -45,7 +45,15 @@ PRESET_NAMES = ("demo", "quick")
 
 # Cluster wiring (infra/): the ConfigMap every step reads, and the S3 credentials Secret.
 RUNTIME_CONFIG_MAP = "metaopt-runtime"
-RUNTIME_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "METAOPT_S3_MAX_ATTEMPTS", "KFP_UI_URL")
+RUNTIME_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "S3_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "METAOPT_S3_MAX_ATTEMPTS",
+    "KFP_UI_URL",
+    "MLFLOW_UI_URL",
+)
 S3_SECRET = "metaopt-s3"
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # MLflow's basic-auth app (infra/): the pipeline user's credentials, read by the MLflow client.

@@ -185,8 +185,8 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes(prepared, tmp_path):
     data = prepared("arl")
     config = tmp_path / "arl.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "configs" / "arl-tiny.yaml").read_text()), "generations": 24}))
-    # restarts=3: after a kill, gloo's reconnection on a loaded 2-core box can time out once more
-    job = launch("arl", 2, data, tmp_path / "killed", config=config, restarts=3, wait=False)
+    # a short collective timeout turns any hang after the kill into one more restart, not a stuck test
+    job = launch("arl", 2, data, tmp_path / "killed", "--timeout-min", "2", config=config, restarts=3, wait=False)
     killed_at = None
     deadline = time.monotonic() + 240
     while killed_at is None and time.monotonic() < deadline and job.poll() is None:

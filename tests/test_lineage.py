@@ -167,8 +167,14 @@ def test_urls_and_kfp_tags(monkeypatch):
     monkeypatch.setenv("KFP_UI_URL", "https://kf.example.com/pipeline/")
     assert kfp_run_url("abc") == "https://kf.example.com/pipeline/#/runs/details/abc"
     assert kfp_tags("abc")[TAG_KFP_RUN_URL] == "https://kf.example.com/pipeline/#/runs/details/abc"
+    monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
     assert mlflow_run_url("http://mlflow:5000/", "3", "r") == "http://mlflow:5000/#/experiments/3/runs/r"
     assert mlflow_run_url("sqlite:///x.db", "3", "r") is None
+    # the public UI address wins over the in-cluster tracking URI the steps use
+    monkeypatch.setenv("MLFLOW_UI_URL", "https://mlflow.example.com/")
+    assert mlflow_run_url("http://mlflow.metaopt.svc.cluster.local:5000", "3", "r") == "https://mlflow.example.com/#/experiments/3/runs/r"
+    assert mlflow_run_url("sqlite:///x.db", "3", "r") == "https://mlflow.example.com/#/experiments/3/runs/r"
+    assert mlflow_run_url("http://mlflow:5000", "3", "") is None
 
 
 # ----------------------------------------------------------------------------- against a real server

@@ -405,6 +405,16 @@ def test_metaopt_runtime_config_works_for_storage_and_mlflow(builds: dict[str, B
         assert _service_port(base_objects, data["MLFLOW_TRACKING_URI"]) == ("mlflow", "metaopt", 5000)
 
 
+def test_metaopt_runtime_holds_every_key_a_pipeline_step_reads(builds: dict[str, Build]) -> None:
+    # use_config_map_as_env maps each key without `optional`: a key missing from the ConfigMap
+    # keeps every step's pod from starting
+    from pipelines.builder import RUNTIME_KEYS
+
+    for build_name, pipeline_namespace in [("base", "kubeflow-user-example-com"), ("overlays/local", "kubeflow")]:
+        data = find(builds[build_name].objects, "ConfigMap", "metaopt-runtime", pipeline_namespace)["data"]
+        assert set(RUNTIME_KEYS) <= set(data), (build_name, sorted(set(RUNTIME_KEYS) - set(data)))
+
+
 def _mlflow_container(objects: list[dict]) -> dict:
     deployment = find(objects, "Deployment", "mlflow", "metaopt")
     return deployment["spec"]["template"]["spec"]["containers"][0]

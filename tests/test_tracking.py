@@ -149,6 +149,31 @@ def test_failed_job_marks_the_run_failed(mlflow_server):
     assert MlflowClient(mlflow_server).get_run(tracker.run_id).info.status == "FAILED"
 
 
+def test_the_new_data_gate_counts_only_runs_that_ended_finished(mlflow_server):
+    from metaopt_core.mlops.tracking import finished_training_tags, last_finished_training
+
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.create_experiment(f"new-data-gate-{time.time_ns()}")
+    model = f"gate-model-{time.time_ns()}"
+
+    def training(fingerprint: str, version: str, status: str | None) -> str:
+        run = client.create_run(experiment_id)
+        for key, value in finished_training_tags(model, fingerprint, "cfg", version).items():
+            client.set_tag(run.info.run_id, key, value)
+        if status:
+            client.set_terminated(run.info.run_id, status=status)
+        return run.info.run_id
+
+    assert last_finished_training(model, tracking_uri=mlflow_server) is None
+    finished = training("aaa", "1", "FINISHED")
+    time.sleep(0.01)  # end times order the runs
+    training("bbb", "2", "FAILED")  # registered version 2, then a later step failed
+    training("ccc", "3", "KILLED")
+    training("ddd", "4", None)  # still running (or its pod died before the exit step)
+    last = last_finished_training(model, tracking_uri=mlflow_server)
+    assert (last.run_id, last.fingerprint, last.version) == (finished, "aaa", "1")
+
+
 def test_cluster_environment_variables_are_honoured(mlflow_server, monkeypatch):
     client = MlflowClient(mlflow_server)
     experiment_id = client.create_experiment(f"injected-{time.time_ns()}")

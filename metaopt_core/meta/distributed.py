@@ -106,7 +106,14 @@ def join_process_group(backend: str = "", timeout_min: float = 120.0) -> Placeme
     if backend == "nccl":
         torch.cuda.set_device(local_rank)  # object collectives and the learner's "cuda" use this device
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+        timeout = datetime.timedelta(minutes=timeout_min)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps one store across restarts and init_process_group's key prefix is the same
+        # in every attempt: a restarted rank could read a dead peer's address (gloo then retries a
+        # refused connection, or waits on stale counters, for the whole timeout). One prefix per attempt.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store.set_timeout(timeout)
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"metaopt/attempt_{attempt}", store), rank=rank, world_size=world, timeout=timeout)
     return Placement(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

@@ -34,6 +34,7 @@ process-global "active run", so two trackers in one process (threads, tests) do 
 
 from metaopt_core.mlops.tracking.lineage import (
     KFP_UI_URL_ENV,
+    MLFLOW_UI_URL_ENV,
     TAG_KFP_RUN_ID,
     TAG_KFP_RUN_NAME,
     TAG_KFP_RUN_URL,
@@ -85,6 +86,7 @@ __all__ = [
     "DEFAULT_RETRY",
     "FinishedTraining",
     "KFP_UI_URL_ENV",
+    "MLFLOW_UI_URL_ENV",
     "NO_RETRY",
     "RetryPolicy",
     "STEP_KEYS",

@@ -17,6 +17,10 @@ TAG_KFP_RUN_URL = "metaopt.kfp_run_url"
 # The Kubeflow Pipelines UI as users reach it (e.g. https://kubeflow.example.com/pipeline); unset or
 # empty: run pages are not linked, only the run id is tagged.
 KFP_UI_URL_ENV = "KFP_UI_URL"
+# The MLflow UI as users reach it, when that is not the tracking URI the steps use (in a cluster the
+# steps talk to http://mlflow.metaopt.svc.cluster.local:5000, which no browser resolves). Unset or
+# empty: run pages are linked under an HTTP tracking URI.
+MLFLOW_UI_URL_ENV = "MLFLOW_UI_URL"
 
 
 def kfp_run_url(kfp_run_id: str, base: str | None = None) -> str | None:
@@ -28,11 +32,15 @@ def kfp_run_url(kfp_run_id: str, base: str | None = None) -> str | None:
     return f"{base.rstrip('/')}/#/runs/details/{kfp_run_id}"
 
 
-def mlflow_run_url(tracking_uri: str | None, experiment_id: str | None, run_id: str | None) -> str | None:
-    """The run's page in the MLflow UI, ``{uri}/#/experiments/{experiment}/runs/{run}``, for an
-    HTTP(S) tracking server (None otherwise: a SQLite store has no UI of its own)."""
-    if tracking_uri and is_http_uri(tracking_uri) and experiment_id and run_id:
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+def mlflow_run_url(tracking_uri: str | None, experiment_id: str | None, run_id: str | None, base: str | None = None) -> str | None:
+    """The run's page in the MLflow UI, ``{base}/#/experiments/{experiment}/runs/{run}``. ``base``:
+    default ``$MLFLOW_UI_URL``; when neither is set, an HTTP(S) tracking URI (None otherwise: a
+    SQLite store has no UI of its own)."""
+    base = (os.environ.get(MLFLOW_UI_URL_ENV, "") if base is None else base).strip()
+    if not base and tracking_uri and is_http_uri(tracking_uri):
+        base = tracking_uri
+    if base and experiment_id and run_id:
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return None
 
 
@@ -63,6 +71,7 @@ def find_pipeline_run(kfp_run_id: str, *, tracking_uri: str | None = None, clien
 
 __all__ = [
     "KFP_UI_URL_ENV",
+    "MLFLOW_UI_URL_ENV",
     "TAG_KFP_RUN_ID",
     "TAG_KFP_RUN_NAME",
     "TAG_KFP_RUN_URL",

@@ -22,6 +22,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from metaopt_core.mlops.tracking.lineage import mlflow_run_url
 from metaopt_core.mlops.tracking.retry import DEFAULT_RETRY, RetryPolicy, call_with_retries, is_transient
 from metaopt_core.mlops.tracking.server import (
     DEFAULT_EXPERIMENT,
@@ -30,7 +31,6 @@ from metaopt_core.mlops.tracking.server import (
     connect,
     get_or_create_experiment,
     git_commit,
-    is_http_uri,
     resolve_tracking_uri,
 )
 from metaopt_core.mlops.tracking.values import (
@@ -164,10 +164,8 @@ class Tracker:
 
     @property
     def run_url(self) -> str | None:
-        """The run's page in the MLflow UI (HTTP tracking servers only)."""
-        if self.tracking_uri and is_http_uri(self.tracking_uri) and self.run_id:
-            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return None
+        """The run's page in the MLflow UI (``$MLFLOW_UI_URL``, else an HTTP tracking URI)."""
+        return mlflow_run_url(self.tracking_uri, self.experiment_id, self.run_id)
 
     # ------------------------------------------------------------------ params, tags, metrics
     def log_config(self, config: Any, *, prefix: str = "", artifact_file: str | None = "config.json") -> dict[str, str]:

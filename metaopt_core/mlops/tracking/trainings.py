@@ -1,6 +1,6 @@
 """What the new-data gate remembers: every meta-training run that finished (registered a version,
 promoted or not) carries the data fingerprint and the configuration hash it trained on, and the
-gate finds the last such run of a model in MLflow.
+gate finds the last such run of a model in MLflow that ended FINISHED.
 
 Tags on the run: ``metaopt.data_fingerprint`` (set when the run starts), ``metaopt.config_hash``,
 ``metaopt.meta_training = finished``, ``metaopt.model_name`` and ``metaopt.registered_version``.
@@ -47,13 +47,15 @@ def finished_training_tags(model_name: str, fingerprint: str, config_digest: str
 
 def last_finished_training(model_name: str, tracking_uri: str | None = None) -> FinishedTraining | None:
     """The most recently ended run of ``model_name`` tagged as a finished meta-training, in any
-    experiment (None: there is none)."""
+    experiment (None: there is none). Only runs that ended FINISHED count: a run that registered a
+    version and then failed (or is still running, or was killed) did not finish, so the data it read
+    is trained on again."""
     client = connect(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return None
     quoted = model_name.replace("'", "\\'")
-    query = f"tags.`{TAG_META_TRAINING}` = '{FINISHED}' and tags.`{TAG_MODEL_NAME}` = '{quoted}'"
+    query = f"tags.`{TAG_META_TRAINING}` = '{FINISHED}' and tags.`{TAG_MODEL_NAME}` = '{quoted}' and attributes.status = 'FINISHED'"
     best = None
     for start in range(0, len(experiments), 100):  # the search takes a bounded list of experiments
         for run in client.search_runs(experiments[start : start + 100], query, max_results=50, order_by=["attributes.end_time DESC"]):
