@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from metaopt_core.config import ConfigError, validate
+from metaopt_core.config import validate
 from metaopt_core.losses.taylor import TaylorLoss
 from metaopt_core.meta.arl.config import ARLConfig
 from metaopt_core.meta.arl.fitness import FITNESS_CONVENTION, evaluate
 from metaopt_core.meta.arl.pool import Pool, build_pool
 from metaopt_core.meta.arl.state import STATE_FILE, ARLState, ask, tell
-from metaopt_core.meta.checkpoint import save_loss_export
+from metaopt_core.meta.checkpoint import check_resumable, save_loss_export
 
 # Fields that may change when resuming without changing what the search computes (up to the
 # float reassociation between the batched and sequential paths, for the last two).
@@ -72,13 +72,8 @@ def result_of(state: ARLState, pool_names: Sequence[str] | None = None, fingerpr
 
 def _resume_state(config: ARLConfig, checkpoint_dir: Path) -> ARLState:
     state = ARLState.load(checkpoint_dir)
-    saved, wanted = state.config, config.model_dump(mode="json")
-    for key in sorted(set(saved) | set(wanted)):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != wanted.get(key):
-            raise ConfigError(
-                f"resume from {checkpoint_dir}: field '{key}': checkpoint has {saved.get(key)!r}, config has "
-                f"{wanted.get(key)!r}; only {list(RESUMABLE_CHANGES)} may change on resume (or use a new checkpoint_dir)"
-            )
+    wanted = config.model_dump(mode="json")
+    check_resumable(state.config, wanted, checkpoint_dir, RESUMABLE_CHANGES)
     state.config = wanted  # e.g. more generations
     return state
 
