@@ -150,3 +150,21 @@ def test_family_from_dict_reads_isce_documents():
     rebuilt, raw = family_from_dict(through_json(family.to_dict(params)))
     assert isinstance(rebuilt, ISCEFamily) and torch.equal(raw, params)
     assert isinstance(loss_from_document(family.to_dict(params)), SymmetricCrossEntropy)
+
+
+def test_an_lr_scale_multiplies_the_loss_and_survives_a_round_trip():
+    """A stored lr_scale is the loss's multiplier (what makes a learned loss a drop-in at CE's lr)."""
+    import torch
+
+    from metaopt_core.losses import ScaledLoss, document_of_loss, loss_from_document
+
+    logits, labels = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 4, 5])
+    plain = loss_from_document({"family": "ce", "params": {}})
+    scaled = loss_from_document({"family": "ce", "params": {}, "lr_scale": 0.25})
+    assert isinstance(scaled, ScaledLoss) and not isinstance(plain, ScaledLoss)
+    assert float(scaled(logits, labels)) == pytest.approx(0.25 * float(plain(logits, labels)))
+    assert document_of_loss(scaled)["lr_scale"] == 0.25
+    assert not isinstance(loss_from_document(document_of_loss(scaled), apply_lr_scale=False), ScaledLoss)
+    for bad in (0, -1.0, float("inf"), "0.1", True):
+        with pytest.raises(LossDocumentError, match="lr_scale"):
+            validate_loss_document({"family": "ce", "params": {}, "lr_scale": bad})

@@ -2,6 +2,7 @@
 
 from metaopt_core.losses.document import (
     LossDocumentError,
+    ScaledLoss,
     document_of_loss,
     loss_from_document,
     validate_loss_document,
@@ -66,6 +67,7 @@ __all__ = [
     "SymmetricCrossEntropy",
     "TaylorLoss",
     "UnknownLossError",
+    "ScaledLoss",
     "document_of_loss",
     "estimate_transition_matrix",
     "exponents",

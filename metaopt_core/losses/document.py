@@ -8,7 +8,14 @@ the evaluation configs. A document is plain JSON, nothing executable::
      "sign": "negative-sum-over-classes", "class_reduction": "sum",
      "params": [c0, c1, theta_2, ...],
      "normalisation": {"enabled": true, "eta": 1.0},
+     "lr_scale": 0.1,                                          # optional, default 1 (see below)
      "meta": {...}}                                            # optional provenance, not interpreted
+
+``lr_scale`` (any family; a finite number > 0, default 1) multiplies the loss: a learned loss's
+scale acts as a learning rate under SGD, so the registry stores the scale at which the loss trains
+well at the lr the user tuned for cross-entropy (measured in its meta-test: the learned loss's
+chosen lr over CE's). The loader applies it (:class:`ScaledLoss`), so the served loss is a drop-in
+at CE's lr. Scale-invariant optimisers (Adam) are unaffected by it.
 
 Fields of the Taylor family: ``order`` in :data:`~metaopt_core.losses.taylor.ORDERS`, ``form`` in
 :data:`TAYLOR_FORMS`, ``params`` a list of ``order (order + 1) / 2 + 2`` finite numbers; optional
@@ -40,6 +47,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "LossDocumentError",
+    "ScaledLoss",
     "REDUCTIONS",
     "SUPPORTED_FORMAT_VERSIONS",
     "TAYLOR_FAMILY",
@@ -94,6 +102,8 @@ def validate_loss_document(doc: Any, source: str = "loss document") -> dict:
         raise _fail(source, "family", family, "'taylor' or a loss name of metaopt_core.losses.registry")
     if "meta" in doc and doc["meta"] is not None and not isinstance(doc["meta"], Mapping):
         raise _fail(source, "meta", doc["meta"], "an object (free-form provenance) or null")
+    if "lr_scale" in doc and (not _is_finite_number(doc["lr_scale"]) or doc["lr_scale"] <= 0):
+        raise _fail(source, "lr_scale", doc["lr_scale"], "a finite number > 0 (the loss's multiplier; default 1)")
     if family == TAYLOR_FAMILY:
         _validate_taylor(doc, source)
         return dict(doc)
@@ -136,8 +146,26 @@ def _validate_taylor(doc: Mapping[str, Any], source: str) -> None:
             raise _fail(source, "normalisation.eta", eta, "a finite number > 0")
 
 
-def loss_from_document(doc: Any, reduction: str = "mean", source: str = "loss document") -> nn.Module:
-    """The loss module ``doc`` describes: a ``TaylorLoss`` or a named loss from ``get_loss``.
+class ScaledLoss(nn.Module):
+    """``lr_scale`` times ``loss``: what a document with an ``lr_scale`` other than 1 loads as."""
+
+    def __init__(self, loss: nn.Module, lr_scale: float) -> None:
+        super().__init__()
+        if not _is_finite_number(lr_scale) or lr_scale <= 0:
+            raise ValueError(f"lr_scale: got {lr_scale!r}; allowed: a finite number > 0")
+        self.loss, self.lr_scale = loss, float(lr_scale)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return self.lr_scale * self.loss(logits, target)
+
+    def extra_repr(self) -> str:
+        return f"lr_scale={self.lr_scale:g}"
+
+
+def loss_from_document(doc: Any, reduction: str = "mean", source: str = "loss document", *, apply_lr_scale: bool = True) -> nn.Module:
+    """The loss module ``doc`` describes: a ``TaylorLoss`` or a named loss from ``get_loss``,
+    wrapped in :class:`ScaledLoss` when the document has an ``lr_scale`` other than 1 (unless
+    ``apply_lr_scale`` is False: the meta-test tunes the raw loss's lr itself).
 
     ``reduction`` (mean | sum | none) is the batch reduction of the built module; a named loss's
     own ``params.reduction``, if the document has one, wins. Raises :class:`LossDocumentError`
@@ -146,6 +174,12 @@ def loss_from_document(doc: Any, reduction: str = "mean", source: str = "loss do
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: got {reduction!r}; allowed: {list(REDUCTIONS)}")
     doc = validate_loss_document(doc, source)
+    module = _unscaled_loss(doc, reduction, source)
+    scale = float(doc.get("lr_scale", 1.0))
+    return ScaledLoss(module, scale) if apply_lr_scale and scale != 1.0 else module
+
+
+def _unscaled_loss(doc: dict, reduction: str, source: str) -> nn.Module:
     if doc["family"] == TAYLOR_FAMILY:
         norm = doc.get("normalisation") or {}
         return TaylorLoss(
@@ -178,6 +212,8 @@ def document_of_loss(loss: nn.Module) -> dict:
     constructor arguments, without ``reduction``, which is chosen when loading). The inverse of
     :func:`loss_from_document`; raises ``TypeError`` for any other module."""
     header = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    if isinstance(loss, ScaledLoss):
+        return {**document_of_loss(loss.loss), "lr_scale": loss.lr_scale}
     if isinstance(loss, TaylorLoss):
         return {
             **header,

@@ -50,7 +50,11 @@ class MetaTestReport:
     re-evaluated, each baseline) -> its score on every unit of ``units`` (task x seed), the same
     units in the same order for every label, in the direction of ``metric``: what the promotion
     gate (:mod:`metaopt_core.gate`) compares. ``settings``: how the candidates were run (lr grid,
-    budget, seeds, the lr chosen per candidate and task), also in ``details`` and the Markdown."""
+    budget, seeds, the lr chosen per candidate and task), also in ``details`` and the Markdown.
+    ``deployment``: what a downstream job needs to use the artifact at its own settings, measured
+    here and baked into the registered artifact: ``lr_scale`` for a loss (its chosen lr over
+    cross-entropy's: the loader multiplies the loss by it, so it trains at the lr tuned for CE),
+    ``lr`` for an optimiser (its chosen lr)."""
 
     markdown: str
     scores: dict[str, float]
@@ -60,6 +64,7 @@ class MetaTestReport:
     paired: dict[str, list[float]] = field(default_factory=dict)
     units: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    deployment: dict = field(default_factory=dict)
 
     def gate_inputs(self) -> dict:
         """What the promotion step needs from this run, as JSON: metric, direction, paired scores,
