@@ -267,20 +267,15 @@ def meta_test(
     return dict(outcome.scores), outcome.metric, outcome.greater_is_better
 
 
-def gate_decision(record: Mapping[str, Any], margin: float, confidence: float = 0.95, min_seeds: int = 3) -> dict:
+def gate_decision(record: Mapping[str, Any], margin: float, confidence: float = 0.95) -> dict:
     """The promotion gate (:func:`metaopt_core.gate.decide_gate`) on one meta-test run's record
     (``gate_inputs.json``): the decision as a dict. No paired scores: rejected, with the reason."""
-    from metaopt_core.gate import CHALLENGER, CHAMPION, GateDecision, decide_gate
+    from metaopt_core.gate import CHALLENGER, GateDecision, decide_gate
 
     paired = dict(record.get("paired") or {})
-    settings = dict(record.get("settings") or {})
     if CHALLENGER not in paired:
-        return GateDecision(False, "rejected", "rejected: the meta-test gave no paired per-(task, seed) scores to gate on").to_dict()
-    replicates = int(settings.get("replicates", len(settings.get("seeds") or [])))
-    baselines = [label for label in paired if label not in (CHALLENGER, CHAMPION)]
-    decision = decide_gate(paired, greater_is_better=bool(record.get("greater_is_better", True)), margin=float(margin),
-                           confidence=confidence, seeds=replicates, min_seeds=min_seeds, baselines=baselines)  # fmt: skip
-    return decision.to_dict()
+        return GateDecision(False, "rejected", "rejected: the meta-test gave no paired per-unit scores to gate on").to_dict()
+    return decide_gate(paired, greater_is_better=bool(record.get("greater_is_better", True)), margin=float(margin), confidence=confidence).to_dict()
 
 
 def register_and_promote(

@@ -1,27 +1,40 @@
-"""The champion/challenger gate: whether a freshly meta-learned version may replace production,
-decided from one meta-test run's paired scores (a pure function; no MLflow).
+"""The promotion gate: whether a freshly meta-learned version may go to production, decided from one
+meta-test run's paired scores (a pure function; no MLflow).
 
 In one meta-test run the challenger (``learned``), the production version (``champion``, when
-there is one) and the tuned hand-designed baselines are scored on the same units (task x seed),
-in the direction of the report's metric. The rule:
+there is one) and the tuned hand-designed baselines are scored on the same independent units
+(task x seed; each seed redraws its own split, label noise and initialisation), in the direction
+of the report's metric. The rule, for every version, the first included:
 
-1. **Champion rule** (only when there is a champion): the one-sided lower confidence bound of the
-   mean paired difference challenger - champion (a seeded paired bootstrap over the units,
-   ``resamples`` resamples, percentile ``1 - confidence``) must reach ``margin``, and the mean
-   difference must be > 0 (a tie keeps the champion, whatever the margin).
-2. **Baseline rule** (always; the only rule for the first version): the challenger's *mean* score
-   must not be worse than the best tuned baseline's mean by more than ``margin``. The mean, not a
-   bound: this rule is a floor against regressions below what a user gets for free, not a claim
-   of superiority, and a bound over few seeds would reject nearly every honest tie.
-3. At least ``min_seeds`` seeds (independent replicates per task): fewer is rejected, because a
-   paired interval over one or two seeds says nothing.
+    the challenger is promoted only when it beats EVERY reference (each tuned baseline and the
+    champion re-evaluated in the same run) by more than ``margin`` with confidence ``confidence``.
 
-Scores where lower is better (iterations to a threshold) are negated into "gain" differences, so
-"better by the margin" means the same thing either way.
+"Beats r by more than m with confidence 1 - α" is a one-sided **exact sign-flip (randomisation)
+test** on the paired differences d_u = challenger_u - r_u (negated when lower is better) over the
+n units: under H0 "the mean gain is at most m", x_u = d_u - m is symmetric about 0 at the
+boundary, so every assignment of signs to the |x_u| is equally likely; the p-value is the share
+of the 2^n assignments whose mean is at least the observed mean (enumerated exactly up to
+:data:`EXACT_UNITS` units, else a seeded Monte-Carlo estimate with the +1 correction, which
+keeps it valid). The version passes a reference when p <= α. Beating every reference is an
+intersection-union test: its size is at most α without any multiplicity correction, and "beats
+the best baseline" is the same statement as "beats every baseline". Production therefore always
+means "better than what the user has for free, with that confidence".
+
+``margin`` has one meaning: the gain required over each reference (0: any gain). The reported
+``lower_bound`` of a comparison is the largest margin the test would still pass (the inverted
+test: a one-sided ``confidence`` lower confidence bound of the mean gain), so "promoted" and
+"lower bound > margin" agree.
+
+Error rates, shown by tests/test_gate.py: the false-promotion rate is at most α for first versions
+and challengers (exactly, over the sign assignments, and in simulated meta-tests with task
+effects, bounded accuracies and several baselines); the power for a given effect at the demo's
+unit count is in docs/pipelines.md ("The promotion gate"). Below ``min_units`` units (or when
+2^-n > α, so that no outcome could pass) the version is rejected with that reason.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
@@ -30,6 +43,10 @@ import numpy as np
 
 CHALLENGER = "learned"
 CHAMPION = "champion"
+EXACT_UNITS = 20  # enumerate all 2^n sign assignments up to here (2^20 = 1M means)
+RESAMPLES = 200_000  # Monte-Carlo sign assignments beyond EXACT_UNITS
+MIN_UNITS = 10  # fewer units: rejected (even a clear effect is then rarely detected; the demo uses >= 15)
+_CHUNK = 1 << 15  # Monte-Carlo sign assignments per block
 
 
 @dataclass(frozen=True)
@@ -45,16 +62,78 @@ class GateDecision:
         return asdict(self)
 
 
-def paired_bootstrap_lower_bound(differences: Sequence[float], confidence: float, resamples: int, seed: int) -> float:
-    """One-sided lower ``confidence`` bound of the mean of ``differences`` (percentile bootstrap,
-    resampling the paired units with replacement, seeded)."""
+def subset_sums(values: np.ndarray) -> np.ndarray:
+    """The sums of all 2^n subsets of ``values`` (index bit u set = unit u in the subset), built by
+    doubling: no matrix of sign assignments, O(2^n) additions."""
+    sums = np.zeros(1)
+    for value in values:
+        sums = np.concatenate([sums, sums + value])
+    return sums
+
+
+@functools.lru_cache(maxsize=4)
+def _subset_sizes(n: int) -> np.ndarray:
+    sizes = subset_sums(np.ones(n))
+    sizes.setflags(write=False)
+    return sizes
+
+
+def sign_flip_p_value(differences: Sequence[float], margin: float = 0.0, *, seed: int = 0, resamples: int = RESAMPLES) -> float:
+    """One-sided p-value of H0 "mean of ``differences`` <= ``margin``" by the sign-flip test (see the
+    module docstring): exact for up to :data:`EXACT_UNITS` values, else Monte-Carlo with
+    ``(1 + hits) / (1 + resamples)``. Flipping the units F reaches the observed sum exactly when
+    the x_u of F sum to at most 0."""
+    x = np.asarray(differences, dtype=np.float64) - float(margin)
+    if x.size == 0:
+        raise ValueError("differences: got none")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"differences: non-finite values {x.tolist()}")
+    tolerance = 1e-12 * max(1.0, float(np.abs(x).sum()))  # equal sums up to rounding count as "at least"
+    if x.size <= EXACT_UNITS:
+        return float(np.count_nonzero(subset_sums(x) <= tolerance)) / (1 << x.size)
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, resamples, _CHUNK):
+        flips = rng.integers(0, 2, size=(min(_CHUNK, resamples - start), x.size)).astype(np.float64)
+        hits += int(np.count_nonzero(flips @ x <= tolerance))
+    return (1 + hits) / (1 + resamples)
+
+
+def sign_flip_lower_bound(differences: Sequence[float], confidence: float, *, seed: int = 0, resamples: int = RESAMPLES) -> float:
+    """The largest margin m whose test still passes (p <= 1 - confidence): a one-sided lower
+    confidence bound of the mean difference; -inf when no margin passes (too few units).
+
+    Exact case: the test of margin m fails once K = floor(alpha 2^n) non-empty subsets F of the
+    units have mean(d_F) <= m (flipping F then reaches the observed sum), so the bound is the K-th
+    smallest subset mean. Beyond :data:`EXACT_UNITS`: bisection on the Monte-Carlo test."""
     values = np.asarray(differences, dtype=np.float64)
     if values.size == 0:
         raise ValueError("differences: got none")
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, values.size, size=(resamples, values.size))
-    means = values[index].mean(axis=1)
-    return float(np.quantile(means, 1.0 - confidence))
+    alpha = 1.0 - confidence
+    if values.size <= EXACT_UNITS:
+        k = math.floor(alpha * (1 << values.size) + 1e-9)
+        if k < 1:
+            return -math.inf
+        means = subset_sums(values)[1:] / _subset_sizes(values.size)[1:]  # every subset but the empty one
+        return float(np.partition(means, k - 1)[k - 1])
+
+    def passes(m: float) -> bool:
+        return sign_flip_p_value(values, m, seed=seed, resamples=resamples) <= alpha
+
+    low, high = float(values.min()) - 1.0, float(values.max())  # at max(d) every x <= 0: p = 1
+    if not passes(low):
+        return -math.inf
+    for _ in range(60):  # bisection; p is non-decreasing in m
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if passes(middle) else (low, middle)
+        if high - low <= 1e-9 * max(1.0, abs(low)):
+            break
+    return low
+
+
+def smallest_attainable_p(units: int) -> float:
+    """The smallest p-value the exact test can give with ``units`` units: 2^-units."""
+    return 2.0 ** (-units)
 
 
 def _check(paired: Mapping[str, Sequence[float]], label: str) -> np.ndarray:
@@ -70,23 +149,25 @@ def decide_gate(
     greater_is_better: bool,
     margin: float = 0.0,
     confidence: float = 0.95,
-    seeds: int,
-    min_seeds: int = 3,
     baselines: Sequence[str] | None = None,
-    resamples: int = 10_000,
+    min_units: int = MIN_UNITS,
     seed: int = 0,
+    bounds: bool = True,
 ) -> GateDecision:
     """The gate's decision from one meta-test run's paired scores (see the module docstring).
 
     ``paired``: label -> scores, one per unit, the same units in the same order for every label;
     ``learned`` is the challenger, ``champion`` the production version re-evaluated in the same run
     (absent: no production version), ``baselines`` the tuned hand-designed ones (default: every
-    other label). ``seeds``: independent replicates per task in the run.
+    other label). A version with nothing to compare with is rejected. ``bounds=False`` skips the
+    lower bounds (reported as None; the decision does not use them): for simulations.
     """
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"margin: got {margin!r}; allowed: a finite number >= 0")
-    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"margin: got {margin!r}; allowed: a finite number >= 0 (the gain required over every reference)")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1.0:
         raise ValueError(f"confidence: got {confidence!r}; allowed: a number in [0.5, 1)")
+    if isinstance(min_units, bool) or not isinstance(min_units, int) or min_units < 1:
+        raise ValueError(f"min_units: got {min_units!r}; allowed: an int >= 1")
     if CHALLENGER not in paired:
         raise ValueError(f"paired: no {CHALLENGER!r} scores (the challenger); got {sorted(paired)}")
     baselines = [b for b in paired if b not in (CHALLENGER, CHAMPION)] if baselines is None else list(baselines)
@@ -99,44 +180,70 @@ def decide_gate(
     sign = 1.0 if greater_is_better else -1.0
     better = "higher" if greater_is_better else "lower"
     challenger = _check(paired, CHALLENGER)
+    units = int(challenger.size)
+    alpha = 1.0 - confidence
+    references = [*baselines, *([CHAMPION] if CHAMPION in paired else [])]
     numbers: dict = {
-        "units": int(challenger.size), "seeds": int(seeds), "min_seeds": int(min_seeds), "margin": float(margin),
-        "confidence": float(confidence), "resamples": int(resamples), "greater_is_better": bool(greater_is_better),
-        "challenger_mean": float(challenger.mean()), "champion": CHAMPION in paired,
+        "test": "one-sided exact sign-flip test per reference, all must pass (intersection-union)",
+        "units": units, "min_units": int(min_units), "margin": float(margin), "confidence": float(confidence),
+        "greater_is_better": bool(greater_is_better), "challenger_mean": float(challenger.mean()),
+        "champion": CHAMPION in paired, "references": references,
     }  # fmt: skip
-    if seeds < min_seeds:
-        reason = f"only {seeds} seed(s); the gate needs at least {min_seeds} for a paired interval (set meta_test seeds)"
+    if not references:
+        return GateDecision(False, "rejected", "rejected: the meta-test scored no baseline and no champion to compare with", numbers)
+    if units < min_units or smallest_attainable_p(units) > alpha:
+        reason = (f"rejected: only {units} independent unit(s); the gate needs at least {max(min_units, math.ceil(-math.log2(alpha)))} "
+                  f"(set more meta_test seeds or tasks)")  # fmt: skip
         return GateDecision(False, "rejected", reason, numbers)
 
-    reasons: list[str] = []
-    promoted = True
-    if CHAMPION in paired:
-        gain = sign * (challenger - _check(paired, CHAMPION))
-        mean_gain = float(gain.mean())
-        lower = paired_bootstrap_lower_bound(gain, confidence, resamples, seed)
-        numbers.update(champion_mean=float(np.mean(paired[CHAMPION])), mean_difference=mean_gain, lower_bound=lower)
-        wins = lower >= margin and mean_gain > 0
-        promoted &= wins
-        reasons.append(
-            f"vs the champion (re-evaluated in this run): mean paired gain {mean_gain:+.4g} ({better} is better), "
-            f"{confidence:.0%} lower bound {lower:+.4g} {'>=' if lower >= margin else '<'} margin {margin:g}"
-            + ("" if wins or lower < margin else " but no mean gain (a tie keeps the champion)")
-        )
-    else:
-        reasons.append("no production version: held to the baseline rule")
+    comparisons: dict[str, dict] = {}
+    for reference in references:
+        gain = sign * (challenger - _check(paired, reference))
+        p = sign_flip_p_value(gain, margin, seed=seed)
+        comparisons[reference] = {"mean": float(np.mean(paired[reference])), "mean_gain": float(gain.mean()),
+                                  "lower_bound": sign_flip_lower_bound(gain, confidence, seed=seed) if bounds else None, "p_value": p,
+                                  "passed": bool(p <= alpha), "wins": int((gain > 0).sum()), "losses": int((gain < 0).sum())}  # fmt: skip
+    numbers["comparisons"] = comparisons
     if baselines:
-        means = {b: float(_check(paired, b).mean()) for b in baselines}
+        means = {b: comparisons[b]["mean"] for b in baselines}
         best = max(means, key=lambda b: sign * means[b])
-        shortfall = sign * (means[best] - float(challenger.mean()))
-        numbers.update(baseline_means=means, best_baseline=best, baseline_shortfall=shortfall)
-        floor = shortfall <= margin
-        promoted &= floor
-        reasons.append(
-            f"vs the best tuned baseline {best!r}: mean {float(challenger.mean()):.4g} vs {means[best]:.4g} "
-            f"({'within' if floor else 'worse by more than'} the margin {margin:g})"
-        )
-    decision = "promoted" if promoted else "rejected"
-    return GateDecision(promoted, decision, f"{decision}: " + "; ".join(reasons), numbers)
+        numbers.update(baseline_means=means, best_baseline=best)
+    if CHAMPION in comparisons:
+        numbers.update(champion_mean=comparisons[CHAMPION]["mean"], mean_difference=comparisons[CHAMPION]["mean_gain"],
+                       lower_bound=comparisons[CHAMPION]["lower_bound"])  # fmt: skip
+    failed = [r for r in references if not comparisons[r]["passed"]]
+    promoted = not failed
+    # the binding comparison: the failed one with the weakest evidence, else the closest pass
+    binding = max(failed or references, key=lambda r: comparisons[r]["p_value"])
+    numbers.update(binding=binding, binding_lower_bound=comparisons[binding]["lower_bound"], binding_p_value=comparisons[binding]["p_value"])
+
+    def phrase(reference: str) -> str:
+        row = comparisons[reference]
+        name = "the champion (re-evaluated in this run)" if reference == CHAMPION else f"tuned {reference!r}"
+        verdict = "beats" if row["passed"] else "does not beat"
+        bound = "" if row["lower_bound"] is None else f", {confidence:.0%} lower bound {row['lower_bound']:+.4g}"
+        return (f"{verdict} {name}: mean gain {row['mean_gain']:+.4g} ({better} is better; {row['wins']} wins, {row['losses']} losses "
+                f"of {units}){bound}, p {row['p_value']:.3g} vs margin {margin:g}")  # fmt: skip
+
+    ordered = sorted(references, key=lambda r: -comparisons[r]["p_value"])  # weakest evidence first
+    head = "promoted" if promoted else "rejected"
+    scope = "every reference" if promoted else f"{len(failed)} of {len(references)} reference(s)"
+    if not promoted:
+        scope = f"not better than {scope}"
+    reason = f"{head}: {scope} with {confidence:.0%} confidence over {units} units: " + "; ".join(phrase(r) for r in ordered)
+    if CHAMPION not in paired:
+        reason += " (no production version yet)"
+    return GateDecision(promoted, head, reason, numbers)
 
 
-__all__ = ["CHALLENGER", "CHAMPION", "GateDecision", "decide_gate", "paired_bootstrap_lower_bound"]
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "EXACT_UNITS",
+    "MIN_UNITS",
+    "GateDecision",
+    "decide_gate",
+    "sign_flip_lower_bound",
+    "sign_flip_p_value",
+    "smallest_attainable_p",
+]

@@ -2,7 +2,7 @@
 
     metaopt models list
     metaopt models show NAME[/VERSION]
-    metaopt models promote NAME VERSION [--force] [--margin M] [--metric NAME] [--lower-is-better]
+    metaopt models promote NAME VERSION [--margin M] [--confidence C] | --override --reason TEXT
     metaopt loss plot URI -o loss.png
 
 Structure: every command group is a function ``add_<group>_commands(subparsers)`` listed in
@@ -67,23 +67,16 @@ def add_models_commands(subparsers: Any) -> None:
 
     promote = sub.add_parser(
         "promote",
-        help="manual promotion to production (stage Production + alias production) by the recorded scores; "
-        "pipelines decide with the paired champion/challenger gate instead",
+        help="promote a version by the pipelines' gate on its recorded meta-test (it must beat every tuned baseline and the "
+        "production version it was compared with, with the stated confidence), or --override it with a recorded reason",
     )
     _add_tracking_uri(promote)
     promote.add_argument("name", metavar="NAME")
     promote.add_argument("version", metavar="VERSION")
-    promote.add_argument("--force", action="store_true", help="promote even if it does not beat production")
-    promote.add_argument("--margin", type=float, default=0.0, help="required improvement over production (default 0)")
-    promote.add_argument("--metric", default=None, help="score compared (default: meta_test_accuracy)")
-    promote.add_argument("--lower-is-better", action="store_true", help="the metric is an error, not an accuracy")
-    promote.add_argument(
-        "--score",
-        action="append",
-        default=[],
-        metavar="METRIC=VALUE",
-        help="challenger score to record and compare (repeatable); default: the scores registered with it",
-    )
+    promote.add_argument("--margin", type=float, default=None, help="required gain over every reference (default: the pipeline's)")
+    promote.add_argument("--confidence", type=float, default=None, help="the gate's confidence (default: the pipeline's, 0.95)")
+    promote.add_argument("--override", action="store_true", help="promote whatever the gate says; needs --reason, recorded on the version")
+    promote.add_argument("--reason", default=None, metavar="TEXT", help="why the gate is overridden (with --override)")
     promote.add_argument("--fail-if-rejected", action="store_true", help=f"exit {EXIT_REJECTED} when not promoted")
     promote.set_defaults(handler=_models_promote)
 
@@ -156,32 +149,15 @@ def _models_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _parse_scores(items: Sequence[str]) -> dict[str, float]:
-    scores = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        try:
-            if not sep or not key:
-                raise ValueError
-            scores[key] = float(value)
-        except ValueError:
-            raise CommandError(f"--score: got {item!r}; allowed: METRIC=NUMBER, e.g. meta_test_accuracy=0.83") from None
-    return scores
-
-
 def _models_promote(args: argparse.Namespace) -> int:
     from metaopt_core.mlops.registry import promote
 
-    decision = promote(
-        args.name,
-        args.version,
-        _parse_scores(args.score) or None,
-        metric=_metric(args),
-        margin=args.margin,
-        greater_is_better=not args.lower_is_better,
-        force=args.force,
-        tracking_uri=args.tracking_uri,
-    )
+    if args.override and not (args.reason or "").strip():
+        raise CommandError("--override: needs --reason TEXT (why the gate is overridden; it is recorded on the version)")
+    if args.reason and not args.override:
+        raise CommandError("--reason: only with --override (the gate's own reason is recorded otherwise)")
+    decision = promote(args.name, args.version, margin=args.margin, confidence=args.confidence,
+                       override_reason=args.reason if args.override else None, tracking_uri=args.tracking_uri)  # fmt: skip
     print(decision)
     print(f"production version of {decision.name}: {decision.production_version or 'none'}")
     if not decision.promoted and args.fail_if_rejected:

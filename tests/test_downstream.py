@@ -68,7 +68,7 @@ JOB = textwrap.dedent(
 def test_fresh_process_trains_with_the_production_loss_and_optimizer(mlflow_server, tmp_path):
     # meta-training's side: register and promote (ITL's published loss; a learned Kronecker divergence)
     loss_version = register_loss(TaylorLoss.from_preset("itl"), "itl", scores={"meta_test_accuracy": 0.77}, tracking_uri=mlflow_server)
-    promote("itl", loss_version.version, tracking_uri=mlflow_server)
+    promote("itl", loss_version.version, override_reason="the downstream test needs a production loss", tracking_uri=mlflow_server)
     torch.manual_seed(0)
     architecture = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
     divergence = KroneckerBregman.for_model(architecture)
@@ -76,7 +76,7 @@ def test_fresh_process_trains_with_the_production_loss_and_optimizer(mlflow_serv
         for factor in divergence.parameters():
             factor.copy_(0.3 * torch.randn(factor.shape))
     optimizer_version = register_optimizer(divergence, "metamd", lr=0.1, scores={"meta_test_accuracy": 0.95}, tracking_uri=mlflow_server)
-    promote("metamd", optimizer_version.version, tracking_uri=mlflow_server)
+    promote("metamd", optimizer_version.version, override_reason="the downstream test needs a production optimiser", tracking_uri=mlflow_server)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     env["MLFLOW_TRACKING_URI"] = str(mlflow_server)

@@ -1,6 +1,7 @@
 """The registry side of the promotion gate against a real MLflow server: the champion fetched for
 the meta-test, the decision recorded as ``metaopt.gate.*`` tags and ``gate.json``, a rejected
-version kept with its reason (and shown by ``metaopt models show``)."""
+version kept with its reason (and shown by ``metaopt models show``), and ``metaopt models promote``:
+the same gate on the recorded meta-test, or an override whose reason is recorded."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from metaopt_core.mlops.registry import GATE_PREFIX, apply_gate, load_champion, 
 from pipelines.cli import main as cli_main
 from tests.fixtures_mlflow import mlflow_server  # noqa: F401
 
-SETTINGS = {"lr_grid": [0.01, 0.1], "epochs": 2, "seeds": [0, 1, 2], "replicates": 3, "chosen_lr": {"learned": {"digits": 0.1}}}
+SETTINGS = {"lr_grid": [0.01, 0.1], "epochs": 2, "seeds": list(range(12)), "replicates": 12, "chosen_lr": {"learned": {"digits": 0.1}}}
+UNITS = 12
+CE = [0.70 + 0.01 * (i % 3) for i in range(UNITS)]
+WORSE = {"learned": [v - 0.2 for v in CE], "ce": CE}
+BETTER = {"learned": [v + 0.1 + 0.002 * i for i, v in enumerate(CE)], "ce": CE}
 
 
 def split_manifest() -> dict:
@@ -42,17 +47,17 @@ def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_serve
     assert load_champion(name, tmp_path, tracking_uri=mlflow_server) == (None, None)  # not registered yet
 
     first = register_loss(loss, name, scores={"meta_test_accuracy": 0.7}, tracking_uri=mlflow_server)
-    worse = decide_gate({"learned": [0.5, 0.5, 0.5], "ce": [0.7, 0.7, 0.7]}, greater_is_better=True, margin=0.0, seeds=3)
+    worse = decide_gate(WORSE, greater_is_better=True)
     decision = apply_gate(name, first.version, worse.to_dict(), record(None), tracking_uri=mlflow_server)
     assert (decision.decision, decision.production_version) == ("rejected", None)
     tags = MlflowClient(mlflow_server).get_model_version(name, first.version).tags
-    assert tags[GATE_PREFIX + "decision"] == "rejected" and "best tuned baseline 'ce'" in tags[GATE_PREFIX + "reason"]
+    assert tags[GATE_PREFIX + "decision"] == "rejected" and "does not beat tuned 'ce'" in tags[GATE_PREFIX + "reason"]
     assert json.loads(tags[GATE_PREFIX + "settings"])["lr_grid"] == [0.01, 0.1]
     assert tags[GATE_PREFIX + "fingerprint"] == "f" * 64 and tags[GATE_PREFIX + "best_baseline"] == "ce"
     assert tags["metaopt.promotion.decision"] == "rejected"
 
     second = register_loss(loss, name, scores={"meta_test_accuracy": 0.8}, tracking_uri=mlflow_server)
-    better = decide_gate({"learned": [0.8, 0.81, 0.79], "ce": [0.7, 0.7, 0.7]}, greater_is_better=True, margin=0.0, seeds=3)
+    better = decide_gate(BETTER, greater_is_better=True)
     assert apply_gate(name, second.version, better.to_dict(), record(None), tracking_uri=mlflow_server).promoted
     assert production_version(name, tracking_uri=mlflow_server) == second.version
     version, champion = load_champion(name, tmp_path, tracking_uri=mlflow_server)
@@ -77,7 +82,7 @@ def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_serve
     capsys.readouterr()
     assert cli_main(["models", "show", name, "--tracking-uri", mlflow_server]) == 0
     out = capsys.readouterr().out
-    assert f"version {first.version}: rejected: no production version" in out
+    assert f"version {first.version}: rejected: not better than" in out and "(no production version yet)" in out
     assert f"version {second.version}: promoted:" in out and "production moved" in out
 
 
@@ -85,8 +90,53 @@ def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_serve
 def test_the_gate_tags_hold_every_number(margin):
     from metaopt_core.mlops.registry import gate_tags
 
-    decision = decide_gate({"learned": [0.8] * 3, "champion": [0.7] * 3, "ce": [0.6] * 3}, greater_is_better=True, margin=margin, seeds=3)
+    paired = {"learned": [v + 0.1 for v in CE], "champion": [v + 0.05 for v in CE], "ce": CE}
+    decision = decide_gate(paired, greater_is_better=True, margin=margin)
     tags = gate_tags(decision.to_dict(), record("1"))
-    for key in ("decision", "reason", "lower_bound", "mean_difference", "baseline_shortfall", "champion_version", "settings", "fingerprint"):
+    for key in ("decision", "reason", "lower_bound", "mean_difference", "comparisons", "binding", "champion_version", "settings", "fingerprint"):
         assert GATE_PREFIX + key in tags
     assert tags[GATE_PREFIX + "champion_version"] == "1"
+
+
+def test_promote_by_hand_runs_the_same_gate_or_records_an_override(mlflow_server, capsys):
+    """`metaopt models promote` re-decides with the gate on the version's recorded meta-test: a
+    version without one, or whose meta-test compared with another production version, is
+    rejected; --override needs a reason and records it, who and when."""
+    client = MlflowClient(mlflow_server)
+    name = f"manual-{uuid.uuid4().hex[:8]}"
+    loss = TaylorLoss.from_preset("itl")
+    bare = register_loss(loss, name, scores={"meta_test_accuracy": 0.99}, tracking_uri=mlflow_server).version
+    cli = ["--tracking-uri", mlflow_server]
+
+    # no recorded meta-test: a stored score alone promotes nothing (it used to promote a first version)
+    capsys.readouterr()
+    assert cli_main(["models", "promote", name, bare, "--fail-if-rejected", *cli]) == 3
+    assert "has no recorded meta-test" in capsys.readouterr().out
+    assert production_version(name, tracking_uri=mlflow_server) is None
+
+    # the pipeline's gate rejected it; by hand the same gate (same margin) rejects it again
+    rejected = register_loss(loss, name, tracking_uri=mlflow_server).version
+    apply_gate(name, rejected, decide_gate(WORSE, greater_is_better=True).to_dict(), {**record(None), "paired": WORSE}, tracking_uri=mlflow_server)
+    assert cli_main(["models", "promote", name, rejected, *cli]) == 0
+    assert "rejected: not better than" in capsys.readouterr().out and production_version(name, tracking_uri=mlflow_server) is None
+
+    # a recorded win the pipeline missed by its margin passes at margin 0, by the same rule
+    near = register_loss(loss, name, tracking_uri=mlflow_server).version
+    apply_gate(name, near, decide_gate(BETTER, greater_is_better=True, margin=0.5).to_dict(), {**record(None), "paired": BETTER}, tracking_uri=mlflow_server)
+    assert production_version(name, tracking_uri=mlflow_server) is None
+    assert cli_main(["models", "promote", name, near, "--margin", "0", *cli]) == 0
+    assert production_version(name, tracking_uri=mlflow_server) == near
+
+    # its meta-test compared with no champion; production is now `near`: only a new meta-test can decide
+    assert cli_main(["models", "promote", name, rejected, "--margin", "0", *cli]) == 0
+    assert production_version(name, tracking_uri=mlflow_server) == near
+
+    # override: a reason is required and recorded
+    assert cli_main(["models", "promote", name, bare, "--override", *cli]) == 2
+    assert "--override: needs --reason" in capsys.readouterr().err
+    assert cli_main(["models", "promote", name, bare, "--override", "--reason", "rollback after incident 42", *cli]) == 0
+    assert production_version(name, tracking_uri=mlflow_server) == bare
+    tags = client.get_model_version(name, bare).tags
+    assert tags["metaopt.promotion.decision"] == "overridden" and tags["metaopt.promotion.override_reason"] == "rollback after incident 42"
+    assert "the gate said: " in tags["metaopt.promotion.reason"] and tags["metaopt.promotion.overridden_by"]
+    assert client.get_model_version(name, near).tags["metaopt.promotion.replaced_by"] == bare

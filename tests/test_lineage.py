@@ -239,7 +239,7 @@ def test_a_retried_registration_reuses_its_version_and_decision(mlflow_server, m
     name = f"retry-{uuid.uuid4().hex[:8]}"
     learned = _exported_loss(tmp_path / "learned")
     gate_inputs = tmp_path / "gate_inputs.json"
-    gate_inputs.write_text(json.dumps({"paired": {"learned": [0.9, 0.91, 0.92], "ce": [0.5, 0.5, 0.5]}, "settings": {"seeds": [0, 1, 2]},
+    gate_inputs.write_text(json.dumps({"paired": {"learned": [0.9 + 0.001 * i for i in range(12)], "ce": [0.5] * 12}, "settings": {"seeds": list(range(12))},
                                        "greater_is_better": True, "metric": "meta_test_accuracy", "champion_version": None}))  # fmt: skip
     tracker = Tracker(experiment="lineage-test", tracking_uri=mlflow_server).start()
 
@@ -276,7 +276,7 @@ def test_a_retried_gate_keeps_a_promotion_its_first_attempt_made(mlflow_server):
     name = f"regate-{uuid.uuid4().hex[:8]}"
     version = register_loss(TaylorLoss.from_preset("itl"), name, tracking_uri=mlflow_server).version
     assert recorded_decision(name, version, tracking_uri=mlflow_server) is None
-    gate = decide_gate({"learned": [0.8, 0.81, 0.79], "ce": [0.7, 0.7, 0.7]}, greater_is_better=True, margin=0.0, seeds=3).to_dict()
+    gate = decide_gate({"learned": [0.8 + 0.001 * i for i in range(12)], "ce": [0.7] * 12}, greater_is_better=True).to_dict()
     record = {"metric": "meta_test_accuracy", "greater_is_better": True, "champion_version": None, "settings": {}}
     assert apply_gate(name, version, gate, record, tracking_uri=mlflow_server).promoted
     # the same decision applied again (an attempt that stopped before its record was complete)

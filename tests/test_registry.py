@@ -43,6 +43,7 @@ from tests.fixtures_mlflow import mlflow_server, mlflow_server_s3, requires_post
 from tests.fixtures_s3 import free_port, moto_server_url  # noqa: F401
 
 METRIC = "meta_test_accuracy"
+SETUP = "test set-up: a version in production"  # the override reason of promotions that only set a test up
 
 
 def unique(prefix: str) -> str:
@@ -89,8 +90,8 @@ def test_register_promote_load_by_both_production_uris(mlflow_server):
     registered = register_loss(original, name, config=config, fingerprint="sha256:feedbeef", scores={METRIC: 0.77}, tracking_uri=mlflow_server)
     assert registered.version == "1" and registered.model_uri == f"models:/{name}/1"
 
-    decision = promote(name, registered.version, tracking_uri=mlflow_server)
-    assert decision.promoted and decision.decision == "promoted" and decision.production_version == "1"
+    decision = promote(name, registered.version, override_reason=SETUP, tracking_uri=mlflow_server)
+    assert decision.promoted and decision.decision == "overridden" and decision.production_version == "1"
     assert production_state(mlflow_server, name) == ("1", ["1"])
 
     logits = torch.randn(16, 10, generator=torch.Generator().manual_seed(0))
@@ -109,13 +110,13 @@ def test_register_promote_load_by_both_production_uris(mlflow_server):
     assert tags["metaopt.data_fingerprint"] == "sha256:feedbeef"
     assert float(tags["metaopt.score.meta_test_accuracy"]) == 0.77
     assert len(tags["metaopt.sha256.loss.json"]) == 64
-    assert tags["metaopt.promotion.decision"] == "promoted"
+    assert tags["metaopt.promotion.decision"] == "overridden" and tags["metaopt.promotion.override_reason"] == SETUP
 
 
 def test_pyfunc_flavour_evaluates_the_loss_without_pickle(mlflow_server, tmp_path):
     name = unique("hand")
     version = register(mlflow_server, name, 0.5, loss=hand_loss_doc())
-    promote(name, version, tracking_uri=mlflow_server)
+    promote(name, version, override_reason=SETUP, tracking_uri=mlflow_server)
 
     # the logged model is code + JSON: no pickle file anywhere in it
     mlflow.set_tracking_uri(mlflow_server)
@@ -160,102 +161,65 @@ def test_register_a_meta_learning_result_takes_its_provenance(mlflow_server):
 # ---------------------------------------------------------------------------------------- champion / challenger
 
 
-def test_champion_challenger_both_ways_and_force(mlflow_server):
-    name = unique("cc")
-    v1, v2, v3 = (register(mlflow_server, name, s) for s in (0.70, 0.72, 0.80))
-    client = MlflowClient(mlflow_server)
+def gated_version(server: str, name: str, champion: str | None, gain: float) -> str:
+    """A version whose recorded meta-test (gate.json, 12 units) beat CE and ``champion`` by about
+    ``gain``, held back by the pipeline's margin (1.0): `promote` at margin 0 then decides."""
+    from metaopt_core.gate import decide_gate
 
-    assert promote(name, v1, tracking_uri=mlflow_server).promoted
-
-    # 0.72 does not beat 0.70 by more than 0.05: rejected, production stays v1
-    d2 = promote(name, v2, margin=0.05, tracking_uri=mlflow_server)
-    assert not d2.promoted and d2.decision == "rejected"
-    assert (d2.champion_version, d2.champion_score, d2.challenger_score) == (v1, 0.70, 0.72)
-    assert production_state(mlflow_server, name) == (v1, [v1])
-    tags = client.get_model_version(name, v2).tags
-    assert tags["metaopt.promotion.decision"] == "rejected"
-    assert float(tags["metaopt.promotion.champion_score"]) == 0.70
-    assert float(tags["metaopt.promotion.challenger_score"]) == 0.72
-    assert tags["metaopt.promotion.champion_version"] == v1
-
-    # 0.80 beats 0.70 by 0.10 > 0.05: promoted, v1 archived
-    d3 = promote(name, v3, margin=0.05, tracking_uri=mlflow_server)
-    assert d3.promoted and d3.production_version == v3
-    assert production_state(mlflow_server, name) == (v3, [v3])
-    assert client.get_model_version(name, v1).current_stage == "Archived"
-    assert client.get_model_version(name, v1).tags["metaopt.promotion.replaced_by"] == v3
-
-    # scores passed at promotion time override the registered ones (and are recorded)
-    d2b = promote(name, v2, {METRIC: 0.9}, margin=0.05, tracking_uri=mlflow_server)
-    assert d2b.promoted and d2b.challenger_score == 0.9 and d2b.champion_score == 0.80
-    assert float(client.get_model_version(name, v2).tags["metaopt.score.meta_test_accuracy"]) == 0.9
-
-    # lower-is-better metric: an error rate of 0.3 beats 0.35 only if the margin allows
-    assert not promote(name, v1, {"error": 0.3}, metric="error", greater_is_better=False, tracking_uri=mlflow_server).promoted  # v2 has no error score
-    client.set_model_version_tag(name, v2, "metaopt.score.error", "0.35")
-    d_err = promote(name, v1, {"error": 0.3}, metric="error", greater_is_better=False, margin=0.01, tracking_uri=mlflow_server)
-    assert d_err.promoted and production_state(mlflow_server, name) == (v1, [v1])
-
-    # force wins regardless of scores; both URIs follow
-    d_force = promote(name, v3, {METRIC: 0.0}, force=True, tracking_uri=mlflow_server)
-    assert d_force.decision == "forced" and production_state(mlflow_server, name) == (v3, [v3])
-    assert load_loss(f"models:/{name}@production", tracking_uri=mlflow_server).params.shape == (12,)
+    version = register(server, name, None)
+    ce = [0.7 + 0.01 * (i % 3) for i in range(12)]
+    paired = {"learned": [v + gain + 0.001 * i for i, v in enumerate(ce)], "ce": ce}
+    if champion is not None:
+        paired["champion"] = [v + gain / 2 for v in ce]
+    held = decide_gate(paired, greater_is_better=True, margin=1.0).to_dict()
+    record = {"metric": METRIC, "greater_is_better": True, "champion_version": champion, "paired": paired, "settings": {}}
+    assert not registry.apply_gate(name, version, held, record, tracking_uri=server).promoted
+    return version
 
 
-def test_promotion_needs_a_score_when_there_is_a_champion(mlflow_server):
-    name = unique("noscore")
-    v1 = register(mlflow_server, name, 0.7)
-    v2 = register(mlflow_server, name, None)
-    promote(name, v1, tracking_uri=mlflow_server)
-    with pytest.raises(ValueError, match="has no 'meta_test_accuracy' score"):
-        promote(name, v2, tracking_uri=mlflow_server)
-    with pytest.raises(ValueError, match="margin"):
-        promote(name, v2, {METRIC: 0.9}, margin=-1, tracking_uri=mlflow_server)
-    assert production_state(mlflow_server, name) == (v1, [v1])
-
-
-def _race(server: str, name: str, round_: int, *, before_decision=None) -> list[str]:
-    """Two threads promote a weaker and a stronger challenger at once; what went wrong (empty: nothing).
-    ``before_decision(version)`` runs in each thread right after it reads the champion (a test seam)."""
-    weaker = register(server, name, 0.80 + 0.05 * round_)
-    stronger = register(server, name, 0.82 + 0.05 * round_)
+def _race(server: str, name: str, round_: int) -> list[str]:
+    """Two threads promote, at once, two challengers whose meta-tests both beat the current
+    champion; what went wrong (empty: nothing). One of them may win; the other compared with a
+    champion that is no longer production, so it must be rejected ("production moved")."""
+    champion = registry.production_version(name, tracking_uri=server)
+    first, second = gated_version(server, name, champion, 0.05), gated_version(server, name, champion, 0.10)
     barrier = threading.Barrier(2)
     decisions, errors = {}, []
 
     def run(version: str) -> None:
         try:
             barrier.wait()
-            decisions[version] = promote(name, version, tracking_uri=server)
+            decisions[version] = promote(name, version, margin=0.0, tracking_uri=server)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(v,), name=f"promote-{v}") for v in ((weaker, stronger) if round_ % 2 else (stronger, weaker))]
+    threads = [threading.Thread(target=run, args=(v,), name=f"promote-{v}") for v in ((first, second) if round_ % 2 else (second, first))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     if errors:
         return [f"errors: {errors}"]
+    winners = [v for v, d in decisions.items() if d.promoted]
+    if len(winners) != 1:
+        return [f"round {round_}: {len(winners)} versions promoted from one champion ({winners})"]
+    [loser] = [v for v in decisions if v != winners[0]]
     problems = []
-    if not decisions[stronger].promoted:
-        problems.append(f"round {round_}: the stronger version {stronger} was not promoted")
-    if production_state(server, name) != (stronger, [stronger]):
-        problems.append(f"round {round_}: production is {production_state(server, name)}, not the stronger {stronger}")
-    # the second promotion compared against the first one's result, not the old champion
-    second = decisions[stronger] if decisions[weaker].promoted else decisions[weaker]
-    if second.champion_version != (weaker if decisions[weaker].promoted else stronger):
-        problems.append(f"round {round_}: the second promotion compared against version {second.champion_version}")
+    if "production moved" not in decisions[loser].reason:
+        problems.append(f"round {round_}: version {loser} was not rejected for comparing with a replaced champion: {decisions[loser].reason}")
+    if production_state(server, name) != (winners[0], [winners[0]]):
+        problems.append(f"round {round_}: production is {production_state(server, name)}, not the winner {winners[0]}")
     return problems
 
 
 def test_racing_promotions_end_with_stage_and_alias_on_the_same_winner(mlflow_server):
     """Two threads promote different challengers at once, on the PostgreSQL backend infra/ deploys.
-    Serialised, either order ends with the better one in production; without the lock both would
-    compare against the old champion and the last writer would win, whichever it was (the
-    negative control below shows this check catching that)."""
+    Serialised, one wins and the other is rejected (its meta-test compared with the old champion);
+    without the lock both would read the old champion and both be promoted, the last writer
+    ending in production (the negative control below shows this check catching that)."""
     requires_postgres(mlflow_server)
     name = unique("race")
-    promote(name, register(mlflow_server, name, 0.70), tracking_uri=mlflow_server)
+    promote(name, register(mlflow_server, name, 0.70), override_reason=SETUP, tracking_uri=mlflow_server)
     for round_ in range(2):
         assert _race(mlflow_server, name, round_) == []
     # no lock left behind
@@ -264,24 +228,21 @@ def test_racing_promotions_end_with_stage_and_alias_on_the_same_winner(mlflow_se
 
 def test_racing_promotions_fail_the_check_without_the_lock(mlflow_server, monkeypatch):
     """Negative control: the lock replaced by a no-op, and both promotions made to read the
-    champion before either writes (the weaker one then writes last). The race check must fail."""
-    from metaopt_core.mlops.registry import promotion
+    champion before either writes. The race check must fail (two promotions from one champion)."""
+    from metaopt_core.mlops.registry import gate
 
     requires_postgres(mlflow_server)
     name = unique("race-nolock")
-    promote(name, register(mlflow_server, name, 0.70), tracking_uri=mlflow_server)
-    read_champion = promotion.current_production
+    promote(name, register(mlflow_server, name, 0.70), override_reason=SETUP, tracking_uri=mlflow_server)
+    read_champion = gate.current_production
     both_read = threading.Barrier(2, timeout=30)
     first_read = threading.local()
-    versions = {}
 
     def interleaved(client, model):
         champion = read_champion(client, model)
-        if model == name and not getattr(first_read, "done", False):
+        if model == name and threading.current_thread().name.startswith("promote-") and not getattr(first_read, "done", False):
             first_read.done = True
             both_read.wait()  # both have read the old champion
-            if threading.current_thread().name == f"promote-{versions['weaker']}":
-                time.sleep(1.0)  # the weaker writes last
         return champion
 
     class NoLock:
@@ -294,13 +255,10 @@ def test_racing_promotions_fail_the_check_without_the_lock(mlflow_server, monkey
         def __exit__(self, *exc_info):
             return None
 
-    monkeypatch.setattr(promotion, "PromotionLock", NoLock)
-    monkeypatch.setattr(promotion, "current_production", interleaved)
-    client = MlflowClient(mlflow_server)
-    versions["weaker"] = str(int(max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))) + 1)  # _race registers it next
+    monkeypatch.setattr(gate, "PromotionLock", NoLock)
+    monkeypatch.setattr(gate, "current_production", interleaved)
     problems = _race(mlflow_server, name, 0)
-    assert problems, "without the lock the weaker version should have overwritten production"
-    assert any("not the stronger" in p for p in problems)
+    assert problems and "2 versions promoted from one champion" in problems[0]
 
 
 def test_reconcile_makes_the_stage_follow_the_alias(mlflow_server):
@@ -325,12 +283,12 @@ def test_promotion_lock_expires_and_times_out(mlflow_server):
     client.create_registered_model(lock, tags={registry.LOCK_OWNER: "other", registry.LOCK_EXPIRES: str(time.time() + 600)})
     started = time.monotonic()
     with pytest.raises(PromotionLockTimeout, match="still held"):
-        promote(name, v1, tracking_uri=mlflow_server, lock_timeout_s=0.5)
+        promote(name, v1, override_reason=SETUP, tracking_uri=mlflow_server, lock_timeout_s=0.5)
     assert time.monotonic() - started < 10
     assert production_state(mlflow_server, name) == (None, [])
     # the holder crashed: its lock expired and is broken
     client.set_registered_model_tag(lock, registry.LOCK_EXPIRES, str(time.time() - 1))
-    assert promote(name, v1, tracking_uri=mlflow_server, lock_timeout_s=5).promoted
+    assert promote(name, v1, override_reason=SETUP, tracking_uri=mlflow_server, lock_timeout_s=5).promoted
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_registered_model(lock)
 
@@ -360,7 +318,7 @@ def test_embedded_sqlite_store_register_promote_load(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()  # looking did not create an empty store
     registered = register_loss(hand_loss_doc(), "itl", scores={METRIC: 0.5})
     assert (tmp_path / "mlflow.db").is_file()
-    assert promote("itl", registered.version).promoted
+    assert promote("itl", registered.version, override_reason=SETUP).promoted
     for uri in ("models:/itl/production", "models:/itl@production"):
         assert load_loss(uri).params.tolist() == hand_loss_doc()["params"]
 
@@ -368,7 +326,7 @@ def test_embedded_sqlite_store_register_promote_load(tmp_path, monkeypatch):
 def test_tampered_artifact_is_refused(mlflow_server):
     name = unique("tamper")
     registered = register_loss(hand_loss_doc(), name, scores={METRIC: 0.5}, tracking_uri=mlflow_server)
-    promote(name, registered.version, tracking_uri=mlflow_server)
+    promote(name, registered.version, override_reason=SETUP, tracking_uri=mlflow_server)
     [stored] = Path(mlflow_server.artifacts_destination).rglob(f"{registered.model_id}/artifacts/artifacts/loss.json")
     doc = json.loads(stored.read_text())
     doc["params"][2] = 100.0  # still schema-valid: only the hash can tell
@@ -450,7 +408,7 @@ def test_register_promote_and_load_an_optimizer(mlflow_server, tmp_path):
     save_divergence(div, tmp_path / "div", lr=0.1)
     registered = register_optimizer(tmp_path / "div", name, scores={METRIC: 0.9}, tracking_uri=mlflow_server)
     assert registered.tags["metaopt.family"] == "kronecker"
-    promote(name, registered.version, tracking_uri=mlflow_server)
+    promote(name, registered.version, override_reason=SETUP, tracking_uri=mlflow_server)
 
     x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1] * 4)
     for uri in (f"models:/{name}/production", f"models:/{name}@production"):
@@ -511,7 +469,7 @@ def test_artifact_store_on_s3_round_trip(mlflow_server_s3, moto_server_url):  # 
     name = unique("itl-s3")
     original = itl_loss()
     registered = register_loss(original, name, scores={METRIC: 0.8}, tracking_uri=mlflow_server_s3)
-    promote(name, registered.version, tracking_uri=mlflow_server_s3)
+    promote(name, registered.version, override_reason=SETUP, tracking_uri=mlflow_server_s3)
     loaded = load_loss(f"models:/{name}@production", tracking_uri=mlflow_server_s3)
     assert torch.equal(loaded.params.detach(), original.params.detach())
 
@@ -538,9 +496,9 @@ def test_cli_models_list_show_promote_and_loss_plot(mlflow_server, tmp_path, cap
     v1, v2 = register(mlflow_server, name, 0.70), register(mlflow_server, name, 0.71)
     uri = ["--tracking-uri", mlflow_server]
 
-    assert cli_main(["models", "promote", name, v1, *uri]) == 0
-    assert f"{name} version 1: promoted" in capsys.readouterr().out
-    assert cli_main(["models", "promote", name, v2, "--margin", "0.05", "--fail-if-rejected", *uri]) == 3
+    assert cli_main(["models", "promote", name, v1, "--override", "--reason", SETUP, *uri]) == 0
+    assert f"{name} version 1: overridden" in capsys.readouterr().out
+    assert cli_main(["models", "promote", name, v2, "--fail-if-rejected", *uri]) == 3  # no recorded meta-test
     out = capsys.readouterr().out
     assert "rejected" in out and f"production version of {name}: 1" in out
 
@@ -557,8 +515,8 @@ def test_cli_models_list_show_promote_and_loss_plot(mlflow_server, tmp_path, cap
     assert "stage Production, aliases ['production']" in out and "metaopt.score.meta_test_accuracy = 0.7" in out
     assert 'form: "monomial"' in out
 
-    assert cli_main(["models", "promote", name, v2, "--force", *uri]) == 0
-    assert "forced" in capsys.readouterr().out
+    assert cli_main(["models", "promote", name, v2, "--override", "--reason", SETUP, *uri]) == 0
+    assert "overridden" in capsys.readouterr().out
 
     png = tmp_path / "plots" / "loss.png"
     assert cli_main(["loss", "plot", f"models:/{name}/production", "-o", str(png), *uri]) == 0

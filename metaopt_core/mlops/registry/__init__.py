@@ -20,8 +20,9 @@ nothing is pickled; see ``metaopt_core.mlops.pyfunc``):
 Modules: ``common`` (tag names, errors, shared helpers), ``register`` (``register_loss``,
 ``register_optimizer``), ``resolve`` (``models:/`` URIs to versions), ``load`` (``load_loss``,
 ``load_optimizer``: only the white-box files, sha256-checked, never unpickled), ``promotion``
-(``promote``, its lock, and the pure ``decide_promotion``), ``gate`` (the champion for a meta-test, and
-recording the gate's decision: ``metaopt.gate.*`` tags, ``gate.json``) and ``listing`` (``metaopt models``).
+(production's alias and stage, the promotion lock), ``gate`` (the champion for a meta-test, recording
+the gate's decision: ``metaopt.gate.*`` tags, ``gate.json``; ``promote``: the same gate by hand, or
+an override with its reason) and ``listing`` (``metaopt models``).
 """
 
 from metaopt_core.mlops.registry.common import (
@@ -51,17 +52,19 @@ from metaopt_core.mlops.registry.common import (
     loss_from_doc,
     validate_loss_doc,
 )
-from metaopt_core.mlops.registry.gate import GATE_FILE, GATE_PREFIX, apply_gate, gate_tags, load_champion, recorded_decision
+from metaopt_core.mlops.registry.gate import (
+    GATE_FILE,
+    GATE_PREFIX,
+    apply_gate,
+    gate_tags,
+    load_champion,
+    promote,
+    recorded_decision,
+    recorded_gate_inputs,
+)
 from metaopt_core.mlops.registry.listing import describe_model, describe_version, iter_versions, list_models
 from metaopt_core.mlops.registry.load import load_loss, load_loss_doc, load_optimizer
-from metaopt_core.mlops.registry.promotion import (
-    PromotionDecision,
-    PromotionVerdict,
-    decide_promotion,
-    production_version,
-    promote,
-    reconcile,
-)
+from metaopt_core.mlops.registry.promotion import PromotionDecision, production_version, reconcile
 from metaopt_core.mlops.registry.register import DISTRIBUTION, RegisteredVersion, find_version, pip_requirements, register_loss, register_optimizer
 from metaopt_core.mlops.registry.resolve import ModelRef, parse_models_uri, resolve_version
 from metaopt_core.mlops.tracking import TrackingServerUnreachable, resolve_tracking_uri
@@ -86,7 +89,6 @@ __all__ = [
     "PYFUNC_CODE",
     "PromotionDecision",
     "PromotionLockTimeout",
-    "PromotionVerdict",
     "RegisteredVersion",
     "RegistryError",
     "SCORE_PREFIX",
@@ -99,7 +101,6 @@ __all__ = [
     "TrackingServerUnreachable",
     "WrongModelKindError",
     "apply_gate",
-    "decide_promotion",
     "describe_model",
     "describe_version",
     "find_version",
@@ -116,6 +117,7 @@ __all__ = [
     "promote",
     "reconcile",
     "recorded_decision",
+    "recorded_gate_inputs",
     "pip_requirements",
     "register_loss",
     "register_optimizer",

@@ -1,12 +1,14 @@
-"""The registry side of the champion/challenger gate (:mod:`metaopt_core.gate` decides): fetch the
-production version for the meta-test to re-evaluate (:func:`load_champion`), and record a
-version's gate decision (tags ``metaopt.gate.*``, artifact ``gate.json``), moving production
-under the promotion lock when the gate promotes (:func:`apply_gate`). A rejected version stays
-registered, its reason on its tags."""
+"""The registry side of the promotion gate (:mod:`metaopt_core.gate` decides): fetch the
+production version for the meta-test to re-evaluate (:func:`load_champion`), record a version's
+gate decision (tags ``metaopt.gate.*``, artifact ``gate.json``), moving production under the
+promotion lock when the gate promotes (:func:`apply_gate`), and promote by hand (:func:`promote`:
+the same gate on the version's recorded meta-test, or an explicit override whose reason is
+recorded). A rejected version stays registered, its reason on its tags."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import getpass
 import json
 import shutil
 import tempfile
@@ -23,7 +25,7 @@ from metaopt_core.mlops.registry.common import (
     truncate_tag,
 )
 from metaopt_core.mlops.registry.promotion import PromotionDecision, PromotionLock, current_production, reconcile, set_production
-from metaopt_core.mlops.registry.resolve import existing_store, registered_model
+from metaopt_core.mlops.registry.resolve import ModelRef, existing_store, registered_model, resolve_version
 
 GATE_PREFIX = "metaopt.gate."
 GATE_FILE = "gate.json"
@@ -144,6 +146,106 @@ def recorded_decision(name: str, version: int | str, *, tracking_uri: str | None
     )  # fmt: skip
 
 
+def recorded_gate_inputs(name: str, version: int | str, *, tracking_uri: str | None = None) -> dict | None:
+    """The ``gate.json`` a pipeline recorded on ``name`` version ``version`` (its meta-test's paired
+    scores, units, settings, the champion it re-evaluated, the decision), or None without one."""
+    import mlflow
+
+    client = existing_store(tracking_uri)
+    where = client.get_model_version(name, str(int(version))).tags.get(GATE_PREFIX + "artifact")
+    if not where:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=tmp, tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+        return json.loads(Path(path).read_text())
+
+
+def promote(
+    name: str,
+    version: int | str,
+    *,
+    margin: float | None = None,
+    confidence: float | None = None,
+    override_reason: str | None = None,
+    tracking_uri: str | None = None,
+    lock_timeout_s: float = 60.0,
+    lock_ttl_s: float = 120.0,
+) -> PromotionDecision:
+    """Promote ``name`` version ``version`` by hand, by the same rule as the pipelines.
+
+    Without ``override_reason``: the gate (:func:`metaopt_core.gate.decide_gate`) on the version's
+    recorded meta-test (``gate.json``), with ``margin`` and ``confidence`` (default: the ones the
+    pipeline used). A version without a recorded meta-test, or whose meta-test re-evaluated another
+    production version than today's, is rejected with that reason: only a meta-test run against the
+    current production version can show that it beats it. With ``override_reason`` (non-empty):
+    promoted regardless, the reason, who and when recorded as ``metaopt.promotion.*`` tags
+    (decision ``overridden``). Returns the decision; a rejection is a normal outcome."""
+    from metaopt_core.gate import CHALLENGER, decide_gate
+
+    if isinstance(version, bool) or not str(version).isdigit():
+        raise ValueError(f"version: got {version!r}; allowed: a version number such as 3")
+    if override_reason is not None and (not isinstance(override_reason, str) or not override_reason.strip()):
+        raise ValueError("override_reason: got an empty reason; allowed: a sentence saying why the gate is overridden (it is recorded)")
+    version = str(int(version))
+    client = existing_store(tracking_uri)
+    resolve_version(client, ModelRef(name, version=version), f"models:/{name}/{version}")
+    record = recorded_gate_inputs(name, version, tracking_uri=tracking_uri)
+    numbers = (record or {}).get("numbers") or {}
+    margin = float(numbers.get("margin", 0.0)) if margin is None else margin
+    confidence = float(numbers.get("confidence", 0.95)) if confidence is None else confidence
+    if override_reason is not None:
+        return _override(client, name, version, override_reason.strip(), record, lock_timeout_s, lock_ttl_s)
+    if not record or CHALLENGER not in (record.get("paired") or {}):
+        reason = (f"rejected: version {version} has no recorded meta-test (paired scores against tuned baselines), so nothing shows it "
+                  f"beats them; meta-train and meta-test it with the pipeline (`metaopt run`), or override with a recorded reason")  # fmt: skip
+        return _record_rejection(client, name, version, reason, record, lock_timeout_s, lock_ttl_s)
+    gate = decide_gate(record["paired"], greater_is_better=bool(record.get("greater_is_better", True)), margin=margin, confidence=confidence)
+    return apply_gate(name, version, gate.to_dict(), record, tracking_uri=tracking_uri, lock_timeout_s=lock_timeout_s, lock_ttl_s=lock_ttl_s)
+
+
+def _promotion_tags(decision: str, reason: str, champion: str | None, record: Mapping[str, Any] | None, **extra: str) -> dict[str, str]:
+    tags = {"decision": decision, "reason": reason, "metric": str((record or {}).get("metric") or "none"),
+            "champion_version": str(champion or "none"), "decided_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}  # fmt: skip
+    return {PROMOTION_PREFIX + key: truncate_tag(value) for key, value in tags.items()}
+
+
+def _record_rejection(
+    client: Any, name: str, version: str, reason: str, record: Mapping[str, Any] | None, lock_timeout_s: float, lock_ttl_s: float
+) -> PromotionDecision:
+    with PromotionLock(client, name, ttl_s=lock_ttl_s, timeout_s=lock_timeout_s):
+        champion = current_production(client, name)
+        for key, value in _promotion_tags("rejected", reason, champion, record).items():
+            client.set_model_version_tag(name, version, key, value)
+    return PromotionDecision(name=name, version=version, promoted=False, decision="rejected", reason=reason, metric=str((record or {}).get("metric") or ""),
+                             challenger_score=None, champion_version=champion, champion_score=None, margin=0.0,
+                             greater_is_better=bool((record or {}).get("greater_is_better", True)), production_version=champion)  # fmt: skip
+
+
+def _override(client: Any, name: str, version: str, why: str, record: Mapping[str, Any] | None, lock_timeout_s: float, lock_ttl_s: float) -> PromotionDecision:
+    gate_said = str((record or {}).get("reason") or "no recorded meta-test")
+    reason = f"overridden by hand: {why} (the gate said: {gate_said})"
+    with PromotionLock(client, name, ttl_s=lock_ttl_s, timeout_s=lock_timeout_s):
+        champion = current_production(client, name)
+        tags = _promotion_tags("overridden", reason, champion, record, override_reason=why, overridden_by=_user())
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        if champion != version:
+            set_production(client, name, version)
+            if champion is not None:
+                client.set_model_version_tag(name, champion, PROMOTION_PREFIX + "replaced_by", version)
+        current = reconcile(client, name)
+    return PromotionDecision(name=name, version=version, promoted=True, decision="overridden", reason=reason, metric=str((record or {}).get("metric") or ""),
+                             challenger_score=None, champion_version=champion, champion_score=None, margin=0.0,
+                             greater_is_better=bool((record or {}).get("greater_is_better", True)), production_version=current)  # fmt: skip
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in a container: still record the override
+        return "unknown"
+
+
 def _log_gate_file(client: Any, name: str, version: str, doc: Mapping[str, Any]) -> None:
     mv = client.get_model_version(name, version)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,4 +261,4 @@ def _log_gate_file(client: Any, name: str, version: str, doc: Mapping[str, Any])
     client.set_model_version_tag(name, version, GATE_PREFIX + "artifact", where)
 
 
-__all__ = ["GATE_FILE", "GATE_PREFIX", "apply_gate", "gate_tags", "load_champion", "recorded_decision"]
+__all__ = ["GATE_FILE", "GATE_PREFIX", "apply_gate", "gate_tags", "load_champion", "promote", "recorded_decision", "recorded_gate_inputs"]

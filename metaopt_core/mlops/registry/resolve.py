@@ -72,7 +72,8 @@ def parse_models_uri(uri: str) -> ModelRef:
 
 def how_to_promote(name: str) -> str:
     """The hint appended to "no production version" errors."""
-    return f"promote a version with `metaopt models promote {name} VERSION` (or metaopt_core.mlops.registry.promote({name!r}, VERSION, scores))"
+    return (f"a version reaches production when the promotion gate finds it better than its tuned baselines (`metaopt models show {name}` "
+            f"says why each version was rejected); `metaopt models promote {name} VERSION --override --reason TEXT` overrides the gate, recorded")  # fmt: skip
 
 
 def registered_model(client: MlflowClient, name: str) -> Any:
