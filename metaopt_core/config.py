@@ -82,6 +82,8 @@ class DataSpec(StrictModel):
     angles: list[float] = [0, 15, 30, 45, 60, 75]
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     max_examples: int | None = Field(None, gt=0)
+    # square images of this many pixels (bilinear); None: the source's own size (digits: upsampled to 28)
+    image_size: int | None = Field(None, ge=4, le=512)
     seed: int = 0
     # Data discipline: the source's examples are split into a meta-train and a meta-test part
     # *before* domains, noise and splits are built on a part, so meta-training and meta-test never

@@ -223,7 +223,7 @@ def _train_sequential(member: Member, family: LossFamily, schedule: Schedule, de
     return MemberResult(acc, outcome.diverged, outcome.steps, train_loss, batched=False, weights=weights)
 
 
-def _concatenate(sets: list[ImageData], device: torch.device) -> tuple[Tensor, Tensor, dict[int, int]]:
+def concatenate_sets(sets: list[ImageData], device: torch.device) -> tuple[Tensor, Tensor, dict[int, int]]:
     """Distinct datasets (by identity) -> one x, one y on the device, and each set's offset."""
     offsets: dict[int, int] = {}
     xs, ys, total = [], [], 0
@@ -258,8 +258,8 @@ def _train_group(
     keep_weights: bool,
 ) -> list[MemberResult]:
     """One vmapped group of population members: :func:`train_batched`, then clean validation accuracy."""
-    train_x, train_y, train_offsets = _concatenate([m.train for m in members], device)
-    val_x, val_y, val_offsets = _concatenate([m.val for m in members], device)
+    train_x, train_y, train_offsets = concatenate_sets([m.train for m in members], device)
+    val_x, val_y, val_offsets = concatenate_sets([m.val for m in members], device)
     # a member trains on its own set's rows of the concatenation
     sources = [torch.arange(len(m.train)) + train_offsets[id(m.train)] for m in members]
     loss_params = torch.stack([m.loss_params.detach().to(torch.float32) for m in members])
@@ -273,7 +273,7 @@ def _train_group(
         schedule, num_classes=members[0].train.num_classes, progress=report,
     )  # fmt: skip
     val_sources = [torch.arange(len(m.val)) + val_offsets[id(m.val)] for m in members]
-    correct = _batched_correct(trained.skeleton, trained.params, trained.buffers, val_x, val_y, val_sources, schedule.eval_batch_size, device)
+    correct = batched_correct(trained.skeleton, trained.params, trained.buffers, val_x, val_y, val_sources, schedule.eval_batch_size, device)
     state = {**trained.params, **trained.buffers}
     return [
         MemberResult(
@@ -322,6 +322,7 @@ def train_batched(
     check: Sequence[Tensor] | None = None,
     grad_tol: float = 0.0,
     progress: ProgressCallback | None = None,
+    epoch_end: Callable[[int, dict[str, Tensor], dict[str, Tensor], Tensor], None] | None = None,
 ) -> BatchedTraining:
     """Train P models of one architecture in lockstep with SGD (momentum, weight decay) for
     ``schedule.epochs`` epochs: ARL's population and ITL's leave-one-domain-out models.
@@ -335,7 +336,9 @@ def train_batched(
     turns non-finite (``diverged``, before that step's update) or, with ``check`` and
     ``grad_tol > 0``, when after an epoch the gradient norm of its objective on the rows
     ``check[i]`` (weight decay included) is ``<= grad_tol`` (``converged``); training stops once
-    every member is frozen. ``progress`` gets ``{"epoch", "members", "active"}`` per epoch.
+    every member is frozen. ``progress`` gets ``{"epoch", "members", "active"}`` per epoch;
+    ``epoch_end(epoch, params, buffers, diverged)`` sees the stacked weights (detached; a diverged
+    member's are not meaningful) after every epoch, e.g. to score every member per epoch.
     """
     count = len(models)
     device = x.device
@@ -427,6 +430,8 @@ def train_batched(
             frozen |= newly_converged
         if progress:
             progress({"epoch": epoch, "members": count, "active": int((~frozen).sum())})
+        if epoch_end:
+            epoch_end(epoch, {name: w.detach() for name, w in zip(names, weights)}, buffers, diverged.clone())
         if bool(frozen.all()):
             break
 
@@ -483,7 +488,7 @@ def _grad_norms(losses_of, weights, params, buffers, loss_params, scales, x, tar
 
 
 @torch.no_grad()
-def _batched_correct(skeleton, params, buffers, val_x, val_y, sources, chunk, device) -> Tensor:
+def batched_correct(skeleton, params, buffers, val_x, val_y, sources, chunk, device) -> Tensor:
     """(P,) correct predictions of each member on its own validation rows."""
     forward = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (x,)))
     longest = max(len(source) for source in sources)

@@ -1,10 +1,13 @@
-"""Every meta-test candidate at its own tuned lr, chosen on a validation split only, and the
-champion re-evaluated in the same run on the same units (issue 11, items 2 and 3)."""
+"""The loss meta-test (issue 18): independent units, every candidate trained at every lr of one grid
+in batched passes (the same numbers as one sequential run each), the three protocols read from the
+same curves, choices made on the selection split only, the champion re-evaluated on the same units,
+and the learned loss's lr scale."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,69 +15,141 @@ import torch
 import yaml
 
 from metaopt_core import evaluate
-from metaopt_core.losses.document import document_of_loss
+from metaopt_core.evaluate.units import Curve, Training, Unit, _train_sequential, choose, train_units
+from metaopt_core.losses.document import document_of_loss, loss_from_document
 from metaopt_core.losses.registry import get_loss
 from metaopt_core.losses.taylor import TaylorLoss
 from metaopt_core.meta import registry, runner
-from metaopt_core.meta.loss_meta_test import compare_learned_loss
+from metaopt_core.meta.loss_meta_test import compare_learned_loss, lr_scale
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GRID = [0.003, 0.03, 0.3]
 
 
+def digits_unit(seed: int, model: str = "mlp2") -> Unit:
+    prepared = evaluate.noise_task({"source": "digits", "image_size": 8, "max_examples": 400, "noise": {"kind": "symmetric", "rate": 0.4},
+                                    "seed": seed, "val_fraction": 0.3}, 0.3)  # fmt: skip
+    return Unit("digits8", seed, prepared.train, prepared.select, prepared.test, model, 100 + seed, 200 + seed)
+
+
 @pytest.fixture(scope="module")
-def task() -> evaluate.Task:
-    return evaluate.noise_task({"source": "digits", "max_examples": 300, "noise": {"kind": "symmetric", "rate": 0.4}, "seed": 0})
+def units() -> list[Unit]:
+    return [digits_unit(seed) for seed in range(3)]
 
 
-def poisoned(task: evaluate.Task) -> evaluate.Task:
-    """The same task with a test split no one could learn from: its labels shuffled and its images
+def poisoned(unit: Unit) -> Unit:
+    """The same unit with a test split no one could learn from: its labels shuffled and its images
     replaced by noise. Anything that reads the test split to choose an lr would choose differently."""
     generator = torch.Generator().manual_seed(1)
-    test = dataclasses.replace(task.test, x=torch.randn(task.test.x.shape, generator=generator),
-                               y=task.test.y[torch.randperm(len(task.test.y), generator=generator)])  # fmt: skip
-    return dataclasses.replace(task, test=test)
+    test = dataclasses.replace(unit.test, x=torch.rand(unit.test.x.shape, generator=generator),
+                               y=unit.test.y[torch.randperm(len(unit.test.y), generator=generator)])  # fmt: skip
+    return dataclasses.replace(unit, test=test)
 
 
-def test_the_tuned_lr_is_chosen_on_the_selection_split_only(task):
-    protocol = evaluate.TrainingProtocol(architectures=["mlp2"], seeds=[0, 1], epochs=2, batch_size=64, lr_protocol="tuned", lr_grid=GRID)
-    losses = {"ce": "ce", "gce": "gce"}
-    clean = evaluate.compare_losses(losses, [task], protocol)
-    dirty = evaluate.compare_losses(losses, [poisoned(task)], protocol)
-    cell = clean.cells[0]
-    for loss in losses:
-        assert dirty.summary(loss, cell).lr == clean.summary(loss, cell).lr
-        assert dirty.summary(loss, cell).lr_scores == clean.summary(loss, cell).lr_scores
-        # the poison did reach the test split (so the test would notice if tuning read it)
-        assert dirty.summary(loss, cell).converged_mean != clean.summary(loss, cell).converged_mean
-    assert len({clean.summary(loss, cell).lr for loss in losses} | set(GRID)) == len(GRID)
+def test_batched_training_gives_the_sequential_numbers(units):
+    """Every (candidate, unit, lr) of one batched pass matches its own `fit` run: same init, same
+    minibatches, same SGD arithmetic (the lr enters as a loss multiplier)."""
+    losses = {"ce": get_loss("ce"), "itl": TaylorLoss.from_preset("itl")}
+    training = train_units(losses, units, GRID, epochs=3, batch_size=64)
+    assert training.batched_members == len(losses) * len(units) * len(GRID) and training.sequential_members == 0
+    for label, loss in losses.items():
+        for u, unit in enumerate(units):
+            for lr in GRID:
+                batched, alone = training.curve(label, u, lr), _train_sequential(loss, unit, lr, 3, 64, 0.9, torch.device("cpu"))
+                assert batched.diverged == alone.diverged
+                assert batched.select == pytest.approx(alone.select, abs=2e-3) and batched.test == pytest.approx(alone.test, abs=2e-3)
 
 
-def test_the_loss_meta_test_tunes_every_candidate_and_re_evaluates_the_champion(task):
+def _fake(curves: dict[tuple[str, int, float], Curve], grid: list[float]) -> Training:
+    unit = digits_unit(0)
+    return Training(curves, sorted({k[0] for k in curves}), grid, [unit])
+
+
+def test_the_protocols_read_the_curves_by_hand():
+    grid = [0.01, 0.1]
+    curves = {("a", 0, 0.01): Curve([0.30, 0.50, 0.40], [0.6, 0.8, 0.7], False, 3),  # best selection at epoch 2
+              ("a", 0, 0.1): Curve([0.45, 0.45, 0.45], [0.5, 0.9, 0.95], False, 3),  # flat selection, last epoch best on test
+              ("b", 0, 0.01): Curve([0.2], [0.3], True, 3),  # diverged in epoch 2: only epoch 1 is usable
+              ("b", 0, 0.1): Curve([0.1, 0.1, 0.1], [0.2, 0.2, 0.2], False, 3)}  # fmt: skip
+    training = _fake(curves, grid)
+    # early-stop: (lr, epoch) with the best selection accuracy: 0.01 at epoch 2 (0.50 > 0.45)
+    assert choose(training, "a", 0, "early-stop") == choose(training, "a", 0, "early-stop")
+    stop = choose(training, "a", 0, "early-stop")
+    assert (stop.lr, stop.epoch, stop.test, stop.select) == (0.01, 2, 0.8, 0.5)
+    # tuned: last-epoch selection 0.40 vs 0.45 -> lr 0.1, scored at the last epoch
+    tuned = choose(training, "a", 0, "tuned")
+    assert (tuned.lr, tuned.epoch, tuned.test) == (0.1, 3, 0.95)
+    # fixed: the recipe's lr, last epoch, whatever the selection split says
+    assert choose(training, "a", 0, "fixed", recipe_lr=0.01).test == 0.7
+    with pytest.raises(ValueError, match="recipe_lr"):
+        choose(training, "a", 0, "fixed", recipe_lr=0.5)
+    # a diverged run scores chance at convergence; early stopping may keep an epoch before it
+    assert choose(training, "b", 0, "fixed", recipe_lr=0.01).test == pytest.approx(0.1)
+    assert choose(training, "b", 0, "early-stop").lr == 0.01 and choose(training, "b", 0, "early-stop").test == 0.3
+
+
+def test_choices_never_read_the_test_split(units):
+    clean = train_units({"ce": get_loss("ce"), "gce": get_loss("gce")}, units, GRID, epochs=2, batch_size=64)
+    dirty = train_units({"ce": get_loss("ce"), "gce": get_loss("gce")}, [poisoned(u) for u in units], GRID, epochs=2, batch_size=64)
+    for label in ("ce", "gce"):
+        for u in range(len(units)):
+            for protocol in ("early-stop", "tuned"):
+                a, b = choose(clean, label, u, protocol), choose(dirty, label, u, protocol)
+                assert (a.lr, a.epoch, a.select) == (b.lr, b.epoch, b.select)
+    assert any(choose(clean, "ce", u, "tuned").test != choose(dirty, "ce", u, "tuned").test for u in range(len(units)))
+
+
+def test_the_loss_meta_test_reports_every_protocol_and_re_evaluates_the_champion(units):
     learned = document_of_loss(TaylorLoss.from_preset("itl"))
     champion = document_of_loss(get_loss("ce"))
-    training = {"model": "mlp2", "seeds": [0, 1, 2], "epochs": 1, "batch_size": 64, "momentum": 0.9, "lr_grid": GRID}
-    report = compare_learned_loss("test", learned, ["ce", "gce"], [task], training, champion=champion)
+    training = {"seeds": [0, 1, 2], "epochs": 2, "batch_size": 64, "momentum": 0.9, "lr_grid": GRID, "recipe_lr": 0.03}
+    report = compare_learned_loss("test", learned, ["ce", "gce"], units, training, champion=champion)
     assert list(report.paired) == ["learned", "champion", "ce", "gce"]
-    assert report.units == [{"dataset": task.dataset, "condition": task.condition, "architecture": "mlp2", "seed": s} for s in (0, 1, 2)]
-    assert all(len(scores) == 3 for scores in report.paired.values())
-    # the champion (cross-entropy as a loss document) and the 'ce' baseline are the same loss, trained
-    # on the same units at the same lrs: the same scores, unit by unit
+    assert [u["seed"] for u in report.units] == [0, 1, 2] and all(len(v) == 3 for v in report.paired.values())
+    # the champion (cross-entropy as a loss document) and the 'ce' baseline: the same loss, units and lrs
     assert report.paired["champion"] == report.paired["ce"]
-    assert report.settings["lr_grid"] == GRID and report.settings["seeds"] == [0, 1, 2]
-    assert set(report.settings["chosen_lr"]) == {"learned", "champion", "ce", "gce"}
-    assert all(lr in GRID for chosen in report.settings["chosen_lr"].values() for lr in chosen.values())
-    assert "Chosen learning rates" in report.markdown and "tuned" in report.markdown
-    assert report.details["meta_test_settings"] == report.settings
-    assert report.scores["champion.accuracy"] == pytest.approx(sum(report.paired["champion"]) / 3)
+    assert report.settings["gate_protocol"] == "early-stop" and report.settings["lr_grid"] == GRID
+    assert all(lr in GRID for chosen in report.settings["chosen_lr"].values() for lr in chosen)
+    tables = report.details["tables"]
+    for protocol in ("early-stop", "tuned", "fixed"):
+        row = tables[protocol]["learned"]
+        assert row["ci_low"] <= row["mean"] <= row["ci_high"] and row["worst"] <= row["median"]
+        assert f"**{protocol}**" in report.markdown
+    assert report.scores["meta_test_accuracy"] == pytest.approx(sum(report.paired["learned"]) / 3)
+    assert report.scores["champion.accuracy_fixed"] == pytest.approx(tables["fixed"]["champion"]["mean"])
+    assert 0 < report.deployment["lr_scale"] and report.scores["meta_test_lr_scale"] == report.deployment["lr_scale"]
+    assert set(report.settings["selection"]["learned"]) == {"mean_regret", "agreement", "select_spread", "select_standard_error"}
 
 
-def test_arl_meta_test_passes_the_champion_through_the_runner(tmp_path):
+def test_the_lr_scale_makes_the_loss_train_at_the_lr_tuned_for_cross_entropy(units):
+    """A loss that is cross-entropy times 10 is tuned to a 10x smaller lr than CE on every unit: its
+    lr scale is 0.1, and the loaded loss (the document with that scale) trains at CE's lr exactly
+    as CE does."""
+    tenfold = loss_from_document({"family": "ce", "params": {}, "lr_scale": 10.0})  # a loss whose scale is an lr
+    grid = [0.003, 0.03, 0.3, 3.0]
+    training = train_units({"learned": tenfold, "ce": get_loss("ce")}, units, grid, epochs=2, batch_size=64)
+    for u in range(len(units)):
+        assert choose(training, "learned", u, "early-stop").lr * 10 == pytest.approx(choose(training, "ce", u, "early-stop").lr)
+    scale = lr_scale(training, "early-stop")
+    assert scale["lr_scale"] == pytest.approx(0.1) and scale["lr_scale_reference"] == "ce"
+    served = loss_from_document({**document_of_loss(tenfold), "lr_scale": 10.0 * scale["lr_scale"]})  # what the registry bakes in
+    ce_lr = choose(training, "ce", 0, "early-stop").lr
+    again = train_units({"served": served, "ce": get_loss("ce")}, units[:1], [ce_lr], epochs=2, batch_size=64)
+    assert again.curve("served", 0, ce_lr).test == pytest.approx(again.curve("ce", 0, ce_lr).test, abs=1e-3)
+
+
+def test_arl_meta_test_builds_independent_units_and_passes_the_champion(tmp_path):
     arl = registry.get("arl")
     config = arl.resolve_config(yaml.safe_load((CONFIGS / "arl-tiny.yaml").read_text()))
-    settings = arl.resolve_meta_test({"epochs": 1, "max_examples": 300, "lr_grid": [0.01, 0.1], "baselines": ["ce"]})
-    assert settings.seeds == [0, 1, 2] and arl.resolve_meta_test({}).baselines == ["ce", "gce", "sce"]
+    settings = arl.resolve_meta_test({"epochs": 1, "seeds": 2, "lr_grid": [0.01, 0.1], "baselines": ["ce"],
+                                      "tasks": [{"source": "digits", "image_size": 8, "model": "mlp2", "max_examples": 300},
+                                                {"source": "digits", "image_size": 8, "model": "mlp3", "max_examples": 300}]})  # fmt: skip
+    assert arl.resolve_meta_test({}).baselines == ["ce", "gce", "sce"] and len(arl.resolve_meta_test({}).tasks) * 5 >= 15
     inputs = arl.prepare(config, settings)
+    assert len(inputs.meta_test) == 4  # 2 tasks x 2 seeds, each its own prepared split and noise draw
+    assert len({d.fingerprint for d in inputs.meta_test}) == 4
+    units = {e["unit"] for e in inputs.manifest["entries"] if e["phase"] == "meta_test"}
+    assert units == {0, 1, 2, 3}
     learned = tmp_path / "learned"
     learned.mkdir()
     (learned / "loss.json").write_text(json.dumps(document_of_loss(TaylorLoss.from_preset("itl"))))
@@ -82,10 +157,12 @@ def test_arl_meta_test_passes_the_champion_through_the_runner(tmp_path):
     (learned / "result.json").write_text(json.dumps(result))
     champion = {"kind": "loss", "loss": document_of_loss(get_loss("ce"))}
     report = runner.meta_test(arl, config, learned, inputs, settings, champion=champion)
-    assert list(report.paired) == ["learned", "champion", "ce"]
+    assert list(report.paired) == ["learned", "champion", "ce"] and len(report.units) == 4
     assert report.paired["champion"] == report.paired["ce"]  # same loss, same units, same lr grid
+    assert {u["task"].split(" · ")[1] for u in report.units} == {"mlp2", "mlp3"}
     with_none = runner.meta_test(arl, config, learned, inputs, settings)
     assert "champion" not in with_none.paired and with_none.paired["learned"] == report.paired["learned"]
+    assert not math.isnan(report.scores["meta_test_accuracy_fixed"])
 
 
 def test_metamd_meta_test_tunes_each_optimiser_on_meta_training_domains_and_re_evaluates_the_champion(tmp_path):

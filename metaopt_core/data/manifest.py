@@ -6,16 +6,19 @@ Phases (a learner declares which splits of which prepared dataset each one reads
 - ``inner_training``: what the base models of meta-training are trained on;
 - ``outer_objective``: what the outer step scores them on (ARL's fitness, ITL's held-out loss,
   MetaMD's trajectory objective);
-- ``monitoring``: curves logged during meta-training that choose nothing (recorded, not checked);
+- ``monitoring``: curves logged during meta-training that choose nothing;
 - ``meta_test_training``: what the meta-test trains fresh models on (with each candidate);
 - ``lr_selection``: where the meta-test chooses each candidate's learning rate;
 - ``meta_test``: what the reported (and promotion-deciding) scores are computed on.
 
 The rules, enforced before any training: ``meta_test`` shares no example (same source
-fingerprint, same id) and no domain with ``inner_training`` or ``outer_objective``;
-``meta_test_training`` shares no example with them (its domains may be the meta-training kind:
-that is the domain-generalisation protocol); ``lr_selection`` shares no example with
-``meta_test``. The manifest lists every entry's ids, so anyone can re-check it.
+fingerprint, same id) and no domain with ``inner_training``, ``outer_objective`` or
+``monitoring`` (meta-training may not even look at the meta-test); ``meta_test_training`` shares
+no example with meta-training (its domains may be the meta-training kind: that is the
+domain-generalisation protocol); within each meta-test **unit** (one independent replicate with its
+own split: entries carry its index), ``lr_selection`` shares no example with ``meta_test`` (units
+redraw their splits from one pool, so one unit's test examples may train another). The manifest
+lists every entry's ids, so anyone can re-check it.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import torch
 MANIFEST_FORMAT = "metaopt.split-manifest/1"
 PHASES = ("inner_training", "outer_objective", "monitoring", "meta_test_training", "lr_selection", "meta_test")
 META_TRAINING = ("inner_training", "outer_objective")
-# (phase a, phase b, whether domains must differ too)
+# (phase a, phase b, whether domains must differ too, whether only entries of the same unit are compared)
 RULES = (
-    ("inner_training", "meta_test", True),
-    ("outer_objective", "meta_test", True),
-    ("inner_training", "meta_test_training", False),
-    ("outer_objective", "meta_test_training", False),
-    ("lr_selection", "meta_test", False),
+    ("inner_training", "meta_test", True, False),
+    ("outer_objective", "meta_test", True, False),
+    ("monitoring", "meta_test", True, False),
+    ("inner_training", "meta_test_training", False, False),
+    ("outer_objective", "meta_test_training", False, False),
+    ("lr_selection", "meta_test", False, True),
 )
 
 
@@ -55,12 +59,13 @@ class ManifestEntry:
     split: str
     domain: str | None
     ids: list[int] = field(default_factory=list)
+    unit: int | None = None  # the meta-test unit (replicate) it belongs to; None: the whole run
 
     def to_dict(self) -> dict:
         digest = hashlib.sha256(",".join(map(str, self.ids)).encode()).hexdigest()
         return {"phase": self.phase, "source": self.source, "source_fingerprint": self.source_fingerprint,
                 "dataset_fingerprint": self.dataset_fingerprint, "split": self.split, "domain": self.domain,
-                "examples": len(self.ids), "ids_sha256": digest, "ids": self.ids}  # fmt: skip
+                "examples": len(self.ids), "ids_sha256": digest, "unit": self.unit, "ids": self.ids}  # fmt: skip
 
 
 def _domain_of(split: str) -> str | None:
@@ -77,8 +82,9 @@ class SplitManifest:
     entries: list[ManifestEntry] = field(default_factory=list)
     generated: dict[str, Any] = field(default_factory=dict)  # tasks generated from the config (e.g. quadratics)
 
-    def add(self, phase: str, data: Any, splits: Iterable[str] | None = None) -> SplitManifest:
-        """Record that ``phase`` reads ``splits`` (default: all) of the prepared dataset ``data``."""
+    def add(self, phase: str, data: Any, splits: Iterable[str] | None = None, unit: int | None = None) -> SplitManifest:
+        """Record that ``phase`` reads ``splits`` (default: all) of the prepared dataset ``data``
+        (for meta-test unit ``unit``, when the meta-test has several independent ones)."""
         if phase not in PHASES:
             raise ValueError(f"phase: got {phase!r}; allowed: {list(PHASES)}")
         for split in sorted(splits if splits is not None else data.splits):
@@ -86,7 +92,7 @@ class SplitManifest:
                 raise KeyError(f"split: got {split!r}; the dataset has {sorted(data.splits)}")
             ids = data.splits[split].ids
             self.entries.append(ManifestEntry(phase, str(data.spec.get("source")), data.source_fingerprint, data.fingerprint, split,
-                                              _domain_of(split), sorted(int(i) for i in torch.as_tensor(ids).tolist())))  # fmt: skip
+                                              _domain_of(split), sorted(int(i) for i in torch.as_tensor(ids).tolist()), unit))  # fmt: skip
         return self
 
     def phase(self, name: str) -> list[ManifestEntry]:
@@ -94,11 +100,16 @@ class SplitManifest:
 
     def check(self) -> SplitManifest:
         """Refuse overlaps between phases that must be disjoint (see the module docstring)."""
-        for first, second, domains_too in RULES:
-            overlap = _shared_examples(self.phase(first), self.phase(second))
-            for (source, fingerprint), count in overlap.items():
+        for first, second, domains_too, per_unit in RULES:
+            pairs = [(self.phase(first), self.phase(second), "")]
+            if per_unit:
+                units = sorted({e.unit for e in self.phase(second)}, key=lambda u: -1 if u is None else u)
+                pairs = [([e for e in self.phase(first) if e.unit == u], [e for e in self.phase(second) if e.unit == u], "" if u is None else f" in unit {u}")
+                         for u in units]  # fmt: skip
+            overlap = {(key, where): count for a, b, where in pairs for key, count in _shared_examples(a, b).items()}
+            for ((source, fingerprint), where), count in overlap.items():
                 raise SplitOverlapError(
-                    f"split manifest: phases '{first}' and '{second}' share {count} example(s) of source {source!r} "
+                    f"split manifest: phases '{first}' and '{second}' share {count} example(s) of source {source!r}{where} "
                     f"(fingerprint {fingerprint[:12]}); split the source into meta-train and meta-test parts "
                     f"(data part: meta-train / meta-test) or meta-test on another source"
                 )
@@ -130,7 +141,7 @@ class SplitManifest:
         if doc.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"split manifest: format {doc.get('format')!r}; expected {MANIFEST_FORMAT!r}")
         entries = [ManifestEntry(e["phase"], e["source"], e["source_fingerprint"], e["dataset_fingerprint"], e["split"], e["domain"],
-                                 list(e["ids"])) for e in doc.get("entries", [])]  # fmt: skip
+                                 list(e["ids"]), e.get("unit")) for e in doc.get("entries", [])]  # fmt: skip
         return cls(entries, dict(doc.get("generated") or {}))
 
 

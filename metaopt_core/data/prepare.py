@@ -20,7 +20,7 @@ from metaopt_core.config import DataSpec
 from metaopt_core.data.domains import colored_domains, rotated_domains
 from metaopt_core.data.folders import folder_content, is_folder_source, read_classes, read_domains
 from metaopt_core.data.noise import add_label_noise
-from metaopt_core.data.sources import ImageData, load_source
+from metaopt_core.data.sources import ImageData, load_source, resized
 
 CONTENT_MANIFEST = "content_manifest.json"  # a folder source's content manifest, beside the tensors
 
@@ -197,14 +197,14 @@ def prepare(spec: DataSpec | dict) -> PreparedData:
         staged = folder_content(spec.source)
         content, origin = staged.manifest(), staged.fingerprint  # ids index the content, wherever it lives
         if staged.layout == "domains":
-            folder = read_domains(staged)
+            folder = {name: resized(domain, spec.image_size) for name, domain in read_domains(staged).items()}
             domains = {name: _limit(part_of(domain, spec.part, spec.meta_test_fraction), spec.max_examples, spec.seed) for name, domain in folder.items()}
             domains = _without(domains, spec.exclude_domains)
             num_classes = next(iter(folder.values())).num_classes
             return PreparedData(_domain_splits(domains, spec), spec_doc, num_classes, list(domains), source_fingerprint=origin, content=content)
-        raw = read_classes(staged)
+        raw = resized(read_classes(staged), spec.image_size)
     else:
-        raw = load_source(spec.source, spec.root)
+        raw = load_source(spec.source, spec.root, image_size=spec.image_size)
         origin = source_fingerprint(spec.source, [raw])
     source = _limit(part_of(raw, spec.part, spec.meta_test_fraction), spec.max_examples, spec.seed)
     if spec.domains != "none":

@@ -133,12 +133,21 @@ def load_image_folder(root: str | Path, image_size: int = 64) -> dict[str, Image
     return read_domains(local_folder_content(root), image_size)
 
 
-def load_source(name: str, root: str | Path | None = None, download: bool = False) -> ImageData:
-    """Load a source by name (see ``SOURCE_NAMES``)."""
+def resized(data: ImageData, image_size: int | None) -> ImageData:
+    """``data`` with square images of ``image_size`` pixels (bilinear); unchanged for None or its own size."""
+    if image_size is None or data.x.shape[-1] == image_size == data.x.shape[-2]:
+        return data
+    x = F.interpolate(data.x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return ImageData(x, data.y, data.num_classes, data.name, dict(data.meta), ids=data.ids)
+
+
+def load_source(name: str, root: str | Path | None = None, download: bool = False, image_size: int | None = None) -> ImageData:
+    """Load a source by name (see ``SOURCE_NAMES``), at ``image_size`` pixels when given (``digits``
+    at its native 8: no resampling)."""
     if name == "mnist5k":
-        return load_mnist5k()
+        return resized(load_mnist5k(), image_size)
     if name == "digits":
-        return load_digits()
+        return load_digits(image_size or 28)
     if name in TORCHVISION_SOURCES:
-        return load_torchvision(name, root, download)
+        return resized(load_torchvision(name, root, download), image_size)
     raise KeyError(f"source: got {name!r}; allowed: {list(SOURCE_NAMES)}, 'folder:<path>' or 's3://bucket/prefix/'")

@@ -23,6 +23,20 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def unit_summary(values: Sequence[float], confidence: float = 0.95, higher_is_better: bool = True) -> dict:
+    """Mean with its two-sided ``confidence`` t-interval, median and worst over independent units
+    (the numbers every meta-test row reports): ``{n, mean, ci_low, ci_high, median, worst}``."""
+    from scipy import stats
+
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("unit_summary: got no values")
+    n, mean = len(values), statistics.fmean(values)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / n**0.5) if n > 1 else float("inf")
+    worst = min(values) if higher_is_better else max(values)
+    return {"n": n, "mean": mean, "ci_low": mean - half, "ci_high": mean + half, "median": statistics.median(values), "worst": worst}
+
+
 def rank_with_ties(scores: Sequence[float], higher_is_better: bool = True) -> list[float]:
     """Ranks 1..n of ``scores`` (1 = best); tied scores share the average of the ranks they span.
 

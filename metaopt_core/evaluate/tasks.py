@@ -83,10 +83,11 @@ def noise_task(data: DataSpec | Mapping | Any, noisy_val_fraction: float = 0.1, 
     )
 
 
-def domain_tasks(data: DataSpec | Mapping | Any, held_out: Sequence[str] | None = None, name: str | None = None) -> list[Task]:
+def domain_tasks(data: DataSpec | Mapping | Any, held_out: Sequence[str] | None = None, name: str | None = None, whole_domain: bool = False) -> list[Task]:
     """Leave-one-domain-out cells: for each held-out domain, train on the other domains' train
     splits (concatenated), select on their val splits (training-domain validation) and test on
-    the held-out domain's train ("in") split, as DomainBed reports it.
+    the held-out domain's train ("in") split, as DomainBed reports it, or on all of its examples
+    (``whole_domain``: nothing of it is used for anything else).
 
     ``held_out``: domain names (e.g. ``mnist5k-rot75``, or the suffix ``rot75``); default all.
     """
@@ -109,7 +110,9 @@ def domain_tasks(data: DataSpec | Mapping | Any, held_out: Sequence[str] | None 
                 condition=f"held-out {_short_domain(target, dataset)}",
                 train=_concat([prepared.splits[f"{d}/train"] for d in sources], f"{dataset}-without-{target}/train"),
                 select=_concat([prepared.splits[f"{d}/val"] for d in sources], f"{dataset}-without-{target}/val"),
-                test=prepared.splits[f"{target}/train"],
+                test=_concat([prepared.splits[f"{target}/train"], prepared.splits[f"{target}/val"]], f"{dataset}-{target}")
+                if whole_domain
+                else prepared.splits[f"{target}/train"],
                 num_classes=prepared.num_classes,
                 kind="domains",
                 fingerprint=prepared.fingerprint,

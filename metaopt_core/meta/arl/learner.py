@@ -5,7 +5,7 @@ the fitness of one shard of those jobs; tell merges the shards and takes the CMA
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -14,25 +14,53 @@ from metaopt_core.config import DataSpec, ModelName, StrictModel, validate
 from metaopt_core.data.manifest import SplitManifest
 from metaopt_core.meta import arl
 from metaopt_core.meta.inputs import PreparedInputs
-from metaopt_core.meta.loss_meta_test import compare_learned_loss, lr_grid_around
+from metaopt_core.meta.loss_meta_test import compare_learned_loss, lr_grid_around, unit_seed
 from metaopt_core.meta.protocol import LearnerBase, MetaTestReport, Part, ProgressReporter, Work
+
+
+class ARLMetaTestTask(StrictModel):
+    """One meta-test task: a dataset (at ``image_size`` pixels; digits' native size is 8) and an
+    architecture, at least one of them beyond the meta-training pool."""
+
+    source: str = "digits"
+    model: ModelName = "mlp2"
+    image_size: int | None = Field(None, ge=4, le=512)
+    max_examples: int | None = Field(None, ge=1)
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}{self.image_size or ''} · {self.model}"
 
 
 class ARLMetaTest(StrictModel):
     """ARL meta-test: the learned loss, the production version (when there is one) and baselines
-    (CE, GCE, SCE, as in the thesis's tables) on a *held-out* dataset with the run's label noise,
-    accuracy on clean labels at convergence (the ARL protocol). Every candidate gets the same
-    ``lr_grid`` (default: 5 values around the meta-training lr) and budget; its lr is chosen on the
-    *noisy* validation split (all a user has). ``batch_size`` defaults to the meta-training one."""
+    (CE, GCE, SCE, as in the thesis's tables) on ``tasks`` beyond the meta-training pool, with the
+    run's label noise. Each task has ``seeds`` independent units (every unit its own split into
+    train / noisy selection / clean test, its own noise draw and initialisation); every candidate is
+    trained at every lr of ``lr_grid`` (default: 5 values around the meta-training lr) and read out
+    under the three protocols (``early-stop``: lr and epoch chosen on the noisy selection split,
+    the gate's default; ``tuned``; ``fixed``: ``recipe_lr`` for all, default the meta-training lr)."""
 
-    source: str = "digits"
-    max_examples: int | None = Field(None, ge=1)
-    model: ModelName = "mlp2"
+    tasks: list[ARLMetaTestTask] = Field(default_factory=lambda: [ARLMetaTestTask(**t) for t in DEFAULT_TASKS], min_length=1)
+    seeds: int | list[int] = 5  # independent units per task (a count, or the seed values)
+    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    select_fraction: float = Field(0.3, gt=0.0, lt=1.0)  # of the noisy training split
     epochs: int = Field(12, ge=1)
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
     baselines: list[str] = ["ce", "gce", "sce"]
     lr_grid: list[float] | None = Field(None, min_length=1)
+    recipe_lr: float | None = Field(None, gt=0.0)
+    protocol: Literal["early-stop", "tuned", "fixed"] = "early-stop"
     batch_size: int | None = Field(None, ge=1)
+
+    @property
+    def seed_values(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+# digits at its native 8x8 (a dataset beyond the pool) with both pool MLPs, and the unseen part of
+# the pool's source at another resolution: 3 tasks x 5 seeds = 15 units
+DEFAULT_TASKS = ({"source": "digits", "image_size": 8, "model": "mlp2"}, {"source": "digits", "image_size": 8, "model": "mlp3"},
+                 {"source": "mnist5k", "image_size": 14, "model": "mlp2"})  # fmt: skip
 
 
 class ARLLearner(LearnerBase):
@@ -45,33 +73,40 @@ class ARLLearner(LearnerBase):
     steps_field = "generations"
     step_attribute = "generation"
     demo_configs = ("arl-demo.yaml",)
-    # 5 grid points (factor ~3 apart, so no candidate's best lr sits on an edge of a narrow grid) x
-    # 3 seeds x (learned, champion, ce, gce, sce) x 12 epochs on digits: about 1 min on 2 cores
-    default_meta_test = {"source": "digits", "model": "mlp2", "epochs": 12, "seeds": [0, 1, 2], "baselines": ["ce", "gce", "sce"],
-                         "lr_grid": [0.003, 0.01, 0.03, 0.1, 0.3]}  # fmt: skip
+    # 3 tasks x 5 seeds = 15 independent units x 5 grid points (factor ~3 apart, so no candidate's
+    # best lr sits on an edge) x (learned, champion, ce, gce, sce) x 12 epochs, batched per candidate
+    default_meta_test = {"seeds": 5, "epochs": 12, "baselines": ["ce", "gce", "sce"], "lr_grid": [0.003, 0.01, 0.03, 0.1, 0.3]}
     # quick: `make run` on 2 cores (a generation of the demo takes ~140 s under load)
     presets = {"quick": {"generations": 3, "train.epochs": 6}}
     history_keys = ("best_accuracy", "mean_accuracy", "sigma", "diverged")
 
     def data_specs(self, config: BaseModel, meta_test: ARLMetaTest) -> list[DataSpec]:
         # a pool source the meta-test also reads gives meta-training only its meta-train part
-        return [spec.model_copy(update={"part": "meta-train"}) if spec.source == meta_test.source else spec for spec in config.dataset_specs()]
+        tested = {task.source for task in meta_test.tasks}
+        return [spec.model_copy(update={"part": "meta-train"}) if spec.source in tested else spec for spec in config.dataset_specs()]
 
     def meta_test_specs(self, config: BaseModel, meta_test: ARLMetaTest) -> list[DataSpec]:
-        shared = any(spec.source == meta_test.source for spec in config.dataset_specs())
-        doc = {"source": meta_test.source, "max_examples": meta_test.max_examples, "noise": config.noise.model_dump(),
-               "seed": config.pool.datasets[0].seed, "part": "meta-test" if shared else "all"}  # fmt: skip
-        return [validate(DataSpec, doc, source="meta_test")]
+        """One prepared dataset per unit (task x seed), each its own split and noise draw; a source the
+        pool also reads gives the meta-test only its meta-test part."""
+        pool_sources = {spec.source for spec in config.dataset_specs()}
+        specs = []
+        for t, task in enumerate(meta_test.tasks):
+            for seed in meta_test.seed_values:
+                doc = {"source": task.source, "max_examples": task.max_examples, "image_size": task.image_size, "noise": config.noise.model_dump(),
+                       "seed": unit_seed(config.seed, t, seed), "val_fraction": meta_test.test_fraction,
+                       "part": "meta-test" if task.source in pool_sources else "all"}  # fmt: skip
+                specs.append(validate(DataSpec, doc, source=f"meta_test.tasks[{t}]"))
+        return specs
 
     def split_manifest(self, config: BaseModel, meta_test: ARLMetaTest, data: PreparedInputs) -> SplitManifest:
         """Candidates train on the pool's noisy train splits and are scored on their clean val
-        splits; the meta-test trains on the held-out dataset's noisy train split (lr chosen on a
-        noisy part of it) and reports its clean val split."""
+        splits; each meta-test unit trains on its dataset's noisy train split (lr and epoch chosen on
+        a noisy part of it) and reports its clean val split."""
         manifest = SplitManifest()
         for dataset in data.datasets:
             manifest.add("inner_training", dataset, ["train"]).add("outer_objective", dataset, ["val"])
-        for dataset in data.meta_test:
-            manifest.add("meta_test_training", dataset, ["train"]).add("lr_selection", dataset, ["train"]).add("meta_test", dataset, ["val"])
+        for unit, dataset in enumerate(data.meta_test):
+            manifest.add("meta_test_training", dataset, ["train"], unit).add("lr_selection", dataset, ["train"], unit).add("meta_test", dataset, ["val"], unit)
         return manifest
 
     def _pool(self, config: BaseModel, data: PreparedInputs) -> arl.Pool:
@@ -113,12 +148,20 @@ class ARLLearner(LearnerBase):
     def meta_test(self, config, exported: Mapping[str, Any], data: PreparedInputs, settings: ARLMetaTest, *,
                   champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
         from metaopt_core import evaluate
+        from metaopt_core.evaluate.units import Unit
 
-        training = {"model": settings.model, "seeds": settings.seeds, "epochs": settings.epochs, "momentum": config.train.momentum,
-                    "lr_grid": settings.lr_grid or lr_grid_around(config.train.lr),
-                    "batch_size": settings.batch_size or config.train.batch_size}  # fmt: skip
-        return compare_learned_loss("ARL meta-test", exported["loss"], settings.baselines, [evaluate.noise_task(dataset) for dataset in data.meta_test], training,
+        datasets = iter(data.meta_test)
+        units = []
+        for t, task in enumerate(settings.tasks):
+            for seed in settings.seed_values:
+                split = evaluate.noise_task(next(datasets), settings.select_fraction)
+                units.append(Unit(f"{task.label} · {split.condition}", seed, split.train, split.select, split.test, task.model,
+                                  unit_seed(config.seed, t, seed, 1), unit_seed(config.seed, t, seed, 2)))  # fmt: skip
+        training = {"seeds": settings.seed_values, "epochs": settings.epochs, "momentum": config.train.momentum,
+                    "lr_grid": settings.lr_grid or lr_grid_around(config.train.lr), "recipe_lr": settings.recipe_lr or config.train.lr,
+                    "batch_size": settings.batch_size or config.train.batch_size, "gate_protocol": settings.protocol}  # fmt: skip
+        return compare_learned_loss("ARL meta-test", exported["loss"], settings.baselines, units, training,
                                     champion=(champion or {}).get("loss"), device=config.device, progress=progress)  # fmt: skip
 
 
-__all__ = ["ARLLearner", "ARLMetaTest"]
+__all__ = ["ARLLearner", "ARLMetaTest", "ARLMetaTestTask"]

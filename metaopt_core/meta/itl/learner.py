@@ -5,7 +5,7 @@ is the hypergradients of one shard of them; tell aggregates (PCGrad or mean) and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -15,24 +15,34 @@ from metaopt_core.data.prepare import domain_matches
 from metaopt_core.meta import itl
 from metaopt_core.meta.hypergradient_learner import HypergradientLearner
 from metaopt_core.meta.inputs import PreparedInputs
-from metaopt_core.meta.loss_meta_test import compare_learned_loss, lr_grid_around
+from metaopt_core.meta.loss_meta_test import compare_learned_loss, lr_grid_around, unit_seed
 from metaopt_core.meta.protocol import MetaTestReport, ProgressReporter
 
 
 class ITLMetaTest(StrictModel):
-    """ITL meta-test: leave-one-domain-out on the run's domains, the learned loss, the production
-    version (when there is one) and baselines, accuracy on the held-out domain. ``held_out``:
-    domains (suffixes like ``rot75``), empty = all. Every candidate gets the same ``lr_grid``
-    (default: 5 values around the inner lr) and budget; its lr is chosen on the source domains'
-    validation splits (DomainBed's training-domain validation), never on the held-out domain."""
+    """ITL meta-test: leave-one-domain-out on the meta-test part of the run's source, the learned
+    loss, the production version (when there is one) and baselines, accuracy on every image of each
+    ``held_out`` domain (suffixes like ``rot75``; meta-training never sees them). ``seeds``
+    independent units per held-out domain (every seed rebuilds the domains from its own draw of the
+    images, its own splits and initialisation). Every candidate is trained at every lr of
+    ``lr_grid`` (default: 5 values around the inner lr) and read out under the three protocols
+    (``early-stop``, the gate's default: lr and epoch chosen on the source domains' validation
+    splits, DomainBed's training-domain validation; ``tuned``; ``fixed``: ``recipe_lr`` for all,
+    default the inner lr)."""
 
     held_out: list[str] = []
     model: ModelName = "mlp2"
-    epochs: int = Field(3, ge=1)
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    epochs: int = Field(6, ge=1)
+    seeds: int | list[int] = 8
     baselines: list[str] = ["ce"]
     lr_grid: list[float] | None = Field(None, min_length=1)
+    recipe_lr: float | None = Field(None, gt=0.0)
+    protocol: Literal["early-stop", "tuned", "fixed"] = "early-stop"
     batch_size: int | None = Field(None, ge=1)
+
+    @property
+    def seed_values(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
 
 class ITLLearner(HypergradientLearner):
@@ -45,9 +55,10 @@ class ITLLearner(HypergradientLearner):
     hypergradient_class = itl.Hypergradient
     scalar_metrics = itl.SCALAR_METRICS
     demo_configs = ("itl-demo.yaml",)
-    # 6 grid points (factor ~3 apart; up to 0.3 because tuned CE chose the top of a grid ending at
-    # 0.1) x 3 seeds x (learned, champion, ce) x 3 epochs on 5 source domains: under a minute on 2 cores
-    default_meta_test = {"held_out": ["rot75"], "model": "mlp2", "epochs": 3, "seeds": [0, 1, 2], "baselines": ["ce"],
+    # 2 held-out domains (the extremes) x 8 seeds = 16 independent units x 6 grid points (factor ~3
+    # apart; up to 0.3 because tuned CE once chose the top of a grid ending at 0.1) x (learned,
+    # champion, ce) x 6 epochs on 5 source domains, batched per candidate
+    default_meta_test = {"held_out": ["rot0", "rot75"], "model": "mlp2", "epochs": 6, "seeds": 8, "baselines": ["ce"],
                          "lr_grid": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3]}  # fmt: skip
     presets = {"quick": {"outer.steps": 4}}  # `make run` on 2 cores (~25 s per demo outer step under load)
     history_keys = ("heldout_ce", "heldout_acc", "source_acc", "hypergrad_norm")
@@ -58,24 +69,29 @@ class ITLLearner(HypergradientLearner):
         return [config.data.model_copy(update={"part": "meta-train", "exclude_domains": [*config.data.exclude_domains, *held_out]})]
 
     def meta_test_specs(self, config: BaseModel, meta_test: ITLMetaTest) -> list[DataSpec]:
+        """One prepared dataset per seed: the meta-test part's domains rebuilt from its own draw."""
         _held_out(meta_test)
-        return [config.data.model_copy(update={"part": "meta-test"})]
+        return [config.data.model_copy(update={"part": "meta-test", "seed": unit_seed(config.seed, 0, seed)}) for seed in meta_test.seed_values]
 
     def split_manifest(self, config: BaseModel, meta_test: ITLMetaTest, data: PreparedInputs) -> SplitManifest:
         """Leave-one-domain-out meta-training trains on the meta-train part's train splits and scores
-        on them (val splits only feed the logged curves); the meta-test trains on the meta-test
-        part's source domains (lr chosen on their val splits) and reports the held-out domains."""
+        on them (val splits only feed the logged curves); each meta-test unit (seed x held-out domain)
+        trains on the meta-test part's other domains (lr and epoch chosen on their val splits) and
+        reports every image of the held-out domain."""
         manifest = SplitManifest()
         for dataset in data.datasets:
             train = [f"{d}/train" for d in dataset.domains]
             manifest.add("inner_training", dataset, train).add("outer_objective", dataset, train)
             manifest.add("monitoring", dataset, [f"{d}/val" for d in dataset.domains])
+        unit = 0
         for dataset in data.meta_test:
-            held = [d for d in dataset.domains if any(domain_matches(d, name) for name in meta_test.held_out)]
-            sources = [d for d in dataset.domains if d not in held]
-            manifest.add("meta_test_training", dataset, [f"{d}/train" for d in sources])
-            manifest.add("lr_selection", dataset, [f"{d}/val" for d in sources])
-            manifest.add("meta_test", dataset, [f"{d}/train" for d in held])
+            for name in meta_test.held_out:
+                [held] = [d for d in dataset.domains if domain_matches(d, name)]
+                sources = [d for d in dataset.domains if d != held]
+                manifest.add("meta_test_training", dataset, [f"{d}/train" for d in sources], unit)
+                manifest.add("lr_selection", dataset, [f"{d}/val" for d in sources], unit)
+                manifest.add("meta_test", dataset, [f"{held}/train", f"{held}/val"], unit)
+                unit += 1
         return manifest
 
     def init(self, config: BaseModel, data: PreparedInputs) -> itl.ITLState:
@@ -102,13 +118,18 @@ class ITLLearner(HypergradientLearner):
     def meta_test(self, config, exported: Mapping[str, Any], data: PreparedInputs, settings: ITLMetaTest, *,
                   champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
         from metaopt_core import evaluate
+        from metaopt_core.evaluate.units import Unit
 
         self.check_inputs(config, data)
-        tasks = evaluate.domain_tasks(data.meta_test[0], _held_out(settings))
-        training = {"model": settings.model, "seeds": settings.seeds, "epochs": settings.epochs, "momentum": config.inner.momentum,
-                    "lr_grid": settings.lr_grid or lr_grid_around(config.inner.lr),
-                    "batch_size": settings.batch_size or config.inner.batch_size}  # fmt: skip
-        return compare_learned_loss("ITL meta-test", exported["loss"], settings.baselines, tasks, training,
+        units = []
+        for dataset, seed in zip(data.meta_test, settings.seed_values):
+            for h, task in enumerate(evaluate.domain_tasks(dataset, _held_out(settings), whole_domain=True)):
+                units.append(Unit(f"{task.dataset} · {task.condition} · {settings.model}", seed, task.train, task.select, task.test, settings.model,
+                                  unit_seed(config.seed, h, seed, 1), unit_seed(config.seed, h, seed, 2)))  # fmt: skip
+        training = {"seeds": settings.seed_values, "epochs": settings.epochs, "momentum": config.inner.momentum,
+                    "lr_grid": settings.lr_grid or lr_grid_around(config.inner.lr), "recipe_lr": settings.recipe_lr or config.inner.lr,
+                    "batch_size": settings.batch_size or config.inner.batch_size, "gate_protocol": settings.protocol}  # fmt: skip
+        return compare_learned_loss("ITL meta-test", exported["loss"], settings.baselines, units, training,
                                     champion=(champion or {}).get("loss"), device=config.device, progress=progress)  # fmt: skip
 
 

@@ -1,0 +1,300 @@
+"""The loss meta-test's engine: every (candidate loss, lr, unit) trained in batched passes, scored on
+every epoch, then read out under the three protocols a user can mean by "this loss trains better".
+
+A **unit** is one independent replicate of a task: its own split of the data (train / selection /
+test), its own label noise, its own initial weights and minibatch order (``init_seed``,
+``data_seed``). Within a unit every candidate and every lr start from the same weights and see the
+same minibatches (common random numbers), so the paired differences between candidates measure the
+losses, not the draw.
+
+Training: SGD with momentum for ``epochs`` epochs, each (candidate, unit, lr) one member of
+:func:`metaopt_core.population.train_batched` (members of one candidate and one architecture are
+stacked into one vmapped model; the lr enters as a per-member multiplier on the loss, exactly
+SGD-with-momentum at that lr when there is no weight decay). Architectures with running statistics
+(BatchNorm) go through :func:`metaopt_core.train.fit`, the reference the batched path matches.
+Every epoch scores each member on its unit's selection and test splits.
+
+The protocols (:data:`PROTOCOLS`), read from the same curves:
+
+- ``fixed``: the thesis's Table 3.1 recipe: one lr for every loss (``recipe_lr``), the last epoch
+  ("at convergence", no early stopping);
+- ``tuned``: each (candidate, unit) at the grid's lr with the best last-epoch selection accuracy,
+  scored at the last epoch;
+- ``early-stop``: the thesis's Table 3.3: each (candidate, unit) at the (lr, epoch) with the best
+  selection accuracy (earliest epoch, then first lr in grid order, on ties), scored at that epoch.
+
+A run whose loss turned non-finite is *diverged*: it scores chance at the last epoch, and early
+stopping may still pick an epoch completed before the divergence. Nothing here looks at a test
+split to choose anything.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from metaopt_core.data.sources import ImageData
+
+PROTOCOLS = ("early-stop", "tuned", "fixed")
+PROTOCOL_TEXT = {
+    "early-stop": "lr and epoch chosen on the selection split (noisy validation / source-domain validation), thesis Table 3.3",
+    "tuned": "lr chosen on the selection split's last-epoch accuracy, scored at convergence",
+    "fixed": "one lr for every loss (the recipe's), scored at convergence, no early stopping, thesis Table 3.1",
+}
+ProgressCallback = Callable[[dict], None]
+
+
+@dataclass
+class Unit:
+    """One independent meta-test replicate of a task (see the module docstring)."""
+
+    task: str  # e.g. "digits · symmetric 80% · mlp2"
+    seed: int
+    train: ImageData
+    select: ImageData
+    test: ImageData
+    model: str
+    init_seed: int
+    data_seed: int
+    model_options: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.num_classes
+
+    def build(self) -> nn.Module:
+        from metaopt_core.models import build_model
+
+        channels, size, _ = self.train.shape
+        return build_model(self.model, channels, size, self.num_classes, seed=self.init_seed, **self.model_options)
+
+    def batch_key(self) -> tuple:
+        return (self.model, tuple(sorted(self.model_options.items())), self.train.shape, self.num_classes)
+
+    def describe(self) -> dict:
+        return {"task": self.task, "seed": self.seed, "model": self.model, "train": len(self.train), "select": len(self.select),
+                "test": len(self.test), "init_seed": self.init_seed, "data_seed": self.data_seed}  # fmt: skip
+
+
+@dataclass
+class Curve:
+    """One (candidate, unit, lr) training: accuracy on the selection and test splits after every
+    completed epoch (a diverged run's curve stops before the epoch it diverged in)."""
+
+    select: list[float]
+    test: list[float]
+    diverged: bool
+    epochs: int  # epochs trained (the protocol's budget)
+
+
+@dataclass
+class Training:
+    """What :func:`train_units` returns: the curve of every (label, unit index, lr)."""
+
+    curves: dict[tuple[str, int, float], Curve]
+    labels: list[str]
+    lr_grid: list[float]
+    units: list[Unit]
+    seconds: float = 0.0
+    batched_members: int = 0
+    sequential_members: int = 0
+
+    def curve(self, label: str, unit: int, lr: float) -> Curve:
+        return self.curves[(label, unit, lr)]
+
+
+class _ScaledModuleFamily:
+    """A loss module as a :class:`~metaopt_core.population.LossFamily` whose one parameter per
+    member multiplies it (the member's lr, the schedule's lr being 1)."""
+
+    num_params = 1
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def scales(self, params: Tensor, classes: int) -> Tensor:
+        return params[:, 0]
+
+    def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        # one-hot targets under vmap; every loss of the registry takes class indices
+        return scale * self.module(logits, target.argmax(-1))
+
+
+def _per_example(loss: nn.Module) -> nn.Module:
+    """The loss with reduction 'none' (a loss document's module, or a registry loss)."""
+    if hasattr(loss, "reduction"):
+        import copy
+
+        loss = copy.deepcopy(loss)
+        loss.reduction = "none"
+        return loss
+    from metaopt_core.losses.document import ScaledLoss
+
+    if isinstance(loss, ScaledLoss):
+        return ScaledLoss(_per_example(loss.loss), loss.lr_scale)
+    raise TypeError(f"loss: {type(loss).__name__} has no 'reduction'; the meta-test needs per-example losses")
+
+
+def train_units(
+    losses: Mapping[str, nn.Module],
+    units: Sequence[Unit],
+    lr_grid: Sequence[float],
+    *,
+    epochs: int,
+    batch_size: int,
+    momentum: float = 0.9,
+    device: str | torch.device | None = None,
+    max_batch: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Training:
+    """Train every loss of ``losses`` (label -> loss module) at every lr of ``lr_grid`` on every
+    unit for ``epochs`` epochs; score every epoch (see the module docstring)."""
+    from metaopt_core.models import VMAP_FRIENDLY
+
+    grid = [float(lr) for lr in lr_grid]
+    if not grid or any(not (math.isfinite(lr) and lr > 0) for lr in grid) or len(set(grid)) != len(grid):
+        raise ValueError(f"lr_grid: got {list(lr_grid)}; allowed: distinct finite numbers > 0")
+    if not units:
+        raise ValueError("units: got none")
+    device = torch.device(device or "cpu")
+    started = time.perf_counter()
+    training = Training({}, list(losses), grid, list(units))
+    groups: dict[tuple, list[int]] = {}
+    for index, unit in enumerate(units):
+        groups.setdefault(unit.batch_key(), []).append(index)
+    total = len(losses) * len(units) * len(grid)
+    for label, loss in losses.items():
+        per_example = _per_example(loss).to(device)
+        for indices in groups.values():
+            if units[indices[0]].model in VMAP_FRIENDLY:
+                members = [(i, lr) for i in indices for lr in grid]
+                size = max_batch or len(members)
+                for start in range(0, len(members), size):
+                    chunk = members[start : start + size]
+                    for (i, lr), curve in zip(chunk, _train_batched(per_example, [units[i] for i, _ in chunk], [lr for _, lr in chunk],
+                                                                    epochs, batch_size, momentum, device)):  # fmt: skip
+                        training.curves[(label, i, lr)] = curve
+                    training.batched_members += len(chunk)
+                    if progress:
+                        progress({"label": label, "task": units[indices[0]].task, "done": len(training.curves), "total": total})
+            else:
+                for i in indices:
+                    for lr in grid:
+                        training.curves[(label, i, lr)] = _train_sequential(loss, units[i], lr, epochs, batch_size, momentum, device)
+                        training.sequential_members += 1
+                    if progress:
+                        progress({"label": label, "task": units[i].task, "done": len(training.curves), "total": total})
+    training.seconds = time.perf_counter() - started
+    return training
+
+
+def _train_batched(per_example: nn.Module, units: list[Unit], lrs: list[float], epochs: int, batch_size: int, momentum: float,
+                   device: torch.device) -> list[Curve]:  # fmt: skip
+    from metaopt_core.population import Schedule, batched_correct, concatenate_sets, train_batched
+
+    train_x, train_y, train_at = concatenate_sets([u.train for u in units], device)
+    select_x, select_y, select_at = concatenate_sets([u.select for u in units], device)
+    test_x, test_y, test_at = concatenate_sets([u.test for u in units], device)
+    sources = [torch.arange(len(u.train)) + train_at[id(u.train)] for u in units]
+    select_rows = [torch.arange(len(u.select)) + select_at[id(u.select)] for u in units]
+    test_rows = [torch.arange(len(u.test)) + test_at[id(u.test)] for u in units]
+    curves = [Curve([], [], False, epochs) for _ in units]
+    skeleton = units[0].build().to("meta")
+
+    def score(epoch: int, params: dict, buffers: dict, diverged: Tensor) -> None:
+        for split_x, split_y, rows, key in ((select_x, select_y, select_rows, "select"), (test_x, test_y, test_rows, "test")):
+            correct = batched_correct(skeleton, params, buffers, split_x, split_y, rows, 1000, device)
+            for m, curve in enumerate(curves):
+                if not bool(diverged[m]):
+                    getattr(curve, key).append(float(correct[m]) / max(1, len(rows[m])))
+
+    schedule = Schedule(lr=1.0, momentum=momentum, epochs=epochs, batch_size=batch_size)
+    trained = train_batched([u.build() for u in units], _ScaledModuleFamily(per_example), torch.tensor(lrs, dtype=torch.float32).unsqueeze(1),
+                            train_x, train_y, sources, [u.data_seed for u in units], schedule, num_classes=units[0].num_classes, epoch_end=score)  # fmt: skip
+    for curve, diverged in zip(curves, trained.diverged):
+        curve.diverged = bool(diverged)
+    return curves
+
+
+def _train_sequential(loss: nn.Module, unit: Unit, lr: float, epochs: int, batch_size: int, momentum: float, device: torch.device) -> Curve:
+    import copy
+
+    from metaopt_core.train import fit
+
+    model = unit.build().to(device)
+    result = fit(model, copy.deepcopy(loss).to(device), unit.train, val={"select": unit.select, "test": unit.test}, optimizer="sgd", lr=lr,
+                 momentum=momentum, epochs=epochs, batch_size=batch_size, seed=unit.data_seed, device=device)  # fmt: skip
+    rows = [row for row in result.history if not row.get("diverged")]
+    return Curve([row["val_acc/select"] for row in rows], [row["val_acc/test"] for row in rows], bool(result.diverged), epochs)
+
+
+# ----------------------------------------------------------------------------- the protocols
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one protocol made of one (candidate, unit): the lr and epoch it used and the test accuracy there."""
+
+    lr: float
+    epoch: int  # 1-based; 0 when no epoch completed (chance)
+    test: float
+    select: float  # the selection accuracy it was chosen by (nan for the fixed recipe)
+
+
+def choose(training: Training, label: str, unit: int, protocol: str, recipe_lr: float | None = None) -> Choice:
+    """The (lr, epoch) ``protocol`` picks for ``label`` on unit ``unit``, and its test accuracy."""
+    chance = training.units[unit].chance
+
+    def last(curve: Curve) -> tuple[float, float, int]:  # (select, test, epoch) at convergence
+        complete = not curve.diverged and len(curve.test) == curve.epochs
+        return (curve.select[-1], curve.test[-1], curve.epochs) if complete else (chance, chance, 0)
+
+    if protocol == "fixed":
+        if recipe_lr is None or float(recipe_lr) not in training.lr_grid:
+            raise ValueError(f"recipe_lr: got {recipe_lr!r}; the fixed recipe's lr must be one of the trained grid {training.lr_grid}")
+        _, test, epoch = last(training.curve(label, unit, float(recipe_lr)))
+        return Choice(float(recipe_lr), epoch, test, math.nan)
+    if protocol == "tuned":
+        rows = [(last(training.curve(label, unit, lr)), lr) for lr in training.lr_grid]
+        (select, test, epoch), lr = max(rows, key=lambda row: row[0][0])  # first in grid order on ties
+        return Choice(lr, epoch, test, select)
+    if protocol == "early-stop":
+        best: Choice | None = None
+        for lr in training.lr_grid:
+            curve = training.curve(label, unit, lr)
+            if not curve.select:
+                candidate = Choice(lr, 0, chance, chance)
+            else:
+                epoch = max(range(len(curve.select)), key=lambda e: (curve.select[e], -e))  # earliest best epoch
+                candidate = Choice(lr, epoch + 1, curve.test[epoch], curve.select[epoch])
+            if best is None or candidate.select > best.select:
+                best = candidate
+        return best  # type: ignore[return-value]
+    raise ValueError(f"protocol: got {protocol!r}; allowed: {list(PROTOCOLS)}")
+
+
+def oracle(training: Training, label: str, unit: int, protocol: str) -> float:
+    """The test accuracy the protocol would reach if it could choose on the test split: what the
+    selection split's choice gives up (its regret) is a measure of how well it ranks lrs."""
+    chance = training.units[unit].chance
+    values = []
+    for lr in training.lr_grid:
+        curve = training.curve(label, unit, lr)
+        if protocol == "early-stop":
+            values.append(max(curve.test, default=chance))
+        else:
+            complete = not curve.diverged and len(curve.test) == curve.epochs
+            values.append(curve.test[-1] if complete else chance)
+    return max(values)
+
+
+__all__ = ["PROTOCOLS", "PROTOCOL_TEXT", "Choice", "Curve", "Training", "Unit", "choose", "oracle", "train_units"]
