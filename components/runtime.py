@@ -268,14 +268,10 @@ def meta_test(
 
 
 def gate_decision(record: Mapping[str, Any], margin: float, confidence: float = 0.95) -> dict:
-    """The promotion gate (:func:`metaopt_core.gate.decide_gate`) on one meta-test run's record
-    (``gate_inputs.json``): the decision as a dict. No paired scores: rejected, with the reason."""
-    from metaopt_core.gate import CHALLENGER, GateDecision, decide_gate
+    """The promotion gate on one meta-test run's record (``gate_inputs.json``), as a dict."""
+    from metaopt_core.gate import decide_recorded
 
-    paired = dict(record.get("paired") or {})
-    if CHALLENGER not in paired:
-        return GateDecision(False, "rejected", "rejected: the meta-test gave no paired per-unit scores to gate on").to_dict()
-    return decide_gate(paired, greater_is_better=bool(record.get("greater_is_better", True)), margin=float(margin), confidence=confidence).to_dict()
+    return decide_recorded(record, margin=float(margin), confidence=confidence).to_dict()
 
 
 def register_and_promote(

@@ -153,6 +153,7 @@ def decide_gate(
     min_units: int = MIN_UNITS,
     seed: int = 0,
     bounds: bool = True,
+    strata: Sequence[str] | None = None,
 ) -> GateDecision:
     """The gate's decision from one meta-test run's paired scores (see the module docstring).
 
@@ -161,6 +162,9 @@ def decide_gate(
     (absent: no production version), ``baselines`` the tuned hand-designed ones (default: every
     other label). A version with nothing to compare with is rejected. ``bounds=False`` skips the
     lower bounds (reported as None; the decision does not use them): for simulations.
+    ``strata``: one label per unit (e.g. MetaMD's horizons, whose units share seeds): every test is
+    then run within each stratum and all must pass (still an intersection-union test), each
+    stratum needing ``min_units`` units.
     """
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin: got {margin!r}; allowed: a finite number >= 0 (the gain required over every reference)")
@@ -177,6 +181,9 @@ def decide_gate(
     lengths = {label: len(values) for label, values in paired.items()}
     if len(set(lengths.values())) != 1 or not next(iter(lengths.values())):
         raise ValueError(f"paired: every label needs the same non-zero number of units; got {lengths}")
+    if strata is not None and len(strata) != next(iter(lengths.values())):
+        raise ValueError(f"strata: got {len(strata)} labels for {next(iter(lengths.values()))} units; allowed: one per unit")
+    groups = {str(s): [i for i, t in enumerate(strata) if t == s] for s in dict.fromkeys(strata)} if strata is not None else {"": None}
     sign = 1.0 if greater_is_better else -1.0
     better = "higher" if greater_is_better else "lower"
     challenger = _check(paired, CHALLENGER)
@@ -191,49 +198,72 @@ def decide_gate(
     }  # fmt: skip
     if not references:
         return GateDecision(False, "rejected", "rejected: the meta-test scored no baseline and no champion to compare with", numbers)
-    if units < min_units or smallest_attainable_p(units) > alpha:
-        reason = (f"rejected: only {units} independent unit(s); the gate needs at least {max(min_units, math.ceil(-math.log2(alpha)))} "
+    smallest = min(len(rows) if rows is not None else units for rows in groups.values())
+    if smallest < min_units or smallest_attainable_p(smallest) > alpha:
+        where = " per stratum" if strata is not None else ""
+        reason = (f"rejected: only {smallest} independent unit(s){where}; the gate needs at least {max(min_units, math.ceil(-math.log2(alpha)))} "
                   f"(set more meta_test seeds or tasks)")  # fmt: skip
         return GateDecision(False, "rejected", reason, numbers)
 
     comparisons: dict[str, dict] = {}
-    for reference in references:
-        gain = sign * (challenger - _check(paired, reference))
-        p = sign_flip_p_value(gain, margin, seed=seed)
-        comparisons[reference] = {"mean": float(np.mean(paired[reference])), "mean_gain": float(gain.mean()),
-                                  "lower_bound": sign_flip_lower_bound(gain, confidence, seed=seed) if bounds else None, "p_value": p,
-                                  "passed": bool(p <= alpha), "wins": int((gain > 0).sum()), "losses": int((gain < 0).sum())}  # fmt: skip
+    for stratum, rows in groups.items():
+        for reference in references:
+            gain = sign * (challenger - _check(paired, reference))
+            scores = np.asarray(paired[reference], dtype=np.float64)
+            if rows is not None:
+                gain, scores = gain[rows], scores[rows]
+            p = sign_flip_p_value(gain, margin, seed=seed)
+            comparisons[f"{reference} @ {stratum}" if stratum else reference] = {
+                "reference": reference, "stratum": stratum or None, "units": int(gain.size), "mean": float(scores.mean()),
+                "mean_gain": float(gain.mean()), "lower_bound": sign_flip_lower_bound(gain, confidence, seed=seed) if bounds else None,
+                "p_value": p, "passed": bool(p <= alpha), "wins": int((gain > 0).sum()), "losses": int((gain < 0).sum()),
+            }  # fmt: skip
     numbers["comparisons"] = comparisons
     if baselines:
-        means = {b: comparisons[b]["mean"] for b in baselines}
+        means = {b: float(np.mean(paired[b])) for b in baselines}
         best = max(means, key=lambda b: sign * means[b])
         numbers.update(baseline_means=means, best_baseline=best)
-    if CHAMPION in comparisons:
-        numbers.update(champion_mean=comparisons[CHAMPION]["mean"], mean_difference=comparisons[CHAMPION]["mean_gain"],
-                       lower_bound=comparisons[CHAMPION]["lower_bound"])  # fmt: skip
-    failed = [r for r in references if not comparisons[r]["passed"]]
+    if CHAMPION in paired:
+        gain = sign * (challenger - _check(paired, CHAMPION))
+        numbers.update(champion_mean=float(np.mean(paired[CHAMPION])), mean_difference=float(gain.mean()),
+                       lower_bound=min((row["lower_bound"] for row in comparisons.values() if row["reference"] == CHAMPION and row["lower_bound"] is not None), default=None))  # fmt: skip
+    failed = [key for key, row in comparisons.items() if not row["passed"]]
     promoted = not failed
     # the binding comparison: the failed one with the weakest evidence, else the closest pass
-    binding = max(failed or references, key=lambda r: comparisons[r]["p_value"])
+    binding = max(failed or comparisons, key=lambda key: comparisons[key]["p_value"])
     numbers.update(binding=binding, binding_lower_bound=comparisons[binding]["lower_bound"], binding_p_value=comparisons[binding]["p_value"])
 
-    def phrase(reference: str) -> str:
-        row = comparisons[reference]
-        name = "the champion (re-evaluated in this run)" if reference == CHAMPION else f"tuned {reference!r}"
+    def phrase(key: str) -> str:
+        row = comparisons[key]
+        name = "the champion (re-evaluated in this run)" if row["reference"] == CHAMPION else f"tuned {row['reference']!r}"
+        at = f" at {row['stratum']}" if row["stratum"] else ""
         verdict = "beats" if row["passed"] else "does not beat"
         bound = "" if row["lower_bound"] is None else f", {confidence:.0%} lower bound {row['lower_bound']:+.4g}"
-        return (f"{verdict} {name}: mean gain {row['mean_gain']:+.4g} ({better} is better; {row['wins']} wins, {row['losses']} losses "
-                f"of {units}){bound}, p {row['p_value']:.3g} vs margin {margin:g}")  # fmt: skip
+        return (f"{verdict} {name}{at}: mean gain {row['mean_gain']:+.4g} ({better} is better; {row['wins']} wins, {row['losses']} losses "
+                f"of {row['units']}){bound}, p {row['p_value']:.3g} vs margin {margin:g}")  # fmt: skip
 
-    ordered = sorted(references, key=lambda r: -comparisons[r]["p_value"])  # weakest evidence first
+    ordered = sorted(comparisons, key=lambda key: -comparisons[key]["p_value"])  # weakest evidence first
     head = "promoted" if promoted else "rejected"
-    scope = "every reference" if promoted else f"{len(failed)} of {len(references)} reference(s)"
+    scope = "every reference" if promoted else f"{len(failed)} of {len(comparisons)} comparison(s)"
     if not promoted:
-        scope = f"not better than {scope}"
-    reason = f"{head}: {scope} with {confidence:.0%} confidence over {units} units: " + "; ".join(phrase(r) for r in ordered)
+        scope = f"not better in {scope}"
+    reason = f"{head}: {scope} with {confidence:.0%} confidence over {units} units: " + "; ".join(phrase(k) for k in ordered)
     if CHAMPION not in paired:
         reason += " (no production version yet)"
     return GateDecision(promoted, head, reason, numbers)
+
+
+def decide_recorded(record: Mapping, *, margin: float = 0.0, confidence: float = 0.95) -> GateDecision:
+    """The gate on a meta-test's recorded gate inputs (``MetaTestReport.gate_inputs()``, what the
+    pipeline stores as ``gate_inputs.json`` and the registry as ``gate.json``): the one rule the
+    pipelines and ``metaopt models promote`` apply. Units that carry a ``stratum`` are tested
+    within each stratum. No paired scores: rejected, with the reason."""
+    paired = dict(record.get("paired") or {})
+    if CHALLENGER not in paired:
+        return GateDecision(False, "rejected", "rejected: the meta-test gave no paired per-unit scores to gate on")
+    units = list(record.get("units") or [])
+    strata = [str(u["stratum"]) for u in units] if units and all(isinstance(u, Mapping) and "stratum" in u for u in units) else None
+    return decide_gate(paired, greater_is_better=bool(record.get("greater_is_better", True)), margin=margin, confidence=confidence, strata=strata)
 
 
 __all__ = [
@@ -243,6 +273,7 @@ __all__ = [
     "MIN_UNITS",
     "GateDecision",
     "decide_gate",
+    "decide_recorded",
     "sign_flip_lower_bound",
     "sign_flip_p_value",
     "smallest_attainable_p",

@@ -220,3 +220,18 @@ def test_bad_inputs_are_refused():
         gate({"learned": [1.0]}, confidence=1.0)
     with pytest.raises(ValueError, match="non-finite"):
         gate({CHALLENGER: [float("nan")] * 12, "ce": [0.5] * 12})
+
+
+def test_strata_must_each_pass():
+    """MetaMD's horizons share seeds: the gate tests within each stratum, and every one must pass."""
+    rng = np.random.default_rng(9)
+    base = rng.normal(0.8, 0.02, 2 * DEMO_UNITS)
+    short_win = np.concatenate([base[:DEMO_UNITS] + 0.05, base[DEMO_UNITS:] + rng.normal(0, 0.01, DEMO_UNITS)])
+    strata = ["1x horizon"] * DEMO_UNITS + ["4x horizon"] * DEMO_UNITS
+    pooled = gate({"learned": short_win, "adam": base})
+    stratified = gate({"learned": short_win, "adam": base}, strata=strata)
+    assert pooled.promoted and not stratified.promoted
+    assert stratified.numbers["binding"] == "adam @ 4x horizon" and "at 4x horizon" in stratified.reason
+    both = gate({"learned": base + 0.05, "adam": base}, strata=strata)
+    assert both.promoted and set(both.numbers["comparisons"]) == {"adam @ 1x horizon", "adam @ 4x horizon"}
+    assert "per stratum" in gate({"learned": base[:16] + 1, "adam": base[:16]}, strata=["a"] * 8 + ["b"] * 8).reason

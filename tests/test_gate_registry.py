@@ -82,7 +82,7 @@ def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_serve
     capsys.readouterr()
     assert cli_main(["models", "show", name, "--tracking-uri", mlflow_server]) == 0
     out = capsys.readouterr().out
-    assert f"version {first.version}: rejected: not better than" in out and "(no production version yet)" in out
+    assert f"version {first.version}: rejected: not better in" in out and "(no production version yet)" in out
     assert f"version {second.version}: promoted:" in out and "production moved" in out
 
 
@@ -118,7 +118,7 @@ def test_promote_by_hand_runs_the_same_gate_or_records_an_override(mlflow_server
     rejected = register_loss(loss, name, tracking_uri=mlflow_server).version
     apply_gate(name, rejected, decide_gate(WORSE, greater_is_better=True).to_dict(), {**record(None), "paired": WORSE}, tracking_uri=mlflow_server)
     assert cli_main(["models", "promote", name, rejected, *cli]) == 0
-    assert "rejected: not better than" in capsys.readouterr().out and production_version(name, tracking_uri=mlflow_server) is None
+    assert "rejected: not better in" in capsys.readouterr().out and production_version(name, tracking_uri=mlflow_server) is None
 
     # a recorded win the pipeline missed by its margin passes at margin 0, by the same rule
     near = register_loss(loss, name, tracking_uri=mlflow_server).version

@@ -168,14 +168,17 @@ def test_arl_meta_test_builds_independent_units_and_passes_the_champion(tmp_path
 def test_metamd_meta_test_tunes_each_optimiser_on_meta_training_domains_and_re_evaluates_the_champion(tmp_path):
     metamd = registry.get("metamd")
     config = metamd.resolve_config(yaml.safe_load((CONFIGS / "metamd-tiny.yaml").read_text()))
-    settings = metamd.resolve_meta_test({"seeds": 3, "lr_grid": [0.01, 0.1, 1.0], "steps": 3})
+    settings = metamd.resolve_meta_test({"seeds": 3, "lr_grid": [0.01, 0.1, 1.0], "steps": 3, "horizons": [1, 2]})
     inputs = metamd.prepare(config, settings)
+    assert len(inputs.meta_test) == 3 and len({d.fingerprint for d in inputs.meta_test}) == 3  # every seed its own draw
     runner.export(metamd, metamd.init(config, inputs), inputs, tmp_path / "learned")
     champion = {"kind": "optimizer", "divergence_dir": str(tmp_path / "learned" / "divergence")}
     report = runner.meta_test(metamd, config, tmp_path / "learned", inputs, settings, champion=champion)
     assert list(report.paired) == ["learned", "champion", "sgd", "sgd-m", "adam"]
-    assert all(len(v) == len(report.units) == 3 for v in report.paired.values())  # one held-out domain x 3 seeds
+    assert all(len(v) == len(report.units) == 6 for v in report.paired.values())  # one held-out domain x 3 seeds x 2 horizons
+    assert [u["stratum"] for u in report.units] == ["3 steps"] * 3 + ["6 steps"] * 3  # the gate tests each horizon
     assert report.paired["champion"] == report.paired["learned"]  # the same divergence, the same units
     assert report.settings["tested_on"] and not set(report.settings["tuned_on"]) & set(report.settings["tested_on"])
-    assert set(report.settings["chosen_lr"].values()) <= {0.01, 0.1, 1.0}
+    assert {lr for per_horizon in report.settings["chosen_lr"].values() for lr in per_horizon.values()} <= {0.01, 0.1, 1.0}
     assert report.settings["replicates"] == 3 and report.greater_is_better
+    assert report.deployment["lr"] == report.settings["chosen_lr"]["learned"]["3 steps"]

@@ -95,7 +95,7 @@ from metaopt_core.meta.metamd.quadratic import (
     quadratic_mirror_descent,
 )
 from metaopt_core.meta.metamd.state import Hypergradient, MetaMDState
-from metaopt_core.meta.metamd.step import evaluate_held_out, inner_hypergrad, inner_hypergrads, outer_update
+from metaopt_core.meta.metamd.step import evaluate_monitoring, inner_hypergrad, inner_hypergrads, outer_update
 from metaopt_core.meta.metamd.tasks import (
     DomainTasks,
     NetworkTask,
@@ -135,7 +135,7 @@ __all__ = [
     "config_at",
     "describe_divergence",
     "divergence_at",
-    "evaluate_held_out",
+    "evaluate_monitoring",
     "initial_omega",
     "inner_hypergrad",
     "inner_hypergrads",

@@ -121,10 +121,10 @@ class OuterConfig(StrictModel):
 
 
 class EvaluationConfig(StrictModel):
-    """Held-out evaluation recorded in the history every ``every`` outer steps (0: never; the last
-    step is always evaluated when ``every`` > 0). Quadratics: iterations to threshold of the current
-    optimiser on the held-out problems. Networks: the trajectory objective on each held-out domain
-    (``seeds`` fresh models, T steps, no hypergradient)."""
+    """Monitoring recorded in the history every ``every`` outer steps (0: never; the last step is
+    always evaluated when ``every`` > 0), on meta-training problems only: quadratics, iterations to
+    threshold of the current optimiser on the meta-train problems; networks, the trajectory
+    objective on each meta-training domain (``seeds`` fresh models, T steps, no hypergradient)."""
 
     every: int = Field(0, ge=0)
     seeds: int = Field(1, ge=1)

@@ -18,6 +18,7 @@ from metaopt_core.data.prepare import domain_matches
 from metaopt_core.meta import metamd
 from metaopt_core.meta.hypergradient_learner import HypergradientLearner
 from metaopt_core.meta.inputs import PreparedInputs
+from metaopt_core.meta.loss_meta_test import unit_seed
 from metaopt_core.meta.metamd import meta_test, quadratics
 from metaopt_core.meta.protocol import MetaTestReport, ProgressReporter
 
@@ -26,14 +27,24 @@ class MetaMDMetaTest(StrictModel):
     """MetaMD meta-test: mirror descent with the learned divergence, the production version's
     divergence (when there is one) and ``baselines`` (SGD = the identity divergence, SGD with
     momentum, Adam), each at its own lr from the same ``lr_grid``, chosen on the meta-training
-    tasks. Network tasks: ``steps`` steps on each held-out domain, ``seeds`` fresh models,
-    accuracy on its val split (default grid: 0.003 … 1 and the learned lr). Quadratic tasks:
-    iterations to the threshold on the held-out problems (lower is better; default grid: 1e-4 … 3)."""
+    tasks. Network tasks: ``seeds`` independent units (each its own rebuild of the held-out domain
+    from the meta-test part, a ``test_fraction`` test split and a fresh model) trained for every
+    horizon in ``horizons`` (multiples of ``steps``, default the meta-training T); test accuracy
+    (default grid: 0.003 … 1 and the learned lr; lr chosen per horizon on ``tune_seeds`` models per
+    meta-training domain). Quadratic tasks: iterations to the threshold on the held-out problems
+    (lower is better; default grid: 1e-4 … 3)."""
 
     steps: int | None = Field(None, ge=1)
-    seeds: int = Field(3, ge=1)
+    horizons: list[int] = Field([1, 4], min_length=1)
+    seeds: int | list[int] = 16
+    test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    tune_seeds: int = Field(1, ge=1)
     baselines: list[Literal["sgd", "sgd-m", "adam"]] = ["sgd", "sgd-m", "adam"]
     lr_grid: list[float] | None = Field(None, min_length=1)
+
+    @property
+    def seed_values(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
 
 class MetaMDLearner(HypergradientLearner):
@@ -46,7 +57,7 @@ class MetaMDLearner(HypergradientLearner):
     hypergradient_class = metamd.Hypergradient
     scalar_metrics = metamd.SCALAR_METRICS
     demo_configs = ("metamd-demo.yaml", "metamd-quadratic.yaml")
-    default_meta_test = {"seeds": 3}
+    default_meta_test = {"seeds": 16, "horizons": [1, 4]}
     # MetaMD's demo ramps the inner lr from 1.0 to 2.5 over 20 outer steps (only a well-learned M is
     # stable at 2.5); a 6-step run cannot learn that far, so `make run` stays at 1.0 (measured:
     # held-out rot75 after 50 steps, learned M 86.8 % vs SGD 59.3 %; the ramp squeezed into 6 steps diverged)
@@ -61,7 +72,9 @@ class MetaMDLearner(HypergradientLearner):
     def meta_test_specs(self, config: BaseModel, meta_test: MetaMDMetaTest) -> list[DataSpec]:
         if config.tasks.family == "quadratic":
             return []
-        return [config.tasks.network.data.model_copy(update={"part": "meta-test"})]
+        data = config.tasks.network.data
+        return [data.model_copy(update={"part": "meta-test", "seed": unit_seed(config.seed, 0, seed), "val_fraction": meta_test.test_fraction})
+                for seed in meta_test.seed_values]  # fmt: skip
 
     def split_manifest(self, config: BaseModel, meta_test: MetaMDMetaTest, data: PreparedInputs) -> SplitManifest:
         """Network tasks: meta-training trains and scores on the meta-train part's non-held-out
@@ -79,14 +92,14 @@ class MetaMDLearner(HypergradientLearner):
         for dataset in data.datasets:
             held = [d for d in dataset.domains if any(domain_matches(d, name) for name in held_names)]
             train = [f"{d}/train" for d in dataset.domains if d not in held]
-            manifest.add("inner_training", dataset, train).add("outer_objective", dataset, train)
-            manifest.add("monitoring", dataset, [f"{d}/{split}" for d in held for split in ("train", "val")])
+            # monitoring trains fresh models on the meta-training domains too (never the held-out ones)
+            manifest.add("inner_training", dataset, train).add("outer_objective", dataset, train).add("monitoring", dataset, train)
             # each meta-test candidate's lr: chosen on the meta-training domains' val splits
             manifest.add("lr_selection", dataset, [f"{d}/val" for d in dataset.domains if d not in held])
-        for dataset in data.meta_test:
+        for unit, dataset in enumerate(data.meta_test):
             held = [d for d in dataset.domains if any(domain_matches(d, name) for name in held_names)]
-            manifest.add("meta_test_training", dataset, [f"{d}/train" for d in held])
-            manifest.add("meta_test", dataset, [f"{d}/val" for d in held])
+            manifest.add("meta_test_training", dataset, [f"{d}/train" for d in held], unit)
+            manifest.add("meta_test", dataset, [f"{d}/val" for d in held], unit)
         return manifest
 
     def generated_inputs(self, config: BaseModel) -> PreparedInputs:
@@ -139,7 +152,7 @@ class MetaMDLearner(HypergradientLearner):
         if isinstance(tasks, metamd.QuadraticTasks):
             return _quadratic_meta_test(config, tasks, candidates, settings)
         # the held-out domains' images come from the meta-test part, which meta-training never read
-        held_out = metamd.task_set(config, data.meta_test[0])
+        held_out = [(metamd.task_set(config, dataset), seed) for dataset, seed in zip(data.meta_test, settings.seed_values)]
         return _network_meta_test(config, tasks, held_out, candidates, lr, settings, progress)
 
 
@@ -150,15 +163,16 @@ def _quadratic_meta_test(config: BaseModel, tasks: metamd.QuadraticTasks, candid
     return meta_test.quadratic_meta_test(config, tasks, {**metrics, **{b: b for b in settings.baselines}}, settings.lr_grid)
 
 
-def _network_meta_test(config: BaseModel, tasks: Any, held_out: Any, candidates: dict, lr: float, settings: MetaMDMetaTest,
+def _network_meta_test(config: BaseModel, tasks: Any, held_out: Sequence[tuple[Any, int]], candidates: dict, lr: float, settings: MetaMDMetaTest,
                        progress: ProgressReporter | None) -> MetaTestReport:  # fmt: skip
     steps = settings.steps or config.inner.steps
     # which data: each candidate's lr is tuned on the meta-train domains (their val splits), then
-    # it trains fresh models on the held-out domains and is scored on their val splits
+    # it trains fresh models on each unit's held-out domain and is scored on its test split
     tune_on = [(tasks, domain, tasks.data.domain(domain)[1]) for domain in tasks.meta_train]
-    test_on = [(held_out, domain, held_out.data.domain(domain)[1]) for domain in held_out.held_out]
+    test_on = [(unit, domain, unit.data.domain(domain)[1], seed) for unit, seed in held_out for domain in unit.held_out]
     return meta_test.network_meta_test(config, {**candidates, **{b: b for b in settings.baselines}}, tune_on, test_on,
-                                       settings.lr_grid or meta_test.network_lr_grid(lr), steps, settings.seeds, progress)  # fmt: skip
+                                       settings.lr_grid or meta_test.network_lr_grid(lr), [h * steps for h in settings.horizons],
+                                       settings.tune_seeds, progress)  # fmt: skip
 
 
 __all__ = ["MetaMDLearner", "MetaMDMetaTest"]

@@ -29,8 +29,8 @@ MetricsCallback = Callable[[dict], None]
 
 SCALAR_METRICS = ("lr", "objective", "task_objective", "hypergrad_norm", "task_hypergrad_norm_max", "clipped", "diverged", "seconds", "lambda", "frobenius_distance",
                   "final_loss", "first_loss", "final_suboptimality", "final_grad_norm", "solve_rel_residual",
-                  "heldout_iterations_median", "heldout_iterations_mean", "heldout_iterations_converged",
-                  "heldout_trajectory_loss", "heldout_final_loss")  # fmt: skip
+                  "monitor_iterations_median", "monitor_iterations_mean", "monitor_iterations_converged",
+                  "monitor_trajectory_loss", "monitor_final_loss")  # fmt: skip
 
 
 @dataclass
@@ -95,10 +95,10 @@ def _progress_line(config: MetaMDConfig, row: Mapping[str, Any]) -> str:
              f"|hypergrad| {row['hypergrad_norm']:.2e}", f"lambda {row['lambda']:.3g}", f"||M-I||_F {row['frobenius_distance']:.3g}"]  # fmt: skip
     if "final_loss" in row:
         parts.append(f"final loss {row['final_loss']:.4f}")
-    if "heldout_iterations_median" in row:
-        parts.append(f"held-out iterations median {row['heldout_iterations_median']:.0f} (converged {row['heldout_iterations_converged']:.0%})")
-    if "heldout_trajectory_loss" in row:
-        parts.append(f"held-out trajectory loss {row['heldout_trajectory_loss']:.4f}")
+    if "monitor_iterations_median" in row:
+        parts.append(f"meta-train problems: iterations median {row['monitor_iterations_median']:.0f} (converged {row['monitor_iterations_converged']:.0%})")
+    if "monitor_trajectory_loss" in row:
+        parts.append(f"meta-train domains: trajectory loss {row['monitor_trajectory_loss']:.4f}")
     parts.append(f"({row['seconds']:.1f}s)")
     return " ".join(parts)
 

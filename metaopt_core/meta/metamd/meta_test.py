@@ -4,9 +4,13 @@ divergence), SGD with momentum and Adam. Every candidate gets the same lr grid a
 is the grid's best on the *meta-training* tasks, then it runs on the held-out tasks, where every
 (task, seed) unit is one paired score for the promotion gate.
 
-Network tasks: accuracy on the domain's val split after ``steps`` steps (higher is better; a run
-whose loss went non-finite scores chance). Quadratic tasks: iterations to the gradient-norm
-threshold per held-out problem (lower is better; a run that never gets there counts ``max_iters``).
+Network tasks: accuracy on the held-out domain's test split after each horizon (the
+meta-training horizon T and multiples of it: an optimiser meta-trained for T steps is deployed for
+longer), each horizon a gate stratum (the version must win at every one), each candidate's lr
+chosen per horizon; a run whose loss went non-finite scores chance. Every unit is one seed's own
+rebuild of the held-out domain from the meta-test part (its own images, split and initialisation).
+Quadratic tasks: iterations to the gradient-norm threshold per held-out problem (lower is better; a
+run that never gets there counts ``max_iters``).
 """
 
 from __future__ import annotations
@@ -82,62 +86,87 @@ def network_meta_test(
     config: Any,
     candidates: Mapping[str, Any],
     tune_on: Sequence[tuple[DomainTasks, str, Any]],
-    test_on: Sequence[tuple[DomainTasks, str, Any]],
+    test_on: Sequence[tuple[DomainTasks, str, Any, int]],
     lr_grid: Sequence[float],
-    steps: int,
-    seeds: int,
+    horizons: Sequence[int],
+    tune_seeds: int,
     progress: ProgressReporter | None = None,
 ) -> MetaTestReport:
-    """Each candidate's lr: the grid's best mean val accuracy over ``tune_on`` (the meta-training
-    task set, a domain, the split scored) x seeds; then every (held-out domain, seed) unit of
-    ``test_on`` (likewise) at that lr."""
+    """For every horizon (steps): each candidate's lr is the grid's best mean val accuracy over
+    ``tune_on`` (meta-training domains: a task set, a domain, the split scored) x ``tune_seeds``;
+    then every unit of ``test_on`` (a task set, its held-out domain, its test split, the unit's
+    seed) at that lr. The units of one horizon form one gate stratum."""
+    from metaopt_core.evaluate.report import unit_summary
+
     grid = [float(v) for v in lr_grid]
-    chosen: dict[str, float] = {}
-    tuning: dict[str, dict[str, float]] = {}
-    for label, candidate in candidates.items():
-        table = {}
-        for lr in grid:
-            runs = [network_run(config, tasks, candidate, _unit_task(config, domain, seed, 0x7A0E), val, lr, steps)
-                    for tasks, domain, val in tune_on for seed in range(seeds)]  # fmt: skip
-            table[f"{lr:g}"] = float(np.mean([r["accuracy"] for r in runs]))
-        chosen[label] = max(grid, key=lambda lr: table[f"{lr:g}"])  # first in grid order on ties
-        tuning[label] = table
-        if progress:
-            progress(f"meta-test: {label}: lr {chosen[label]:g} chosen on the meta-training domains ({table})")
-    units = [{"domain": domain, "seed": seed} for _, domain, _ in test_on for seed in range(seeds)]
+    chosen: dict[str, dict[str, float]] = {label: {} for label in candidates}
+    tuning: dict[str, dict[str, dict[str, float]]] = {label: {} for label in candidates}
+    units: list[dict] = []
     rows: dict[str, list[dict]] = {label: [] for label in candidates}
-    for tasks, domain, val in test_on:
-        for seed in range(seeds):
+    for steps in horizons:
+        stratum = f"{steps} steps"
+        for label, candidate in candidates.items():
+            table = {}
+            for lr in grid:
+                runs = [network_run(config, tasks, candidate, _unit_task(config, domain, seed, 0x7A0E), val, lr, steps)
+                        for tasks, domain, val in tune_on for seed in range(tune_seeds)]  # fmt: skip
+                table[f"{lr:g}"] = float(np.mean([r["accuracy"] for r in runs]))
+            chosen[label][stratum] = max(grid, key=lambda lr: table[f"{lr:g}"])  # first in grid order on ties
+            tuning[label][stratum] = table
+            if progress:
+                progress(f"meta-test: {label} at {steps} steps: lr {chosen[label][stratum]:g} chosen on the meta-training domains")
+        for tasks, domain, test, seed in test_on:
+            units.append({"domain": domain, "seed": seed, "steps": steps, "stratum": stratum, "test": len(test)})
             task = _unit_task(config, domain, seed, 0x7E57)
             for label, candidate in candidates.items():
-                row = network_run(config, tasks, candidate, task, val, chosen[label], steps)
-                rows[label].append({"domain": domain, "seed": seed, **row})
-                if progress:
-                    progress(f"meta-test: {label} on held-out {domain} seed {seed} lr {chosen[label]:g}: accuracy {row['accuracy']:.4f}")
+                row = network_run(config, tasks, candidate, task, test, chosen[label][stratum], steps)
+                rows[label].append({"domain": domain, "seed": seed, "steps": steps, **row})
+            if progress:
+                progress(f"meta-test: held-out {domain} seed {seed}, {steps} steps: " + ", ".join(f"{k} {rows[k][-1]['accuracy']:.3f}" for k in rows))
     paired = {label: [r["accuracy"] for r in rows[label]] for label in candidates}
+    strata = list(dict.fromkeys(u["stratum"] for u in units))
+    tables = {stratum: {label: unit_summary([r["accuracy"] for r, u in zip(rows[label], units) if u["stratum"] == stratum]) for label in candidates}
+              for stratum in strata}  # fmt: skip
 
-    def mean(label: str, key: str) -> float:
-        values = [r[key] for r in rows[label] if math.isfinite(r[key])]
+    def mean(label: str, key: str, stratum: str) -> float:
+        values = [r[key] for r, u in zip(rows[label], units) if u["stratum"] == stratum and math.isfinite(r[key])]
         return sum(values) / len(values) if values else float("nan")
 
-    settings = {"lr_grid": grid, "lr_selection": "best mean val accuracy on the meta-training domains", "steps": steps,
-                "seeds": list(range(seeds)), "replicates": seeds, "tuned_on": [d for _, d, _ in tune_on],
-                "tested_on": [d for _, d, _ in test_on], "candidates": list(candidates), "chosen_lr": chosen, "tuning": tuning}  # fmt: skip
+    settings = {"lr_grid": grid, "lr_selection": "best mean val accuracy on the meta-training domains, per horizon", "horizons": list(horizons),
+                "seeds": sorted({u["seed"] for u in units}), "replicates": len(units) // max(1, len(strata)), "tuned_on": [d for _, d, _ in tune_on],
+                "tested_on": sorted({u["domain"] for u in units}), "candidates": list(candidates), "chosen_lr": chosen, "tuning": tuning,
+                "strata": strata, "tune_seeds": tune_seeds}  # fmt: skip
     grid_text = ", ".join(f"{v:g}" for v in grid)
-    lines = [f"### MetaMD meta-test: {steps} steps on held-out {', '.join(settings['tested_on'])}, {seeds} seed(s)", "",
-             f"Each optimiser at its own lr from {{{grid_text}}}, chosen on the meta-training domains "
-             f"({', '.join(settings['tuned_on'])}: best mean val accuracy); diverged runs score chance.", "",
-             "| optimiser | lr | val accuracy | final minibatch loss | diverged |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-    for label in rows:
-        lines.append(f"| {label} | {chosen[label]:g} | {mean(label, 'accuracy') * 100:.1f}% | {mean(label, 'final_loss'):.4f} | "
-                     f"{sum(r['diverged'] for r in rows[label])} |")  # fmt: skip
-    scores = {"meta_test_accuracy": mean(LEARNED, "accuracy"), "meta_test_final_loss": mean(LEARNED, "final_loss")}
-    for label in rows:
+    lines = [f"### MetaMD meta-test: held-out {', '.join(settings['tested_on'])}, {settings['replicates']} independent units per horizon", "",
+             f"Each optimiser at its own lr from {{{grid_text}}}, chosen per horizon on the meta-training domains "
+             f"({', '.join(settings['tuned_on'])}: best mean val accuracy); every unit its own draw of the held-out domain, split and "
+             "initialisation; diverged runs score chance. The gate needs a win at every horizon. Test accuracy: mean [95 % CI], median, worst.", ""]  # fmt: skip
+    for stratum in strata:
+        lines += [f"**{stratum}**", "", "| optimiser | lr | mean [95 % CI] | median | worst | final minibatch loss | diverged |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for label in candidates:
+            row = tables[stratum][label]
+            diverged = sum(r["diverged"] for r, u in zip(rows[label], units) if u["stratum"] == stratum)
+            lines.append(f"| {label} | {chosen[label][stratum]:g} | {row['mean'] * 100:.1f} [{row['ci_low'] * 100:.1f}, {row['ci_high'] * 100:.1f}] | "
+                         f"{row['median'] * 100:.1f} | {row['worst'] * 100:.1f} | {mean(label, 'final_loss', stratum):.4f} | {diverged} |")  # fmt: skip
+        lines.append("")
+    first = strata[0]
+    scores = {"meta_test_accuracy": float(np.mean(paired[LEARNED])), "meta_test_final_loss": mean(LEARNED, "final_loss", first)}
+    for stratum in strata:
+        key = stratum.replace(" ", "_")
+        scores[f"meta_test_accuracy_{key}"] = tables[stratum][LEARNED]["mean"]
+        for label in candidates:
+            if label != LEARNED:
+                prefix = f"{label}." if label == CHAMPION else f"baseline.{label}."
+                scores[prefix + f"accuracy_{key}"] = tables[stratum][label]["mean"]
+    for label in candidates:
         if label != LEARNED:
             prefix = f"{label}." if label == CHAMPION else f"baseline.{label}."
-            scores.update({prefix + "accuracy": mean(label, "accuracy"), prefix + "final_loss": mean(label, "final_loss")})
-    details = {"runs": rows, "steps": steps, "meta_test_settings": settings, "paired": paired, "units": units}
-    return MetaTestReport("\n".join(lines) + "\n", scores, "meta_test_accuracy", True, details, paired=paired, units=units, settings=settings)
+            scores[prefix + "accuracy"] = float(np.mean(paired[label]))
+    deployment = {"lr": chosen[LEARNED][first], "lr_by_horizon": dict(chosen[LEARNED])}
+    details = {"runs": rows, "tables": tables, "meta_test_settings": settings, "paired": paired, "units": units, "deployment": deployment}
+    return MetaTestReport("\n".join(lines) + "\n", scores, "meta_test_accuracy", True, details, paired=paired, units=units, settings=settings,
+                          deployment=deployment)  # fmt: skip
 
 
 def quadratic_meta_test(config: Any, tasks: QuadraticTasks, metrics: Mapping[str, Any], lr_grid: Sequence[float] | None) -> MetaTestReport:
@@ -170,8 +199,10 @@ def quadratic_meta_test(config: Any, tasks: QuadraticTasks, metrics: Mapping[str
         if label != LEARNED:
             prefix = f"{label}." if label == CHAMPION else f"baseline.{label}."
             scores.update({prefix + "iterations": summary[label]["median"], prefix + "converged": summary[label]["converged"]})
-    details = {"summary": summary, "meta_test_settings": settings, "paired": counted, "units": units}
-    return MetaTestReport("\n".join(lines) + "\n", scores, "meta_test_iterations", False, details, paired=counted, units=units, settings=settings)
+    deployment = {"lr": chosen[LEARNED]}
+    details = {"summary": summary, "meta_test_settings": settings, "paired": counted, "units": units, "deployment": deployment}
+    return MetaTestReport("\n".join(lines) + "\n", scores, "meta_test_iterations", False, details, paired=counted, units=units, settings=settings,
+                          deployment=deployment)  # fmt: skip
 
 
 __all__ = ["BASELINES", "CHAMPION", "LEARNED", "NETWORK_LR_GRID", "network_lr_grid", "network_meta_test", "network_run", "quadratic_meta_test"]

@@ -1,7 +1,7 @@
 """One MetaMD outer step, in the two halves the pipeline runs on different machines:
 :func:`inner_hypergrads` (train on this step's tasks, one :class:`Hypergradient` each) and
 :func:`outer_update` (check, clip, average, optimiser step on ω, history row), plus the held-out
-evaluation the update records every ``evaluation.every`` steps."""
+monitoring the update records every ``evaluation.every`` steps (meta-training problems only)."""
 
 from __future__ import annotations
 
@@ -141,15 +141,17 @@ def outer_update(state: MetaMDState, hypergradients: Sequence[Hypergradient], *,
     new_state = MetaMDState(copy.deepcopy(state.config), omega, optimizer, state.step + 1, [*state.history, row])
     every = config.evaluation.every
     if every and (new_state.step % every == 0 or new_state.finished):
-        row.update(evaluate_held_out(new_state, task_data))
+        row.update(evaluate_monitoring(new_state, task_data))
     return new_state
 
 
-def evaluate_held_out(state: MetaMDState, data: TaskSet | PreparedData | None = None) -> dict[str, float]:
-    """Held-out metrics of the state's optimiser (keys prefixed ``heldout_``). Quadratics: median /
-    mean iterations to the threshold on the held-out problems and the fraction that converged.
-    Networks: the mean training loss along T steps and the final minibatch loss on each held-out
-    domain, averaged over ``evaluation.seeds`` fresh models."""
+def evaluate_monitoring(state: MetaMDState, data: TaskSet | PreparedData | None = None) -> dict[str, float]:
+    """Monitoring metrics of the state's optimiser (keys prefixed ``monitor_``), on meta-training
+    problems only (the meta-test's problems and domains are never looked at before the meta-test;
+    the split manifest records this phase). Quadratics: median / mean iterations to the threshold
+    on the meta-train problems and the fraction that converged. Networks: the mean training loss
+    along T steps and the final minibatch loss on each meta-training domain, averaged over
+    ``evaluation.seeds`` fresh models (seeds apart from the tasks' own)."""
     config = config_at(state.metamd_config, state.step)
     tasks = task_set(config, data)
     if isinstance(tasks, QuadraticTasks):
@@ -157,19 +159,19 @@ def evaluate_held_out(state: MetaMDState, data: TaskSet | PreparedData | None = 
         div = divergence_at(config, state.omega, tasks)
         with torch.no_grad():
             M = div.to_dense()
-        counts = quadratics.iterations_to_threshold(tasks.held_out, "metamd", config.inner.lr, tol=family.tol, max_iters=family.max_iters, metric=M)
+        counts = quadratics.iterations_to_threshold(tasks.meta_train, "metamd", config.inner.lr, tol=family.tol, max_iters=family.max_iters, metric=M)
         summary = quadratics.summarise(counts, family.max_iters)
-        return {f"heldout_iterations_{k}": v for k, v in summary.items()}
+        return {f"monitor_iterations_{k}": v for k, v in summary.items()}
     div = divergence_at(config, state.omega, tasks, device=config.device)
     trajectory_means, finals = [], []
-    for domain in tasks.held_out:
+    for domain in tasks.meta_train:
         for seed in range(config.evaluation.seeds):
             init_seed, data_seed = seed_sequence(config.seed, seed, 0xE7A1).generate_state(2)
             concrete = network_task(config, tasks, Task("domain", seed, domain, int(init_seed), int(data_seed)))
             _, losses = train_with_mirror_descent(config, div, concrete)
             trajectory_means.append(sum(losses) / len(losses))
             finals.append(losses[-1])
-    return {"heldout_trajectory_loss": nanmean(trajectory_means), "heldout_final_loss": nanmean(finals)}
+    return {"monitor_trajectory_loss": nanmean(trajectory_means), "monitor_final_loss": nanmean(finals)}
 
 
-__all__ = ["evaluate_held_out", "inner_hypergrad", "inner_hypergrads", "outer_update", "task_hypergradient"]
+__all__ = ["evaluate_monitoring", "inner_hypergrad", "inner_hypergrads", "outer_update", "task_hypergradient"]

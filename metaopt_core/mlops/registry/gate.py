@@ -180,7 +180,7 @@ def promote(
     current production version can show that it beats it. With ``override_reason`` (non-empty):
     promoted regardless, the reason, who and when recorded as ``metaopt.promotion.*`` tags
     (decision ``overridden``). Returns the decision; a rejection is a normal outcome."""
-    from metaopt_core.gate import CHALLENGER, decide_gate
+    from metaopt_core.gate import CHALLENGER, decide_recorded
 
     if isinstance(version, bool) or not str(version).isdigit():
         raise ValueError(f"version: got {version!r}; allowed: a version number such as 3")
@@ -199,7 +199,7 @@ def promote(
         reason = (f"rejected: version {version} has no recorded meta-test (paired scores against tuned baselines), so nothing shows it "
                   f"beats them; meta-train and meta-test it with the pipeline (`metaopt run`), or override with a recorded reason")  # fmt: skip
         return _record_rejection(client, name, version, reason, record, lock_timeout_s, lock_ttl_s)
-    gate = decide_gate(record["paired"], greater_is_better=bool(record.get("greater_is_better", True)), margin=margin, confidence=confidence)
+    gate = decide_recorded(record, margin=margin, confidence=confidence)
     return apply_gate(name, version, gate.to_dict(), record, tracking_uri=tracking_uri, lock_timeout_s=lock_timeout_s, lock_ttl_s=lock_ttl_s)
 
 
