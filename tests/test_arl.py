@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepared(seed: int = 1, n_train: int = 150, noise: float = 0.5) -> PreparedData:
-    train, _ = blobs(n_train, seed, noise)
+    train, clean = blobs(n_train, seed, noise)
     _, val = blobs(90, seed + 100, 0.0)
-    return PreparedData({"train": train, "val": val}, {"synthetic": "blobs", "seed": seed}, 10)
+    return PreparedData({"train": train, "val": val}, {"synthetic": "blobs", "seed": seed}, 10, clean_labels=clean.y)
 
 
 def make_config(**overrides) -> ARLConfig:
@@ -44,6 +44,8 @@ def make_config(**overrides) -> ARLConfig:
         "init": "arl-ar-s80",
         "generations": 3,
         "seed": 7,
+        # the search mechanics at one lr (cheap); the deployment protocol's own tests set it
+        "fitness": {"protocol": "fixed"},
     }
     doc.update(overrides)
     return validate(ARLConfig, doc)  # type: ignore[return-value]
@@ -186,7 +188,7 @@ def test_batched_and_sequential_evaluation_agree(config, pool):
     candidates = ask(ARLState.initial(config))
     batched = evaluate(candidates, pool)
     sequential = evaluate(Candidates(0, candidates.params, make_config(batched=False).model_dump(mode="json")), pool)
-    np.testing.assert_allclose(batched.accuracy, sequential.accuracy, atol=1.5 / 90)
+    np.testing.assert_allclose(batched.accuracy, sequential.accuracy, atol=1.5 / 30)  # 30 scoring examples
     assert not batched.diverged.any() and not sequential.diverged.any()
 
 
@@ -200,7 +202,7 @@ def test_diverged_candidate_gets_worst_fitness_and_leaves_others_alone(config, p
     assert fitness.values[2] == WORST_FITNESS == 0.0
     alone = evaluate(Candidates(0, healthy, config.model_dump(mode="json")), pool)
     # common random numbers: the others train exactly as without the diverging neighbour
-    np.testing.assert_allclose(fitness.accuracy[[0, 1, 3, 4]], alone.accuracy, atol=1.5 / 90)
+    np.testing.assert_allclose(fitness.accuracy[[0, 1, 3, 4]], alone.accuracy, atol=1.5 / 30)
 
 
 # ----------------------------------------------------------------------------- tell
@@ -340,6 +342,69 @@ def test_tiny_search_improves_on_its_first_generation():
     assert -history[-1]["best_so_far"] > first["best_accuracy"] + 0.2
     assert result.state.search["mean"][3] < -1.0  # the confidence coefficient went negative
     assert result.document["meta"]["fitness"] == history[-1]["best_so_far"]
+
+
+# ----------------------------------------------------------------------------- the deployment protocol (issue 19)
+
+
+def _scaled_pair() -> np.ndarray:
+    """[0.1 x P, P]: a loss and itself with every coefficient divided by 10 (the centres kept), so
+    the first at lr x trains exactly as the second at lr x / 10."""
+    full = np.asarray(PRESETS["itl"].loss_params(), dtype=np.float64)
+    small = full.copy()
+    small[2:] *= 0.1
+    return np.stack([small, full])
+
+
+def _protocol_config(protocol: str) -> ARLConfig:
+    return make_config(form="monomial", init="zeros", normalise=False, train={"lr": 0.3, "epochs": 4, "batch_size": 32},
+                       fitness={"protocol": protocol, "lr_grid": [0.03, 0.3]}, pool={"kind": "ar", "models": [{"name": "mlp2"}], "datasets": [{"source": "mnist5k"}]})  # fmt: skip
+
+
+def test_a_loss_that_only_wins_by_acting_as_a_smaller_lr_no_longer_wins():
+    """At the one recipe lr (0.3, where this loss over-fits the noisy labels) the loss scaled by 0.1
+    wins clearly: it trains like the loss at lr 0.03. Scored the way its meta-test uses it (each
+    loss at its own lr and epoch, chosen on the noisy selection part), the two are the same loss and
+    tie exactly: the search no longer rewards what a smaller lr gives."""
+    candidates = _scaled_pair()
+    fixed_config, tuned_config = _protocol_config("fixed"), _protocol_config("early-stop")
+    pool = build_pool(fixed_config, [prepared(noise=0.6, n_train=300)])
+    fixed = evaluate(Candidates(0, candidates, fixed_config.model_dump(mode="json")), pool)
+    assert fixed.values[0] < fixed.values[1] - 0.05  # fitness is minimised: the scaled loss wins
+    tuned = evaluate(Candidates(0, candidates, tuned_config.model_dump(mode="json")), pool)
+    assert tuned.values[0] == pytest.approx(tuned.values[1], abs=1e-9)
+    assert tuned.chosen_lr[0, 0] == pytest.approx(10 * tuned.chosen_lr[1, 0])  # the same effective lr
+
+
+def test_each_generation_scores_on_fresh_examples_and_never_reads_the_held_back_split(config):
+    data = prepared()
+    pool = build_pool(config, [data])
+    entry = pool.entries[0]
+    first, second = entry.generation_split(1, 0.2, 0.2), entry.generation_split(2, 0.2, 0.2)
+    assert set(first[2].ids.tolist()) != set(second[2].ids.tolist())
+    for train, select, score in (first, second):  # three disjoint parts of the training split; scored with clean labels
+        ids = [set(part.ids.tolist()) for part in (train, select, score)]
+        assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2]) and sum(map(len, ids)) == len(entry.train)
+        assert torch.equal(score.y, data.clean_labels[[entry.train.ids.tolist().index(i) for i in score.ids.tolist()]])
+    poisoned = PreparedData({"train": data.splits["train"], "val": blobs(90, 999, 0.9)[0]}, data.spec, 10, clean_labels=data.clean_labels)
+    candidates = ask(ARLState.initial(config))
+    np.testing.assert_array_equal(evaluate(candidates, pool).accuracy, evaluate(candidates, build_pool(config, [poisoned])).accuracy)
+
+
+def test_export_re_scores_the_best_candidates_on_held_back_validation(tmp_path):
+    from metaopt_core.meta.arl.fitness import export_choice
+
+    config = make_config(fitness={"protocol": "fixed", "rescore_top": 3, "rescore_seeds": 1}, generations=2)
+    pool = build_pool(config, [prepared()])
+    state = ARLState.initial(config)
+    while not state.finished:
+        state = tell(state, evaluate(ask(state), pool))
+    params, info = export_choice(state, pool)
+    table = info["rescored"]
+    assert len(table) == 3 and [row["search_fitness"] for row in table] == sorted(row["search_fitness"] for row in table)
+    assert info["chosen"]["held_back_accuracy"] == max(row["held_back_accuracy"] for row in table)
+    chosen = state.records[info["chosen"]["generation"] - 1]["candidates"][info["chosen"]["candidate"]]
+    assert params == chosen
 
 
 # ----------------------------------------------------------------------------- plots (shared helpers)

@@ -55,7 +55,7 @@ def test_batched_training_gives_the_sequential_numbers(units):
     for label, loss in losses.items():
         for u, unit in enumerate(units):
             for lr in GRID:
-                batched, alone = training.curve(label, u, lr), _train_sequential(loss, unit, lr, 3, 64, 0.9, torch.device("cpu"))
+                batched, alone = training.curve(label, u, lr), _train_sequential(loss, unit, lr, 3, 64, 0.9, 0.0, torch.device("cpu"))
                 assert batched.diverged == alone.diverged
                 assert batched.select == pytest.approx(alone.select, abs=2e-3) and batched.test == pytest.approx(alone.test, abs=2e-3)
 

@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -112,17 +113,35 @@ class Training:
         return self.curves[(label, unit, lr)]
 
 
-class _ScaledModuleFamily:
-    """A loss module as a :class:`~metaopt_core.population.LossFamily` whose one parameter per
-    member multiplies it (the member's lr, the schedule's lr being 1)."""
+class LrScaledFamily:
+    """A :class:`~metaopt_core.population.LossFamily` with one extra parameter per member, the last,
+    that multiplies its loss: the member's lr when the schedule's lr is 1 (with SGD and momentum
+    and no weight decay that is exactly training at that lr), so members at different lrs stack."""
 
-    num_params = 1
+    def __init__(self, family: Any) -> None:
+        self.family = family
+
+    @property
+    def num_params(self) -> int:
+        return self.family.num_params + 1
+
+    def scales(self, params: Tensor, classes: int) -> Tensor:
+        return self.family.scales(params[:, :-1], classes) * params[:, -1]
+
+    def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        return self.family.per_example(params[:-1], scale, logits, target)
+
+
+class ModuleFamily:
+    """A fixed loss module (reduction 'none') as a parameterless loss family."""
+
+    num_params = 0
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
     def scales(self, params: Tensor, classes: int) -> Tensor:
-        return params[:, 0]
+        return torch.ones(params.shape[0], dtype=params.dtype, device=params.device)
 
     def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
         # one-hot targets under vmap; every loss of the registry takes class indices
@@ -144,6 +163,65 @@ def _per_example(loss: nn.Module) -> nn.Module:
     raise TypeError(f"loss: {type(loss).__name__} has no 'reduction'; the meta-test needs per-example losses")
 
 
+def train_members(
+    family: Any,
+    params: Tensor,
+    units: Sequence[Unit],
+    lrs: Sequence[float],
+    *,
+    epochs: int,
+    batch_size: int,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    device: str | torch.device | None = None,
+    max_batch: int | None = None,
+) -> list[Curve]:
+    """Member m: the loss ``family`` with parameters ``params[m]`` trained at ``lrs[m]`` on
+    ``units[m]``; its per-epoch curve. Members whose units share an architecture and image shape
+    train in one vmapped group (at most ``max_batch`` members; with weight decay, which an lr
+    multiplier on the loss would not scale, one group per lr); architectures with running
+    statistics train one by one through :func:`metaopt_core.train.fit`."""
+    from metaopt_core.models import VMAP_FRIENDLY
+    from metaopt_core.population import Schedule
+
+    if not (len(units) == len(lrs) == params.shape[0]):
+        raise ValueError(f"train_members: got {params.shape[0]} parameter rows, {len(units)} units, {len(lrs)} lrs")
+    device = torch.device(device or "cpu")
+    curves: list[Curve | None] = [None] * len(units)
+    groups: dict[tuple, list[int]] = {}
+    for m, unit in enumerate(units):
+        key = (*unit.batch_key(), float(lrs[m]) if weight_decay else None) if unit.model in VMAP_FRIENDLY else ("sequential", m)
+        groups.setdefault(key, []).append(m)
+    for key, members in groups.items():
+        if key[0] == "sequential":
+            [m] = members
+            curves[m] = _train_sequential(_FamilyLoss(family, params[m]), units[m], float(lrs[m]), epochs, batch_size, momentum, weight_decay, device)
+            continue
+        size = max_batch or len(members)
+        for start in range(0, len(members), size):
+            chunk = members[start : start + size]
+            scale, lr = ([1.0] * len(chunk), float(lrs[chunk[0]])) if weight_decay else ([float(lrs[m]) for m in chunk], 1.0)
+            rows = torch.cat([params[chunk].to(torch.float32), torch.tensor(scale).unsqueeze(1)], dim=1)
+            schedule = Schedule(lr=lr, momentum=momentum, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size)
+            for m, curve in zip(chunk, _train_batched(LrScaledFamily(family), rows, [units[m] for m in chunk], schedule, device)):
+                curves[m] = curve
+    return curves  # type: ignore[return-value]
+
+
+class _FamilyLoss(nn.Module):
+    """One member's loss as a module (the sequential path)."""
+
+    def __init__(self, family: Any, params: Tensor) -> None:
+        super().__init__()
+        self.family, self.params = family, params.detach().to(torch.float32)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        import torch.nn.functional as F
+
+        scale = self.family.scales(self.params.unsqueeze(0), logits.shape[-1])[0]
+        return self.family.per_example(self.params, scale, logits, F.one_hot(target, logits.shape[-1]).to(logits.dtype)).mean()
+
+
 def train_units(
     losses: Mapping[str, nn.Module],
     units: Sequence[Unit],
@@ -158,48 +236,32 @@ def train_units(
 ) -> Training:
     """Train every loss of ``losses`` (label -> loss module) at every lr of ``lr_grid`` on every
     unit for ``epochs`` epochs; score every epoch (see the module docstring)."""
-    from metaopt_core.models import VMAP_FRIENDLY
-
     grid = [float(lr) for lr in lr_grid]
     if not grid or any(not (math.isfinite(lr) and lr > 0) for lr in grid) or len(set(grid)) != len(grid):
         raise ValueError(f"lr_grid: got {list(lr_grid)}; allowed: distinct finite numbers > 0")
     if not units:
         raise ValueError("units: got none")
-    device = torch.device(device or "cpu")
     started = time.perf_counter()
     training = Training({}, list(losses), grid, list(units))
-    groups: dict[tuple, list[int]] = {}
-    for index, unit in enumerate(units):
-        groups.setdefault(unit.batch_key(), []).append(index)
-    total = len(losses) * len(units) * len(grid)
-    for label, loss in losses.items():
-        per_example = _per_example(loss).to(device)
-        for indices in groups.values():
-            if units[indices[0]].model in VMAP_FRIENDLY:
-                members = [(i, lr) for i in indices for lr in grid]
-                size = max_batch or len(members)
-                for start in range(0, len(members), size):
-                    chunk = members[start : start + size]
-                    for (i, lr), curve in zip(chunk, _train_batched(per_example, [units[i] for i, _ in chunk], [lr for _, lr in chunk],
-                                                                    epochs, batch_size, momentum, device)):  # fmt: skip
-                        training.curves[(label, i, lr)] = curve
-                    training.batched_members += len(chunk)
-                    if progress:
-                        progress({"label": label, "task": units[indices[0]].task, "done": len(training.curves), "total": total})
-            else:
-                for i in indices:
-                    for lr in grid:
-                        training.curves[(label, i, lr)] = _train_sequential(loss, units[i], lr, epochs, batch_size, momentum, device)
-                        training.sequential_members += 1
-                    if progress:
-                        progress({"label": label, "task": units[i].task, "done": len(training.curves), "total": total})
+    members = [(u, lr) for u in range(len(units)) for lr in grid]
+    for done, (label, loss) in enumerate(losses.items(), start=1):
+        family = ModuleFamily(_per_example(loss).to(torch.device(device or "cpu")))
+        curves = train_members(family, torch.zeros(len(members), 0), [units[u] for u, _ in members], [lr for _, lr in members], epochs=epochs,
+                               batch_size=batch_size, momentum=momentum, device=device, max_batch=max_batch)  # fmt: skip
+        for (u, lr), curve in zip(members, curves):
+            training.curves[(label, u, lr)] = curve
+        if progress:
+            progress({"label": label, "done": done * len(members), "total": len(losses) * len(members)})
+    from metaopt_core.models import VMAP_FRIENDLY
+
+    training.batched_members = sum(len(grid) * len(losses) for unit in units if unit.model in VMAP_FRIENDLY)
+    training.sequential_members = len(units) * len(grid) * len(losses) - training.batched_members
     training.seconds = time.perf_counter() - started
     return training
 
 
-def _train_batched(per_example: nn.Module, units: list[Unit], lrs: list[float], epochs: int, batch_size: int, momentum: float,
-                   device: torch.device) -> list[Curve]:  # fmt: skip
-    from metaopt_core.population import Schedule, batched_correct, concatenate_sets, train_batched
+def _train_batched(family: Any, params: Tensor, units: list[Unit], schedule: Any, device: torch.device) -> list[Curve]:
+    from metaopt_core.population import batched_correct, concatenate_sets, train_batched
 
     train_x, train_y, train_at = concatenate_sets([u.train for u in units], device)
     select_x, select_y, select_at = concatenate_sets([u.select for u in units], device)
@@ -207,32 +269,32 @@ def _train_batched(per_example: nn.Module, units: list[Unit], lrs: list[float], 
     sources = [torch.arange(len(u.train)) + train_at[id(u.train)] for u in units]
     select_rows = [torch.arange(len(u.select)) + select_at[id(u.select)] for u in units]
     test_rows = [torch.arange(len(u.test)) + test_at[id(u.test)] for u in units]
-    curves = [Curve([], [], False, epochs) for _ in units]
+    curves = [Curve([], [], False, schedule.epochs) for _ in units]
     skeleton = units[0].build().to("meta")
 
-    def score(epoch: int, params: dict, buffers: dict, diverged: Tensor) -> None:
+    def score(epoch: int, weights: dict, buffers: dict, diverged: Tensor) -> None:
         for split_x, split_y, rows, key in ((select_x, select_y, select_rows, "select"), (test_x, test_y, test_rows, "test")):
-            correct = batched_correct(skeleton, params, buffers, split_x, split_y, rows, 1000, device)
+            correct = batched_correct(skeleton, weights, buffers, split_x, split_y, rows, 1000, device)
             for m, curve in enumerate(curves):
                 if not bool(diverged[m]):
                     getattr(curve, key).append(float(correct[m]) / max(1, len(rows[m])))
 
-    schedule = Schedule(lr=1.0, momentum=momentum, epochs=epochs, batch_size=batch_size)
-    trained = train_batched([u.build() for u in units], _ScaledModuleFamily(per_example), torch.tensor(lrs, dtype=torch.float32).unsqueeze(1),
-                            train_x, train_y, sources, [u.data_seed for u in units], schedule, num_classes=units[0].num_classes, epoch_end=score)  # fmt: skip
+    trained = train_batched([u.build() for u in units], family, params, train_x, train_y, sources, [u.data_seed for u in units], schedule,
+                            num_classes=units[0].num_classes, epoch_end=score)  # fmt: skip
     for curve, diverged in zip(curves, trained.diverged):
         curve.diverged = bool(diverged)
     return curves
 
 
-def _train_sequential(loss: nn.Module, unit: Unit, lr: float, epochs: int, batch_size: int, momentum: float, device: torch.device) -> Curve:
+def _train_sequential(loss: nn.Module, unit: Unit, lr: float, epochs: int, batch_size: int, momentum: float, weight_decay: float,
+                      device: torch.device) -> Curve:  # fmt: skip
     import copy
 
     from metaopt_core.train import fit
 
     model = unit.build().to(device)
     result = fit(model, copy.deepcopy(loss).to(device), unit.train, val={"select": unit.select, "test": unit.test}, optimizer="sgd", lr=lr,
-                 momentum=momentum, epochs=epochs, batch_size=batch_size, seed=unit.data_seed, device=device)  # fmt: skip
+                 momentum=momentum, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, seed=unit.data_seed, device=device)  # fmt: skip
     rows = [row for row in result.history if not row.get("diverged")]
     return Curve([row["val_acc/select"] for row in rows], [row["val_acc/test"] for row in rows], bool(result.diverged), epochs)
 
@@ -297,4 +359,17 @@ def oracle(training: Training, label: str, unit: int, protocol: str) -> float:
     return max(values)
 
 
-__all__ = ["PROTOCOLS", "PROTOCOL_TEXT", "Choice", "Curve", "Training", "Unit", "choose", "oracle", "train_units"]
+__all__ = [
+    "PROTOCOLS",
+    "PROTOCOL_TEXT",
+    "Choice",
+    "Curve",
+    "LrScaledFamily",
+    "ModuleFamily",
+    "Training",
+    "Unit",
+    "choose",
+    "oracle",
+    "train_members",
+    "train_units",
+]

@@ -174,7 +174,7 @@ def compare_learned_loss(
 
     def on_group(event: dict) -> None:
         if progress:
-            progress(f"meta-test {event['done']}/{event['total']}: {event['label']} trained on {event['task']}")
+            progress(f"meta-test {event['done']}/{event['total']} trainings: {event['label']} done on every unit and lr")
 
     trained = train_units(losses, units, grid, epochs=int(training["epochs"]), batch_size=int(training["batch_size"]),
                           momentum=float(training["momentum"]), device=device, progress=on_group)  # fmt: skip

@@ -61,6 +61,35 @@ class InnerTraining(StrictModel):
         return Schedule(self.lr, self.momentum, self.weight_decay, self.epochs, self.batch_size, self.eval_batch_size)
 
 
+class FitnessSpec(StrictModel):
+    """How a candidate loss is scored: the way its meta-test will use it (the deployment protocol).
+
+    Every generation, each pool entry's noisy training split is redrawn into an inner training part,
+    a noisy selection part (``select_fraction``) and a scoring part (``score_fraction``) read with
+    its clean labels: fresh validation data every generation. Each (candidate, entry) trains at every
+    lr of ``lr_grid`` (default: the training lr / 3, x 1, x 3) and ``protocol`` picks what counts:
+    ``early-stop`` (the meta-test gate's default: lr and epoch chosen on the noisy selection part),
+    ``tuned`` (lr chosen there, last epoch) or ``fixed`` (the training lr, last epoch: the thesis's
+    one-recipe protocol, where a loss can win by acting as a smaller lr). The entry's clean
+    validation split is held back from the search: the ``rescore_top`` best distinct candidates are
+    re-scored there (``rescore_seeds`` fresh initialisations, the same protocol) and the best one on
+    it is exported, against the winner's curse of a best-of-many pick."""
+
+    protocol: Literal["early-stop", "tuned", "fixed"] = "early-stop"
+    lr_grid: list[float] | None = Field(None, min_length=1)
+    select_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    score_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    rescore_top: int = Field(3, ge=1)
+    rescore_seeds: int = Field(2, ge=1)
+
+    @field_validator("lr_grid")
+    @classmethod
+    def _positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (any(v <= 0 for v in value) or len(set(value)) != len(value)):
+            raise ValueError(f"got {value}; allowed: distinct numbers > 0")
+        return value
+
+
 class ARLConfig(StrictModel):
     """One ARL meta-training run (``algorithm: arl`` in a YAML config)."""
 
@@ -69,6 +98,7 @@ class ARLConfig(StrictModel):
     pool: PoolSpec
     noise: NoiseSpec = NoiseSpec(kind="symmetric", rate=0.8)
     train: InnerTraining = InnerTraining()
+    fitness: FitnessSpec = FitnessSpec()
     # CMA-ES (thesis / TaylorGLO: population 20, sigma0 1.2, <= 100 generations)
     population_size: int = Field(20, ge=2)
     sigma0: float = Field(1.2, gt=0.0)
@@ -120,6 +150,12 @@ class ARLConfig(StrictModel):
         if self.init == "zeros":
             return [0.0] * num_params(self.order)
         return list(PRESETS[self.init].loss_params())  # the sign-corrected vector TaylorLoss trains with
+
+    def fitness_lrs(self) -> list[float]:
+        """The lrs every (candidate, entry) trains at: the fixed protocol needs only the training lr."""
+        if self.fitness.protocol == "fixed":
+            return [self.train.lr]
+        return list(self.fitness.lr_grid) if self.fitness.lr_grid else [float(f"{self.train.lr * f:.6g}") for f in (1 / 3, 1.0, 3.0)]
 
     def family(self) -> TaylorFamily:
         return TaylorFamily(self.order, self.form, self.normalise, self.eta)

@@ -99,12 +99,14 @@ class ARLLearner(LearnerBase):
         return specs
 
     def split_manifest(self, config: BaseModel, meta_test: ARLMetaTest, data: PreparedInputs) -> SplitManifest:
-        """Candidates train on the pool's noisy train splits and are scored on their clean val
-        splits; each meta-test unit trains on its dataset's noisy train split (lr and epoch chosen on
-        a noisy part of it) and reports its clean val split."""
+        """The search trains candidates on parts of the pool's noisy train splits and scores them on
+        other parts of them (clean labels), redrawn every generation; the clean val splits are held
+        back to re-score the best candidates before export (both outer objectives: they choose).
+        Each meta-test unit trains on its dataset's noisy train split (lr and epoch chosen on a noisy
+        part of it) and reports its clean val split."""
         manifest = SplitManifest()
         for dataset in data.datasets:
-            manifest.add("inner_training", dataset, ["train"]).add("outer_objective", dataset, ["val"])
+            manifest.add("inner_training", dataset, ["train"]).add("outer_objective", dataset, ["train", "val"])
         for unit, dataset in enumerate(data.meta_test):
             manifest.add("meta_test_training", dataset, ["train"], unit).add("lr_selection", dataset, ["train"], unit).add("meta_test", dataset, ["val"], unit)
         return manifest
@@ -142,8 +144,21 @@ class ARLLearner(LearnerBase):
         return arl.run(config, checkpoint_dir, progress, callback, pool=self._pool(config, data)).state
 
     def export(self, state: arl.ARLState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
+        """The loss the re-scoring on held-back validation chose among the search's best (not simply
+        the best of many candidates scored once: the winner's curse)."""
+        import copy
+
+        from metaopt_core.meta.arl.fitness import export_choice
+
         pool = self._pool(self.config_of(state), data)
-        return arl.result_of(state, pool.names, [entry.fingerprint for entry in pool.entries]).save(directory)
+        params, rescored = export_choice(state, pool)
+        chosen = copy.copy(state)
+        chosen.best = {**(state.best or {}), "params": params, "fitness": rescored["chosen"]["search_fitness"],
+                       "generation": rescored["chosen"]["generation"], "candidate": rescored["chosen"]["candidate"]}  # fmt: skip
+        result = arl.result_of(chosen, pool.names, [entry.fingerprint for entry in pool.entries])
+        result.document["meta"]["rescored"] = rescored
+        result.document["meta"]["held_back_accuracy"] = rescored["chosen"]["held_back_accuracy"]
+        return result.save(directory)
 
     def meta_test(self, config, exported: Mapping[str, Any], data: PreparedInputs, settings: ARLMetaTest, *,
                   champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
