@@ -357,6 +357,30 @@ def test_inner_hypergrad_of_one_domain_equals_its_entry_in_the_batched_step(data
     assert itl.Hypergradient.from_dict(json.loads(json.dumps(alone.to_dict()))) == alone
 
 
+def test_a_loss_that_only_wins_by_acting_as_a_smaller_lr_no_longer_wins(data):
+    """ω and ω with its coefficients divided by 10 (the centres kept): at one inner lr (0.3) the
+    small one wins clearly (it trains like ω at 0.03); with the lr tuned per job on the source
+    domains' validation (the deployment protocol) both reach the same model and the same held-out
+    objective, so the meta-objective no longer rewards what a smaller lr gives."""
+
+    def objectives(grid):
+        config = tiny_config(inner={"lr": 0.3, "weight_decay": 0.0, "max_epochs": 3, "lr_grid": grid})
+        state = itl.ITLState.initial(config)
+        small = state.omega.clone()
+        small[2:] *= 0.1
+        out = {}
+        for name, omega in (("full", state.omega), ("small", small)):
+            gradients = itl.inner_hypergrads(itl.ITLState(state.config, omega, state.optimizer, 0, [], None), data=data)
+            out[name] = ([h.metrics["outer_objective"] for h in gradients], [h.metrics["inner_lr"] for h in gradients])
+        return out
+
+    fixed = objectives(None)
+    assert sum(fixed["small"][0]) < sum(fixed["full"][0]) - 1.0
+    tuned = objectives([0.03, 0.3])
+    assert tuned["small"][0] == pytest.approx(tuned["full"][0], rel=1e-4)
+    assert tuned["full"][1] == [0.03] * 3 and tuned["small"][1] == [0.3] * 3  # the same effective lr, chosen on source validation
+
+
 def test_outer_update_aggregates_steps_and_checks_its_inputs(data):
     config = tiny_config(outer={"aggregation": "mean", "optimizer": "sgd", "lr": 0.1})
     state = itl.with_domains(itl.ITLState.initial(config), data)

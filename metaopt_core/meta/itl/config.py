@@ -45,17 +45,30 @@ class FamilyConfig(StrictModel):
 class InnerConfig(StrictModel):
     """Inner training of one base model: SGD (heavy-ball momentum, PyTorch's convention) until the
     gradient norm of the inner objective on the check subset is ``<= grad_tol`` (checked after
-    every epoch; 0 disables the check) or ``max_epochs`` epochs have run."""
+    every epoch; 0 disables the check) or ``max_epochs`` epochs have run.
+
+    ``lr_grid`` (the deployment protocol: a user tunes the lr of the loss they are given): every
+    job trains at every lr of the grid and its hypergradient is taken at the lr whose model has the
+    best accuracy on the job's source domains' validation splits (DomainBed's training-domain
+    validation, what the meta-test chooses by). Without it every job trains at ``lr``."""
 
     model: ModelName = "mlp_itl"
     model_options: dict[str, int | float] = {}
     lr: float = Field(0.01, gt=0.0)
+    lr_grid: list[float] | None = Field(None, min_length=1)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     batch_size: int = Field(32, ge=1)
     max_epochs: int = Field(10, ge=1)
     grad_tol: float = Field(1e-3, ge=0.0)
     eval_batch_size: int = Field(1000, ge=1)
+
+    @field_validator("lr_grid")
+    @classmethod
+    def _distinct_positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (any(v <= 0 for v in value) or len(set(value)) != len(value)):
+            raise ValueError(f"got {value}; allowed: distinct numbers > 0")
+        return value
 
     def schedule(self) -> Schedule:
         """These settings as the batched trainer's schedule (``max_epochs`` epochs at most)."""

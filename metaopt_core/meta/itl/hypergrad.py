@@ -90,6 +90,19 @@ def _concat_splits(parts: Sequence[ImageData]) -> ImageData:
     )
 
 
+def source_accuracy(config: ITLConfig, data: DomainSet, job: InnerJob, trained: TrainedModel) -> float:
+    """The trained model's accuracy on the job's source domains' validation splits (what the inner
+    lr is chosen by); -inf for a diverged model."""
+    if trained.diverged:
+        return float("-inf")
+    device = torch.device(config.device)
+    skeleton = build_inner_model(config, data, job).to(device).eval()
+    state = ({name: value.to(device) for name, value in trained.params.items()}, {name: value.to(device) for name, value in trained.buffers.items()})
+    source_val = _concat_splits([data.val[d] for d in range(len(data.names)) if d != job.domain])
+    _, accuracy = _scores(lambda x: functional_call(skeleton, state, (x,)), source_val, config.inner.eval_batch_size, device)
+    return accuracy
+
+
 def hypergradient_of(config: ITLConfig, data: DomainSet, job: InnerJob, trained: TrainedModel, omega: Tensor, step: int, seconds: float = 0.0) -> Hypergradient:
     """The IFT hypergradient of the held-out cross-entropy w.r.t. ω at the trained model, plus the
     job's metrics (see the module docstring for which split each number uses)."""

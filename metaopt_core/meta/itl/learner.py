@@ -75,14 +75,15 @@ class ITLLearner(HypergradientLearner):
 
     def split_manifest(self, config: BaseModel, meta_test: ITLMetaTest, data: PreparedInputs) -> SplitManifest:
         """Leave-one-domain-out meta-training trains on the meta-train part's train splits and scores
-        on them (val splits only feed the logged curves); each meta-test unit (seed x held-out domain)
+        on them (val splits choose the inner lr, or only feed the logged curves); each meta-test unit (seed x held-out domain)
         trains on the meta-test part's other domains (lr and epoch chosen on their val splits) and
         reports every image of the held-out domain."""
         manifest = SplitManifest()
         for dataset in data.datasets:
-            train = [f"{d}/train" for d in dataset.domains]
+            train, val = [f"{d}/train" for d in dataset.domains], [f"{d}/val" for d in dataset.domains]
             manifest.add("inner_training", dataset, train).add("outer_objective", dataset, train)
-            manifest.add("monitoring", dataset, [f"{d}/val" for d in dataset.domains])
+            # val splits choose each job's inner lr when there is an lr grid; otherwise they only feed curves
+            manifest.add("outer_objective" if config.inner.lr_grid else "monitoring", dataset, val)
         unit = 0
         for dataset in data.meta_test:
             for name in meta_test.held_out:

@@ -27,8 +27,8 @@ MetricsCallback = Callable[[dict], None]
 
 # Keys of a history row that are per-step scalars (what a tracker logs as metrics).
 SCALAR_METRICS = ("heldout_ce", "heldout_acc", "source_acc", "outer_objective", "inner_grad_norm", "inner_grad_norm_max",
-                  "hypergrad_norm", "domain_hypergrad_norm", "solve_rel_residual", "epochs", "converged", "diverged", "solver_warnings",
-                  "seconds")  # fmt: skip
+                  "hypergrad_norm", "domain_hypergrad_norm", "solve_rel_residual", "epochs", "inner_lr", "converged", "diverged",
+                  "solver_warnings", "seconds")  # fmt: skip
 
 
 @dataclass

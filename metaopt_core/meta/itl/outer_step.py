@@ -19,7 +19,7 @@ from torch import Tensor
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.hypergrad import pcgrad
 from metaopt_core.meta.itl.domains import DomainSet, domain_set, make_job
-from metaopt_core.meta.itl.hypergrad import Hypergradient, hypergradient_of
+from metaopt_core.meta.itl.hypergrad import Hypergradient, hypergradient_of, source_accuracy
 from metaopt_core.meta.itl.inner import train_inner
 from metaopt_core.meta.itl.state import ITLState
 from metaopt_core.meta.outer import nanmean as _nanmean
@@ -48,9 +48,24 @@ def inner_hypergrads(
         raise ValueError(f"held_out_domains: got duplicates in {list(held_out_domains or [])}")
     jobs = [make_job(config, domains, state.step, d) for d in chosen]
     started = time.perf_counter()
-    trained = train_inner(config, domains, jobs, state.omega, batched=batched, progress=progress)
+    lrs = config.inner.lr_grid or [config.inner.lr]
+    # every job at every lr of the grid (the deployment protocol: the user tunes the lr), then each
+    # job's hypergradient at the lr its source domains' validation prefers
+    at_lr = {lr: (with_inner_lr(config, lr), train_inner(with_inner_lr(config, lr), domains, jobs, state.omega, batched=batched, progress=progress))
+             for lr in lrs}  # fmt: skip
     train_seconds = (time.perf_counter() - started) / max(1, len(jobs))
-    return [hypergradient_of(config, domains, job, model, state.omega, state.step, train_seconds) for job, model in zip(jobs, trained)]
+    out = []
+    for j, job in enumerate(jobs):
+        lr = lrs[0] if len(lrs) == 1 else max(lrs, key=lambda rate: source_accuracy(at_lr[rate][0], domains, job, at_lr[rate][1][j]))
+        gradient = hypergradient_of(at_lr[lr][0], domains, job, at_lr[lr][1][j], state.omega, state.step, train_seconds)
+        gradient.metrics["inner_lr"] = lr
+        out.append(gradient)
+    return out
+
+
+def with_inner_lr(config, lr: float):
+    """``config`` with the inner lr ``lr`` (everything else as it is)."""
+    return config if lr == config.inner.lr else config.model_copy(update={"inner": config.inner.model_copy(update={"lr": lr})})
 
 
 def inner_hypergrad(state: ITLState, held_out_domain: str | int, *, data: PreparedData | DomainSet | None = None) -> Hypergradient:
@@ -117,6 +132,8 @@ def outer_update(state: ITLState, hypergradients: Sequence[Hypergradient]) -> IT
         "domain_hypergrad_norm": _nanmean([m["hypergrad_norm"] for m in metrics]),
         "solve_rel_residual": _nanmean([m.get("solve_rel_residual", float("nan")) for m in metrics]),
         "epochs": _nanmean([float(m["epochs"]) for m in metrics]),
+        # the inner lr the jobs trained at (geometric mean; chosen per job with an lr grid)
+        "inner_lr": math.exp(_nanmean([math.log(m.get("inner_lr", config.inner.lr)) for m in metrics])),
         "converged": sum(bool(m["converged"]) for m in metrics),
         "solver_warnings": sum(bool(m.get("solver_warning")) for m in metrics),
         "diverged": sum(h.diverged for h in ordered),
