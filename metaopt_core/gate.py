@@ -44,9 +44,8 @@ import numpy as np
 CHALLENGER = "learned"
 CHAMPION = "champion"
 EXACT_UNITS = 20  # enumerate all 2^n sign assignments up to here (2^20 = 1M means)
-RESAMPLES = 200_000  # Monte-Carlo sign assignments beyond EXACT_UNITS
+RESAMPLES = 100_000  # Monte-Carlo sign assignments beyond EXACT_UNITS
 MIN_UNITS = 10  # fewer units: rejected (even a clear effect is then rarely detected; the demo uses >= 15)
-_CHUNK = 1 << 15  # Monte-Carlo sign assignments per block
 
 
 @dataclass(frozen=True)
@@ -91,12 +90,17 @@ def sign_flip_p_value(differences: Sequence[float], margin: float = 0.0, *, seed
     tolerance = 1e-12 * max(1.0, float(np.abs(x).sum()))  # equal sums up to rounding count as "at least"
     if x.size <= EXACT_UNITS:
         return float(np.count_nonzero(subset_sums(x) <= tolerance)) / (1 << x.size)
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for start in range(0, resamples, _CHUNK):
-        flips = rng.integers(0, 2, size=(min(_CHUNK, resamples - start), x.size)).astype(np.float64)
-        hits += int(np.count_nonzero(flips @ x <= tolerance))
+    hits = int(np.count_nonzero(_random_flips(x.size, seed, resamples) @ x.astype(np.float32) <= tolerance))
     return (1 + hits) / (1 + resamples)
+
+
+@functools.lru_cache(maxsize=2)
+def _random_flips(n: int, seed: int, resamples: int) -> np.ndarray:
+    """``resamples`` random 0/1 rows (which units a random assignment flips), seeded and reused, so a
+    bisection over margins tests one fixed set of assignments."""
+    flips = np.random.default_rng(seed).integers(0, 2, size=(resamples, n)).astype(np.float32)
+    flips.setflags(write=False)
+    return flips
 
 
 def sign_flip_lower_bound(differences: Sequence[float], confidence: float, *, seed: int = 0, resamples: int = RESAMPLES) -> float:
