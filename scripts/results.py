@@ -34,7 +34,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -251,7 +250,9 @@ def markdown(record: dict) -> str:
         lines.append("- Split manifest (checked disjoint): " + "; ".join(parts) + ".")
     if record["generated"]:
         lines.append(f"- Generated tasks: `{json.dumps(record['generated'])}`.")
-    lines.append(f"- Meta-test settings (the learner's defaults{', presets added' if record['presets'] else ''}): `{json.dumps(record['meta_test_settings'])}`.")
+    lines.append(
+        f"- Meta-test settings (the learner's defaults{', presets added' if record['presets'] else ''}): `{json.dumps(record['meta_test_settings'])}`."
+    )
     seconds = record["seconds"]
     lines.append(f"- Wall time: prepare {seconds['prepare']:.0f} s, meta-training {seconds['meta_training']:.0f} s, export {seconds['export']:.0f} s, "
                  f"meta-test {seconds['meta_test']:.0f} s.")  # fmt: skip
