@@ -381,6 +381,20 @@ def test_a_loss_that_only_wins_by_acting_as_a_smaller_lr_no_longer_wins(data):
     assert tuned["full"][1] == [0.03] * 3 and tuned["small"][1] == [0.3] * 3  # the same effective lr, chosen on source validation
 
 
+def test_with_a_tuned_inner_lr_the_outer_step_keeps_the_loss_scale_and_learns_its_shape(data):
+    """The loss's scale is an lr; with the lr tuned per job, ω's coefficient norm stays where it
+    started (the radial part of the hypergradient is projected out) unless fixed_scale is off."""
+    config = tiny_config(inner={"max_epochs": 2, "weight_decay": 0.0, "lr_grid": [0.01, 0.03]})
+    state = itl.ITLState.initial(config)
+    after = itl.outer_update(state, itl.inner_hypergrads(state, data=data))
+    assert float(after.omega[2:].norm()) == pytest.approx(float(state.omega[2:].norm()), rel=1e-5)
+    assert not torch.allclose(after.omega, state.omega)  # the shape (and the centres) still move
+    free = tiny_config(inner={"max_epochs": 2, "weight_decay": 0.0, "lr_grid": [0.01, 0.03]}, outer={"fixed_scale": False})
+    state = itl.ITLState.initial(free)
+    after = itl.outer_update(state, itl.inner_hypergrads(state, data=data))
+    assert abs(float(after.omega[2:].norm()) - float(state.omega[2:].norm())) > 1e-4
+
+
 def test_outer_update_aggregates_steps_and_checks_its_inputs(data):
     config = tiny_config(outer={"aggregation": "mean", "optimizer": "sgd", "lr": 0.1})
     state = itl.with_domains(itl.ITLState.initial(config), data)

@@ -100,6 +100,11 @@ class OuterConfig(StrictModel):
     eps: float = Field(1e-8, gt=0.0)  # adam only
     clip_norm: float | None = Field(None, gt=0.0)  # rescale the aggregated hypergradient to at most this norm
     steps: int = Field(200, ge=1)
+    # Keep the loss's scale (the norm of the coefficients it is linear in) where it started: the
+    # hypergradient's radial part is projected out and ω's coefficients renormalised after every
+    # step. With an inner lr grid the lr is tuned, so a larger or smaller loss is no gain: the
+    # outer step learns the loss's shape. None: on exactly when inner.lr_grid is set.
+    fixed_scale: bool | None = None
 
 
 class ITLConfig(StrictModel):

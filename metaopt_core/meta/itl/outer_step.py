@@ -115,9 +115,17 @@ def outer_update(state: ITLState, hypergradients: Sequence[Hypergradient]) -> IT
     gradients = [torch.tensor(h.grad, dtype=torch.float32) for h in usable]
     combined = aggregate(gradients, config.outer.aggregation, config.seed, state.step)
     raw_norm = float(combined.norm())
+    scale = _scale_indices(config)
+    if scale is not None:  # the loss's scale is the tuned lr's job: learn its shape (see OuterConfig.fixed_scale)
+        direction = state.omega[scale] / state.omega[scale].norm().clamp_min(1e-12)
+        combined = combined.clone()
+        combined[scale] -= (combined[scale] @ direction) * direction
     if config.outer.clip_norm is not None and raw_norm > config.outer.clip_norm:
         combined = combined * (config.outer.clip_norm / raw_norm)
     omega, optimizer = optimizer_step(state.omega, combined, state.optimizer, state.step + 1, config.outer)
+    if scale is not None:
+        omega = omega.clone()
+        omega[scale] *= state.omega[scale].norm() / omega[scale].norm().clamp_min(1e-12)
 
     metrics = [h.metrics for h in ordered]
     row = {
@@ -144,6 +152,12 @@ def outer_update(state: ITLState, hypergradients: Sequence[Hypergradient]) -> IT
         "per_domain": {h.domain: {k: v for k, v in h.metrics.items() if k != "epoch_grad_norms"} | {"grad": h.grad} for h in ordered},
     }
     return ITLState(copy.deepcopy(state.config), omega, optimizer, state.step + 1, [*state.history, row], state.domains)
+
+
+def _scale_indices(config) -> slice | None:
+    """The coefficients whose norm stays fixed, or None (see ``OuterConfig.fixed_scale``)."""
+    fixed = config.outer.fixed_scale if config.outer.fixed_scale is not None else bool(config.inner.lr_grid)
+    return getattr(config.loss_family(), "scale_indices", None) if fixed else None
 
 
 def with_domains(state: ITLState, data: PreparedData | DomainSet | None = None) -> ITLState:
