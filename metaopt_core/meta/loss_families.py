@@ -135,12 +135,12 @@ class TaylorFamily:
             raise ValueError(f"class_reduction: got {self.class_reduction!r}; allowed: ['sum', 'mean']")
 
     @property
-    @property
     def scale_indices(self) -> slice:
         """The parameters the loss is linear in (the coefficients; not the two centres): scaling them
         scales the loss, which under SGD is the lr's job."""
         return slice(2, None)
 
+    @property
     def num_params(self) -> int:
         return num_params(self.order)
 
