@@ -87,6 +87,20 @@ def trainer_roles(release: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(read_bytes(f"trainer-{release}/kubeflow-trainer-roles.yaml")) if doc]
 
 
+def kfp_pipeline_runner_rbac(version: str, namespace: str = "kubeflow") -> list[dict]:
+    """Standalone KFP's Role and RoleBinding of ``pipeline-runner`` at backend ``version``, in
+    ``namespace`` (kustomize puts them there, the subject included, as KFP's kustomization holds the
+    ServiceAccount too)."""
+    objects = []
+    for name in ("pipeline-runner-role.yaml", "pipeline-runner-rolebinding.yaml"):
+        obj = yaml.safe_load(read_bytes(f"kfp-{version}/{name}"))
+        obj["metadata"]["namespace"] = namespace
+        for subject in obj.get("subjects", []):
+            subject.setdefault("namespace", namespace)
+        objects.append(obj)
+    return objects
+
+
 def kubeflow_roles() -> list[dict]:
     """Kubeflow's aggregated ClusterRoles (kubeflow-admin/edit/view) of kubeflow/manifests."""
     return [doc for doc in yaml.safe_load_all(read_bytes(f"kubeflow-manifests-{KUBEFLOW_MANIFESTS}/cluster-roles.yaml")) if doc]

@@ -33,6 +33,10 @@ KFP_FILES = {  # vendored name -> path in kubeflow/pipelines
     "pipeline_spec.proto": "api/v2alpha1/pipeline_spec.proto",
     "kubernetes_executor_config.proto": "kubernetes_platform/proto/kubernetes_executor_config.proto",
 }
+KFP_MANIFESTS = {  # standalone KFP's pipeline-runner rights (what the local overlay adds to)
+    "pipeline-runner-role.yaml": "manifests/kustomize/base/pipeline/pipeline-runner-role.yaml",
+    "pipeline-runner-rolebinding.yaml": "manifests/kustomize/base/pipeline/pipeline-runner-rolebinding.yaml",
+}
 KFP_DESCRIPTORS = {  # vendored name -> (Go file, Go variable holding the raw descriptor)
     "pipeline_spec.binpb": ("api/v2alpha1/go/pipelinespec/pipeline_spec.pb.go", "file_pipeline_spec_proto_rawDesc"),
     "kubernetes_executor_config.binpb": (
@@ -110,7 +114,7 @@ def main(mirrors: Path) -> None:
     for tag in KFP_RELEASES:
         folder = HERE / f"kfp-{tag}"
         folder.mkdir(exist_ok=True)
-        for name, path in KFP_FILES.items():
+        for name, path in {**KFP_FILES, **KFP_MANIFESTS}.items():
             data = git(pipelines, "show", f"{tag}:{path}")
             (folder / name).write_bytes(data)
             record(folder / name, "kubeflow/pipelines", pipelines, tag, path, data)
