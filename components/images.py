@@ -20,8 +20,9 @@ REPOSITORY = "ghcr.io/metaopt/metaopt"
 CUDA_SUFFIX = "-cuda"
 IMAGE_ENV, IMAGE_CUDA_ENV, COMMIT_ENV = "METAOPT_IMAGE", "METAOPT_IMAGE_CUDA", "METAOPT_GIT_COMMIT"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-# name[:tag][@sha256:digest], as `docker pull` accepts it; a tag or a digest is required below
-_REFERENCE = re.compile(r"^(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
+# name[:tag][@sha256:digest], as `docker pull` accepts it; a tag or a digest is required below. A
+# port belongs to the registry host, the component before a "/": in `image:1` the 1 is a tag.
+_REFERENCE = re.compile(r"^(?P<name>(?:[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
                         r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")  # fmt: skip
 
 
