@@ -140,7 +140,7 @@ def _validate_object(schema: dict, value: dict, path: str, root: bool) -> list[s
         elif key in properties:
             errors += validate(properties[key], item, child, root=False)
         elif key in implicit:
-            errors += _validate_metadata(item, child) if key == "metadata" else []
+            continue  # apiVersion and kind: the API server routes by them
         elif isinstance(schema.get("additionalProperties"), dict):
             errors += validate(schema["additionalProperties"], item, child, root=False)
         elif schema.get("additionalProperties") is True or schema.get("x-kubernetes-preserve-unknown-fields"):

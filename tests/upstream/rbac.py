@@ -64,7 +64,7 @@ class Authorizer:
         return list(role.get("rules") or []) if role else []
 
     @staticmethod
-    def binds(binding: dict, subject: Subject, binding_namespace: str | None) -> bool:
+    def binds(binding: dict, subject: Subject) -> bool:
         for item in binding.get("subjects") or []:
             kind = item["kind"]
             if kind == "ServiceAccount":
@@ -94,11 +94,11 @@ class Authorizer:
         """(namespace or None for cluster-wide, rule, binding) of every rule ``subject`` holds."""
         held = []
         for binding in self.cluster_role_bindings:
-            if self.binds(binding, subject, None):
+            if self.binds(binding, subject):
                 held += [(None, rule, binding) for rule in self.rules_of(binding["roleRef"], None)]
         for binding in self.role_bindings:
             namespace = binding["metadata"].get("namespace")
-            if self.binds(binding, subject, namespace):
+            if self.binds(binding, subject):
                 held += [(namespace, rule, binding) for rule in self.rules_of(binding["roleRef"], namespace)]
         return held
 
