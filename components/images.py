@@ -20,8 +20,9 @@ REPOSITORY = "ghcr.io/metaopt/metaopt"
 CUDA_SUFFIX = "-cuda"
 IMAGE_ENV, IMAGE_CUDA_ENV, COMMIT_ENV = "METAOPT_IMAGE", "METAOPT_IMAGE_CUDA", "METAOPT_GIT_COMMIT"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-# name[:tag][@sha256:digest], as `docker pull` accepts it; a tag or a digest is required below
-_REFERENCE = re.compile(r"^(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
+# name[:tag][@sha256:digest], as `docker pull` accepts it; a tag or a digest is required below. A
+# port belongs to the registry host, the component before a "/": in `image:1` the 1 is a tag.
+_REFERENCE = re.compile(r"^(?P<name>(?:[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
                         r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")  # fmt: skip
 
 
@@ -63,13 +64,40 @@ def validate_image(reference: str, what: str = "image") -> str:
     return reference
 
 
-def default_images() -> tuple[str, str]:
-    """(CPU image, CUDA image): the environment's ``METAOPT_IMAGE`` / ``METAOPT_IMAGE_CUDA``, else
-    the version-commit tags of this checkout."""
+def cuda_variant(reference: str) -> str | None:
+    """The CUDA image ``make image`` builds beside ``reference`` (its tag + ``-cuda``); None for a
+    digest, whose CUDA twin has a digest of its own that no rule derives."""
+    match = _REFERENCE.match(reference or "")
+    if not match or match["digest"] or not match["tag"]:
+        return None
+    return f"{match['name']}:{match['tag']}{CUDA_SUFFIX}"
+
+
+def resolve_images(image: str = "", image_cuda: str = "", *, gpu: bool = False) -> tuple[str, str]:
+    """(CPU image, CUDA image) of a compile. The CUDA image is, in this order: ``image_cuda``; the
+    CUDA variant of ``image``; ``$METAOPT_IMAGE_CUDA``; the CUDA variant of ``$METAOPT_IMAGE``; the
+    version-commit tag. So ``--image X`` alone gives ``X-cuda`` to the GPU steps, never the default
+    registry's. A digest has no derivable CUDA twin: with ``gpu`` that is an error naming the option."""
     tag = default_tag()
-    cpu = os.environ.get(IMAGE_ENV) or f"{REPOSITORY}:{tag}"
-    cuda = os.environ.get(IMAGE_CUDA_ENV) or f"{REPOSITORY}:{tag}{CUDA_SUFFIX}"
-    return validate_image(cpu, IMAGE_ENV), validate_image(cuda, IMAGE_CUDA_ENV)
+    env_cpu, env_cuda = os.environ.get(IMAGE_ENV, ""), os.environ.get(IMAGE_CUDA_ENV, "")
+    cpu = validate_image(image, "image") if image else validate_image(env_cpu or f"{REPOSITORY}:{tag}", IMAGE_ENV)
+    for explicit, base, what in ((image_cuda, image, "image_cuda"), (env_cuda, env_cpu, IMAGE_CUDA_ENV)):
+        if explicit:
+            return cpu, validate_image(explicit, what)
+        if base:
+            derived = cuda_variant(base)
+            if derived is None and gpu:
+                raise ValueError(f"image_cuda: the CPU image {base!r} is pinned by digest, so its CUDA image cannot be derived; "
+                                 f"allowed: name it with --image-cuda (or ${IMAGE_CUDA_ENV}) as REPOSITORY:TAG or REPOSITORY@sha256:<64 hex>")  # fmt: skip
+            return cpu, validate_image(derived or f"{REPOSITORY}:{tag}{CUDA_SUFFIX}", "image_cuda")
+    return cpu, validate_image(f"{REPOSITORY}:{tag}{CUDA_SUFFIX}", "image_cuda")
+
+
+def default_images() -> tuple[str, str]:
+    """(CPU image, CUDA image) when the compile names none: from ``METAOPT_IMAGE`` /
+    ``METAOPT_IMAGE_CUDA`` (the CUDA one derived from the CPU one when only that is set), else the
+    version-commit tags of this checkout."""
+    return resolve_images()
 
 
 VERSION = package_version()
@@ -84,9 +112,11 @@ __all__ = [
     "IMAGE_ENV",
     "REPOSITORY",
     "VERSION",
+    "cuda_variant",
     "default_images",
     "default_tag",
     "package_version",
+    "resolve_images",
     "source_commit",
     "validate_image",
 ]

@@ -1,6 +1,7 @@
-"""The meta-training step of a pipeline compiled with ``workers``: one component that submits a
-Kubeflow Trainer TrainJob running every outer step under torch.distributed, streams its log, and
-hands on the final state and the export (``components.trainjob_runtime.meta_train``)."""
+"""The steps of a pipeline compiled with ``workers``: the meta-training step, which submits (or, on
+a retry, adopts) a Kubeflow Trainer TrainJob running every outer step under torch.distributed,
+streams its log and hands on the final state and the export (``components.trainjob_runtime``),
+and the pipeline's exit step, which also deletes the run's TrainJob when the run failed."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
@@ -19,6 +20,7 @@ def meta_train(
     nodes: int,
     gpu: bool,
     image: str,
+    kfp_run_id: str,
     state: Output[Artifact],
     learned: Output[Model],
     metrics: Output[Metrics],
@@ -29,7 +31,24 @@ def meta_train(
     when the job fails. Returns the outer step reached."""
     from components import trainjob_runtime
 
-    return trainjob_runtime.meta_train(learner, config, data, state_in, run_id, workers, nodes, gpu, image, device, state, learned, metrics)
+    return trainjob_runtime.meta_train(learner, config, data, state_in, run_id, workers, nodes, gpu, image, device, state, learned, metrics,
+                                       kfp_run_id=kfp_run_id)  # fmt: skip
 
 
-__all__ = ["meta_train"]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finish_run(status: dsl.PipelineTaskFinalStatus, kfp_run_id: str) -> str:
+    """The exit step of a ``workers`` pipeline: delete the run's TrainJob unless it completed (a
+    failed run must not leave its pods holding GPUs), then end the MLflow run as
+    ``common.finish_tracking`` does. Returns the same lineage JSON."""
+    from components import lineage
+    from pipelines import trainjob
+
+    try:
+        trainjob.cleanup_run(trainjob.make_client(), kfp_run_id)
+    except Exception as exc:  # noqa: BLE001 (ending the MLflow run must not depend on the Kubernetes API)
+        print(f"TrainJob cleanup for run {kfp_run_id} failed: {exc}; delete it with kubectl delete trainjob -l metaopt.io/kfp-run-id={kfp_run_id}")
+    error = getattr(status, "error_message", None) or ""
+    return lineage.finish_tracking(status.state, kfp_run_id, error)
+
+
+__all__ = ["finish_run", "meta_train"]

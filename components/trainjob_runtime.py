@@ -120,10 +120,12 @@ def trainjob_prefix(state_uri: str) -> str:
 
 def meta_train(
     learner: str, config: str | Mapping[str, Any], data: Any, state_in: Any, run_id: str, workers: int, nodes: int, gpu: bool,
-    image: str, device: str, state: Any, learned: Any, metrics: Any, *, client: Any = None, echo: Callable[[str], None] = print,
+    image: str, device: str, state: Any, learned: Any, metrics: Any, *, kfp_run_id: str = "", client: Any = None,
+    echo: Callable[[str], None] = print,
 ) -> int:  # fmt: skip
     """The pipeline step: one TrainJob runs every outer step; hand on its checkpoint and export.
-    Returns the outer step reached."""
+    ``kfp_run_id`` names the job (a retried step adopts or replaces its earlier attempt's job;
+    pipelines/trainjob.py); empty, the SDK picks a random name. Returns the outer step reached."""
     from components import runtime
     from metaopt_core.meta import registry, runner
     from metaopt_core.meta.inputs import PreparedInputs
@@ -140,8 +142,9 @@ def meta_train(
         learner, procs, config_uri=config_uri, data_uri=data.uri, checkpoint_uri=_join(prefix, "checkpoint"), initial_uri=state_in.uri,
         export_uri=_join(prefix, "learned"), run_id=run_id, device=device, threads=0 if gpu else 1,
     )  # fmt: skip
-    request = trainjob.TrainJobRequest(image=image, num_nodes=nodes, procs_per_node=procs,
-                                       resources_per_node=trainjob.resources_per_node(procs, gpu), command=command)  # fmt: skip
+    named = {"name": trainjob.trainjob_name(kfp_run_id), "labels": trainjob.trainjob_labels(kfp_run_id)} if kfp_run_id else {}
+    request = trainjob.TrainJobRequest(image=image, num_nodes=nodes, procs_per_node=procs, resources_per_node=trainjob.resources_per_node(procs, gpu),
+                                       command=command, runtime=trainjob.runtime_for(gpu), **named)  # fmt: skip
     say(f"{meta_learner.name}: {meta_learner.total_steps(resolved)} outer steps in one TrainJob, {workers} workers on {nodes} node(s)")
     trainjob.run_trainjob(client if client is not None else trainjob.make_client(), request, echo=echo)
     download_tree(_join(prefix, "checkpoint"), state.path)

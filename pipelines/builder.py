@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import yaml
 
-from components.images import default_images, validate_image
+from components.images import resolve_images
 from pipelines.resources import apply_resources, resources_for
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -104,9 +104,9 @@ class PipelineOptions:
     timeouts: bool | None = None
 
     def __post_init__(self) -> None:
-        cpu_image, cuda_image = default_images()
-        object.__setattr__(self, "image", validate_image(self.image or cpu_image, "image"))
-        object.__setattr__(self, "image_cuda", validate_image(self.image_cuda or cuda_image, "image_cuda"))
+        cpu_image, cuda_image = resolve_images(self.image, self.image_cuda, gpu=bool(self.gpu))
+        object.__setattr__(self, "image", cpu_image)
+        object.__setattr__(self, "image_cuda", cuda_image)
         object.__setattr__(self, "resources", {kind: dict(fields) for kind, fields in dict(self.resources or {}).items()})
         for kind in self.resources:
             resources_for(kind, self.gpu, self.resources)  # an unknown kind or a bad value fails at compile time
@@ -135,7 +135,20 @@ class PipelineOptions:
             shape = f"{self.blocks} outer steps, each fanned out over {self.shards} shards"
         else:
             shape = f"{self.blocks} blocks of outer steps, inner trainings batched in process"
-        return f"{shape}; {'GPU (CUDA image, 1 GPU per meta-training step)' if self.gpu else 'CPU'}"
+        return f"{shape}; {self.gpu_summary()}"
+
+    def gpu_summary(self) -> str:
+        """How many GPUs the compiled pipeline asks for, as the pods request them."""
+        if not self.gpu:
+            return "CPU"
+        if self.workers:
+            per_node = self.workers // self.nodes
+            train = f"{self.workers} GPUs at once for meta-training ({self.nodes} node(s) x {per_node}, one per worker)"
+        elif self.shards > 1:
+            train = f"{self.shards} GPUs at once for meta-training (1 per shard task)"
+        else:
+            train = "1 GPU per meta-training block"
+        return f"GPU (CUDA image): {train}, 1 for the meta-test"
 
 
 def learner_of(name: str) -> Any:
@@ -243,12 +256,24 @@ def _cluster_env(task: Any, options: PipelineOptions) -> Any:
         from kfp import kubernetes
 
         kubernetes.use_config_map_as_env(task, RUNTIME_CONFIG_MAP, {key: key for key in RUNTIME_KEYS})
-        # optional: with IRSA / workload identity there are no keys to mount
-        kubernetes.use_secret_as_env(task, S3_SECRET, {key: key for key in S3_KEYS}, optional=True)
-        # not optional: without it every MLflow call fails with 401, better a pod that names the missing Secret
+        # Both Secrets are required (a missing one: a pod that names it, not 401s / 403s later). With
+        # IRSA / workload identity, metaopt-s3 holds empty values (botocore then asks the next provider).
+        kubernetes.use_secret_as_env(task, S3_SECRET, {key: key for key in S3_KEYS})
         kubernetes.use_secret_as_env(task, MLFLOW_AUTH_SECRET, {key: key for key in MLFLOW_AUTH_KEYS})
         kubernetes.add_pod_label(task, label_key=STEP_LABEL[0], label_value=STEP_LABEL[1])
+        _without_optional_flags(task)
     return task
+
+
+def _without_optional_flags(task: Any) -> None:
+    """Drop ``optional`` from the task's SecretAsEnv / ConfigMapAsEnv. KFP backends before 2.15
+    (2.5.0 in Kubeflow 1.10) have no such field: their driver ignores it, so ``optional: true``
+    would promise what they do not do. Every entry here is required, which is also what a missing
+    ``optional`` means to the backends that know it (tests/test_kfp_backend_contract.py)."""
+    config = task.platform_config.get("kubernetes", {})
+    for key in ("secretAsEnv", "configMapAsEnv"):
+        for entry in config.get(key, []):
+            entry.pop("optional", None)
 
 
 # The kind of each step (pipelines/resources.py sizes them); train and meta_test run on a GPU with --gpu.
@@ -313,6 +338,7 @@ def build_pipeline(name: str, options: PipelineOptions | None = None, config: di
 
     from components import common
     from components import learner as steps
+    from components import trainjob as trainjob_steps
     from metaopt_core.meta import registry
 
     learner = learner_of(name)
@@ -338,7 +364,11 @@ def build_pipeline(name: str, options: PipelineOptions | None = None, config: di
 
         # The exit step ends the pipeline's MLflow run (found by the KFP run id: an exit step takes no
         # outputs of the steps it guards): FINISHED if every step succeeded, else FAILED.
-        finished = wire(_fresh(common.finish_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)), "finish MLflow run")
+        # With workers the exit step also deletes the run's TrainJob unless it completed (components/trainjob.py).
+        exit_step, exit_name = (
+            (trainjob_steps.finish_run, "finish MLflow run, clean up TrainJob") if options.workers else (common.finish_tracking, "finish MLflow run")
+        )
+        finished = wire(_fresh(exit_step(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)), exit_name)
         with dsl.ExitHandler(finished, name="pipeline-steps"):
             prepared = wire(
                 _fresh(common.prepare_data(learner=ref, config=config, config_uri=config_uri, meta_test_settings=meta_test_settings)), "prepare data", "data"
@@ -360,11 +390,10 @@ def build_pipeline(name: str, options: PipelineOptions | None = None, config: di
                                                     total_steps=options.blocks if options.shards > 1 and not options.workers else 0)), f"{label_name} initial state", "data")  # fmt: skip
                 state = init.outputs["state"]
                 learned = None
-                if options.workers:  # every outer step in one TrainJob (pipelines/trainjob.py)
-                    from components import trainjob
-
-                    step = trainjob.meta_train(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id, workers=options.workers,
-                                               nodes=options.nodes, gpu=options.gpu, image=options.image_cuda if options.gpu else options.image, device=device)  # fmt: skip
+                if options.workers:  # every outer step in one TrainJob (pipelines/trainjob.py), named after the run and task
+                    step = trainjob_steps.meta_train(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id, workers=options.workers,
+                                                     nodes=options.nodes, gpu=options.gpu, image=options.image_cuda if options.gpu else options.image,
+                                                     device=device, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)  # fmt: skip
                     _fresh(wire(step, f"{label_name} meta-training (TrainJob)", "submit"))
                     if options.retries:
                         step.set_retry(**RETRY)  # the step resumes the job's checkpoint

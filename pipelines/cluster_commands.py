@@ -33,7 +33,9 @@ def add_image_and_resource_arguments(parser: argparse.ArgumentParser) -> None:
     """``--image``, ``--image-cuda`` and ``--resources`` of a cluster compile."""
     parser.add_argument("--image", default=None, metavar="REF",
                         help="the steps' image (default $METAOPT_IMAGE, else ghcr.io/metaopt/metaopt:<version>-<commit>); a digest pins it")  # fmt: skip
-    parser.add_argument("--image-cuda", default=None, metavar="REF", help="the GPU steps' image (default $METAOPT_IMAGE_CUDA, else the -cuda tag)")
+    parser.add_argument("--image-cuda", default=None, metavar="REF",
+                        help="the GPU steps' image (default: --image's tag + -cuda; else $METAOPT_IMAGE_CUDA, else $METAOPT_IMAGE's -cuda variant, "
+                             "else the -cuda tag); required with --gpu when --image is a digest")  # fmt: skip
     parser.add_argument("--resources", action="append", default=[], metavar="KIND.FIELD=VALUE",
                         help="change a step kind's size, repeatable: train.memory_limit=32Gi, meta_test.timeout=6h "
                              "(kinds: control, data, train, meta_test, submit; fields: cpu, cpu_limit, memory, memory_limit, timeout)")  # fmt: skip

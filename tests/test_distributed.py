@@ -226,7 +226,7 @@ def test_the_meta_training_step_submits_a_trainjob_and_hands_on_its_result(prepa
 
     import torch
     from kubeflow.trainer import CustomTrainerContainer, TrainerClient
-    from kubeflow.trainer.options import TrainerCommand
+    from kubeflow.trainer.options import Name, TrainerCommand
     from kubeflow.trainer.types.types import TrainJob
 
     from components import trainjob_runtime
@@ -251,20 +251,28 @@ def test_the_meta_training_step_submits_a_trainjob_and_hands_on_its_result(prepa
         return "metaopt-job-1"
 
     client.train.side_effect = the_job_runs
+
+    def no_job_yet(name):  # what the SDK raises for a TrainJob that does not exist
+        from kubernetes.client import ApiException
+
+        raise RuntimeError(f"Failed to get TrainJob: {name}") from ApiException(status=404, reason="Not Found")
+
+    client.get_job.side_effect = no_job_yet
     client.get_job_logs.return_value = iter(["[metaopt] arl: outer step 2/2\n"])
     client.wait_for_job_status.return_value = TrainJob("metaopt-job-1", None, [], 2, datetime.now(), status=trainjob.COMPLETE)
     lines: list[str] = []
     try:
         step = trainjob_runtime.meta_train("arl", json.dumps(config.model_dump(mode="json")), data, state_in, "", 6, 2, True, IMAGE_CUDA, "",
-                                           state, learned, metrics, client=client, echo=lines.append)  # fmt: skip
+                                           state, learned, metrics, kfp_run_id="run-1", client=client, echo=lines.append)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert step == 2 and arl.step(arl.load_state(state.path)) == 2
     call = client.train.call_args.kwargs
     trainer = call["trainer"]
-    assert call["runtime"] == trainjob.RUNTIME_NAME and isinstance(trainer, CustomTrainerContainer)
+    assert call["runtime"] == trainjob.GPU_RUNTIME_NAME and isinstance(trainer, CustomTrainerContainer)
     assert (trainer.image, trainer.num_nodes) == (IMAGE_CUDA, 2)
-    assert trainer.resources_per_node == {"gpu": 3, "cpu": "6", "memory": "24Gi"}
+    assert trainer.resources_per_node == {"gpu": "3", "cpu": "6", "memory": "24Gi"}
+    assert Name(name=trainjob.trainjob_name("run-1")) in call["options"]  # a retried step finds it by this name
     command = next(option.command for option in call["options"] if isinstance(option, TrainerCommand))
     prefix = trainjob_runtime.trainjob_prefix(state.uri)
     for flag, value in [("--learner", "arl"), ("--data-uri", data.uri), ("--initial-uri", state_in.uri),

@@ -10,6 +10,7 @@ exists, and NetworkPolicies that leave a service open or shut out a client it ne
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -27,14 +28,17 @@ README = INFRA / "README.md"
 
 KUSTOMIZE = shutil.which("kubectl") or shutil.which("kustomize")
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet"}
-TOP_LEVEL_BUILDS = ["base", "overlays/local", "overlays/gpu"]
-SECRETS = {  # what the user creates (infra/README.md, "2. Secrets") and its keys
+SERVICE_BUILDS = ["base", "overlays/local", "overlays/gpu"]  # what kubectl apply -k gets: namespace metaopt and the rest
+TOP_LEVEL_BUILDS = [*SERVICE_BUILDS, "base/pipeline-namespace"]
+PROFILE_BUILDS = [("base/pipeline-namespace", None), ("overlays/local", "kubeflow")]  # None: infra/add-profile.sh picks the namespace
+SECRETS = {  # what the user and infra/add-profile.sh create (infra/README.md, "2. Secrets") and their keys
     "metaopt-postgres": {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"},
     "metaopt-minio-root": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"},
-    "metaopt-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
     "metaopt-mlflow-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
     "metaopt-mlflow-admin": {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"},
+    "metaopt-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
     "metaopt-mlflow-auth": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+    "metaopt-profile-setup": {"PROFILE_NAMESPACE", "PROFILE_S3_ACCESS_KEY", "PROFILE_S3_SECRET_KEY", "PROFILE_MLFLOW_USERNAME", "PROFILE_MLFLOW_PASSWORD"},
 }
 
 
@@ -127,6 +131,8 @@ def pod_specs(objects: list[dict]) -> list[tuple[dict, dict]]:
     for obj in objects:
         if obj["kind"] in POD_TEMPLATE_KINDS:
             found.append((obj, obj["spec"]["template"]["spec"]))
+        elif obj["kind"] == "CronJob":
+            found.append((obj, obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
         elif obj["kind"] == "Pod":
             found.append((obj, obj["spec"]))
     return found
@@ -236,10 +242,12 @@ def _references(pod_spec: dict) -> list[tuple[str, str, str | None]]:
                 ref = value_from["configMapKeyRef"]
                 refs.append(("ConfigMap", ref["name"], ref["key"]))
     for volume in pod_spec.get("volumes", []):
-        if "secret" in volume:
-            refs.append(("Secret", volume["secret"]["secretName"], None))
-        if "configMap" in volume:
-            refs.append(("ConfigMap", volume["configMap"]["name"], None))
+        sources = [volume] + volume.get("projected", {}).get("sources", [])
+        for source in sources:
+            if "secret" in source:
+                refs.append(("Secret", source["secret"].get("secretName") or source["secret"]["name"], None))
+            if "configMap" in source:
+                refs.append(("ConfigMap", source["configMap"]["name"], None))
     return refs
 
 
@@ -376,7 +384,7 @@ def _bucket_job_buckets(objects: list[dict]) -> set[str]:
 
 
 def test_kfp_launcher_config_is_valid_and_points_at_minio(builds: dict[str, Build]) -> None:
-    for build_name, pipeline_namespace in [("base", "kubeflow-user-example-com"), ("overlays/local", "kubeflow")]:
+    for build_name, pipeline_namespace in PROFILE_BUILDS:
         objects = builds[build_name].objects
         launcher = find(objects, "ConfigMap", "kfp-launcher", pipeline_namespace)
         root = urllib.parse.urlsplit(launcher["data"]["defaultPipelineRoot"])
@@ -397,7 +405,7 @@ def test_metaopt_runtime_config_works_for_storage_and_mlflow(builds: dict[str, B
     from metaopt_core.mlops.storage import S3Settings
 
     base_objects = builds["base"].objects
-    for build_name, pipeline_namespace in [("base", "kubeflow-user-example-com"), ("overlays/local", "kubeflow")]:
+    for build_name, pipeline_namespace in PROFILE_BUILDS:
         data = find(builds[build_name].objects, "ConfigMap", "metaopt-runtime", pipeline_namespace)["data"]
         settings = S3Settings.from_env(data)  # the way a pipeline pod's storage will read it
         assert _service_port(base_objects, settings.endpoint_url) == ("minio", "metaopt", 9000)
@@ -410,7 +418,7 @@ def test_metaopt_runtime_holds_every_key_a_pipeline_step_reads(builds: dict[str,
     # keeps every step's pod from starting
     from pipelines.builder import RUNTIME_KEYS
 
-    for build_name, pipeline_namespace in [("base", "kubeflow-user-example-com"), ("overlays/local", "kubeflow")]:
+    for build_name, pipeline_namespace in PROFILE_BUILDS:
         data = find(builds[build_name].objects, "ConfigMap", "metaopt-runtime", pipeline_namespace)["data"]
         assert set(RUNTIME_KEYS) <= set(data), (build_name, sorted(set(RUNTIME_KEYS) - set(data)))
 
@@ -425,7 +433,7 @@ def test_mlflow_server_flags_exist_in_the_installed_mlflow(builds: dict[str, Bui
     from mlflow.cli import server as server_command
 
     options = {opt: param for param in server_command.params for opt in param.opts}
-    for build_name in TOP_LEVEL_BUILDS:
+    for build_name in SERVICE_BUILDS:
         container = _mlflow_container(builds[build_name].objects)
         assert container["command"] == ["mlflow", "server"]
         for argument in container["args"]:
@@ -446,17 +454,67 @@ def test_mlflow_server_flags_exist_in_the_installed_mlflow(builds: dict[str, Bui
         )
 
 
+def _mlflow_args(objects: list[dict]) -> dict[str, str]:
+    """The MLflow server's --flag=value arguments with $(VAR) expanded as Kubernetes does it, from
+    the container's env (literal values and the ConfigMap keys they reference)."""
+    container = _mlflow_container(objects)
+    values = {}
+    for env in container.get("env", []):
+        ref = env.get("valueFrom", {}).get("configMapKeyRef")
+        if ref:
+            values[env["name"]] = find(objects, "ConfigMap", ref["name"], "metaopt")["data"][ref["key"]]
+        elif "value" in env:
+            values[env["name"]] = env["value"]
+    expand = lambda text: re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: values.get(m.group(1), m.group(0)), text)
+    return dict(expand(a).split("=", 1) for a in container["args"] if "=" in a)
+
+
 def test_mlflow_accepts_the_host_names_clients_use(builds: dict[str, Build]) -> None:
     pytest.importorskip("mlflow")
-    from mlflow.server.security_utils import is_allowed_host_header
+    from mlflow.server.security_utils import is_allowed_host_header, should_block_cors_request
 
-    args = dict(a.split("=", 1) for a in _mlflow_container(builds["base"].objects)["args"] if "=" in a)
+    args = _mlflow_args(builds["base"].objects)
     allowed = [h.strip() for h in args["--allowed-hosts"].split(",")]
-    runtime = find(builds["base"].objects, "ConfigMap", "metaopt-runtime", "kubeflow-user-example-com")
+    runtime = find(builds["base/pipeline-namespace"].objects, "ConfigMap", "metaopt-runtime")
     tracking_host = urllib.parse.urlsplit(runtime["data"]["MLFLOW_TRACKING_URI"]).netloc
     for host in [tracking_host, "mlflow:5000", "mlflow.metaopt:5000", "localhost:5000", "localhost"]:
         assert is_allowed_host_header(allowed, host), f"MLflow would reject Host: {host}"
     assert not is_allowed_host_header(allowed, "evil.example.com:5000")
+    assert "$(" not in args["--allowed-hosts"], "every $(VAR) in the arguments must come from the container's env"
+
+
+def test_mlflow_ui_through_the_kubeflow_gateway(builds: dict[str, Build], tmp_path: Path) -> None:
+    """The route, MLflow's host and origin checks and the run links agree, for a gateway host set
+    the way infra/README.md says (the ConfigMap mlflow-gateway)."""
+    pytest.importorskip("mlflow")
+    from mlflow.server.security_utils import is_allowed_host_header, should_block_cors_request
+
+    from metaopt_core.mlops.tracking import mlflow_run_url
+
+    site = tmp_path / "site"  # an overlay setting the gateway host, as an operator writes it
+    site.mkdir()
+    (site / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [os.path.relpath(INFRA / "base", site)], "patches": [{"patch": yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "mlflow-gateway", "namespace": "metaopt"},
+         "data": {"KUBEFLOW_HOST": "kubeflow.example.com"}})}]}))  # fmt: skip
+    objects = build(site).objects
+    args = _mlflow_args(objects)
+    allowed = [h.strip() for h in args["--allowed-hosts"].split(",")]
+    assert is_allowed_host_header(allowed, "kubeflow.example.com")
+    assert not should_block_cors_request("https://kubeflow.example.com", "POST", args["--cors-allowed-origins"].split(","))
+    assert should_block_cors_request("https://evil.example.com", "POST", args["--cors-allowed-origins"].split(","))
+    route = find(objects, "VirtualService", "mlflow", "metaopt")["spec"]
+    assert route["gateways"] == ["kubeflow/kubeflow-gateway"]
+    [http] = [r for r in route["http"] if "route" in r]
+    prefix = http["match"][0]["uri"]["prefix"]
+    destination = http["route"][0]["destination"]
+    assert _service_port(objects, f"{destination['host']}:{destination['port']['number']}") == ("mlflow", "metaopt", 5000)
+    assert http["rewrite"]["uri"] == "/"  # MLflow serves its UI at /
+    # a run link as the pipelines write it, with MLFLOW_UI_URL as add-profile.sh --kubeflow-url sets it
+    link = urllib.parse.urlsplit(mlflow_run_url(None, "1", "abc", base="https://kubeflow.example.com/mlflow"))
+    assert link.netloc == "kubeflow.example.com" and link.path.startswith(prefix) and link.path[len(prefix) - 1 :] == "/"
+    assert "MLFLOW_UI_URL) value=${kubeflow_url:+$kubeflow_url/mlflow}" in (INFRA / "add-profile.sh").read_text()
+    redirect = next(r for r in route["http"] if "redirect" in r)
+    assert redirect["match"][0]["uri"]["exact"] + "/" == prefix == redirect["redirect"]["uri"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -478,6 +536,9 @@ def test_local_overlay_is_small_and_targets_standalone_kfp(builds: dict[str, Bui
     pipeline_side = {o["metadata"]["name"] for o in local if o["kind"] == "ConfigMap" and o["metadata"]["namespace"] == "kubeflow"}
     assert pipeline_side == {"kfp-launcher", "metaopt-runtime"}
     assert {o["metadata"]["namespace"] for o in local if o["kind"] == "ConfigMap"} == {"kubeflow", "metaopt"}  # metaopt: minio-policies
+    # --workers works locally too: the runtimes are there; no Istio (kind/minikube), so no gateway route
+    assert {o["metadata"]["name"] for o in local if o["kind"] == "ClusterTrainingRuntime"} == {"metaopt-torch", "metaopt-torch-gpu"}
+    assert not [o for o in local if o["kind"] == "VirtualService"]
 
 
 def test_gpu_overlay_schedules_gpu_jobs_on_gpu_nodes(builds: dict[str, Build]) -> None:
@@ -626,16 +687,20 @@ def _secret_users(objects: list[dict]) -> dict[str, set[str]]:
     return users
 
 
-def test_minio_root_credentials_only_for_minio_and_its_setup_job(builds: dict[str, Build]) -> None:
-    for build_name, result in builds.items():
-        users = _secret_users(result.objects)
-        assert users["metaopt-minio-root"] == {"Deployment/metaopt/minio", "Job/metaopt/minio-buckets"}, build_name
+def test_minio_root_credentials_only_for_minio_and_its_setup_jobs(builds: dict[str, Build]) -> None:
+    for build_name in SERVICE_BUILDS:
+        users = _secret_users(builds[build_name].objects)
+        setup = {"Job/metaopt/minio-buckets", "CronJob/metaopt/profile-setup"}
+        assert users["metaopt-minio-root"] == {"Deployment/metaopt/minio"} | setup, build_name
         assert users["metaopt-mlflow-s3"] == {"Deployment/metaopt/mlflow", "Job/metaopt/minio-buckets"}, build_name
-        assert "metaopt-s3" not in {n for n, u in users.items() if "Deployment/metaopt/mlflow" in u}, "MLflow must not hold the pipelines' keys"
-        # the KFP launcher reads the pipelines' user, never root
-        for launcher in (o for o in result.objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kfp-launcher"):
-            secret = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]["credentials"]["secretRef"]["secretName"]
-            assert secret == "metaopt-s3"
+        assert users["metaopt-mlflow-admin"] == {"Deployment/metaopt/mlflow", "CronJob/metaopt/profile-setup"}, build_name
+        assert users["metaopt-profile-setup"] == {"CronJob/metaopt/profile-setup"}, build_name
+        # no workload in namespace metaopt holds a profile's keys
+        assert "metaopt-s3" not in users and "metaopt-mlflow-auth" not in users, build_name
+    for build_name, _ in PROFILE_BUILDS:  # the KFP launcher reads the profile's user, never root
+        launcher = find(builds[build_name].objects, "ConfigMap", "kfp-launcher")
+        secret = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]["credentials"]["secretRef"]["secretName"]
+        assert secret == "metaopt-s3"
 
 
 def test_minio_policies_limit_each_user_to_its_bucket(builds: dict[str, Build]) -> None:
@@ -648,15 +713,17 @@ def test_minio_policies_limit_each_user_to_its_bucket(builds: dict[str, Build]) 
         assert resources == {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}, file
         actions = {a for st in statements for a in st["Action"]}
         assert all(st["Effect"] == "Allow" for st in statements) and not any(a in ("s3:*", "*") or a.startswith("admin:") for a in actions)
-    script = find(builds["base"].objects, "Job", "minio-buckets", "metaopt")["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    assert "setup_user metaopt-pipelines" in script and "setup_user metaopt-mlflow" in script
-    assert "MINIO_ROOT_PASSWORD}@" in script and "--password" not in script  # credentials via MC_HOST_root, not arguments
+    buckets = find(builds["base"].objects, "Job", "minio-buckets", "metaopt")["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    profile = find(builds["base"].objects, "CronJob", "profile-setup", "metaopt")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert "minio_user metaopt-mlflow " in buckets and "minio_user metaopt-pipelines " in profile["initContainers"][0]["args"][0]
+    functions = find(builds["base"].objects, "ConfigMap", "minio-setup", "metaopt")["data"]["minio-setup.sh"]
+    assert "MINIO_ROOT_PASSWORD}@" in functions and "--password" not in functions  # credentials via MC_HOST_root, not arguments
 
 
 def test_mlflow_runs_its_basic_auth_app_with_credentials_from_secrets(builds: dict[str, Build]) -> None:
     from pipelines.builder import MLFLOW_AUTH_KEYS, MLFLOW_AUTH_SECRET
 
-    for build_name in TOP_LEVEL_BUILDS:
+    for build_name in SERVICE_BUILDS:
         deployment = find(builds[build_name].objects, "Deployment", "mlflow", "metaopt")
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         assert "--app-name=basic-auth" in container["args"]
@@ -666,13 +733,18 @@ def test_mlflow_runs_its_basic_auth_app_with_credentials_from_secrets(builds: di
         assert "database_uri" in init["args"][0] and "default_permission = READ" in init["args"][0]
         volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth-config")
         assert volume["emptyDir"]["medium"] == "Memory"
-    # the pipelines' user: created by the mlflow-users Job from the Secret the compiled steps read
-    job = find(builds["base"].objects, "Job", "mlflow-users", "metaopt")["spec"]["template"]["spec"]["containers"][0]
-    assert {"secretRef": {"name": MLFLOW_AUTH_SECRET}} in job["envFrom"]
+    # each profile's user: made by the profile-setup Job as the admin, from the keys add-profile.sh
+    # also writes into the profile's metaopt-mlflow-auth, the Secret the compiled steps read
+    job = find(builds["base"].objects, "CronJob", "profile-setup", "metaopt")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    mlflow_user = next(c for c in job["containers"] if c["name"] == "mlflow-user")
+    assert {"secretRef": {"name": "metaopt-mlflow-admin"}} in mlflow_user["envFrom"]
+    assert {e["valueFrom"]["secretKeyRef"]["key"] for e in mlflow_user["env"] if "valueFrom" in e} == {"PROFILE_MLFLOW_USERNAME", "PROFILE_MLFLOW_PASSWORD"}
+    script = (INFRA / "add-profile.sh").read_text()
+    assert all(f"{key}=" in script for key in MLFLOW_AUTH_KEYS) and MLFLOW_AUTH_SECRET in script
     assert SECRETS[MLFLOW_AUTH_SECRET] == set(MLFLOW_AUTH_KEYS)
-    runtime = find(builds["base"].objects, "ClusterTrainingRuntime", "metaopt-torch")
-    node = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
-    assert {"secretRef": {"name": MLFLOW_AUTH_SECRET}} in node["spec"]["containers"][0]["envFrom"]
+    for runtime in (o for o in builds["base"].objects if o["kind"] == "ClusterTrainingRuntime"):
+        node = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+        assert {"secretRef": {"name": MLFLOW_AUTH_SECRET}} in node["spec"]["containers"][0]["envFrom"]
 
 
 def _policies(objects: list[dict], namespace: str) -> list[dict]:
@@ -680,7 +752,16 @@ def _policies(objects: list[dict], namespace: str) -> list[dict]:
 
 
 def _selects(selector: dict, labels: dict) -> bool:
-    assert set(selector) <= {"matchLabels"}, f"this test reads matchLabels only: {selector}"
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, f"unexpected selector {selector}"
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] in ("Exists", "DoesNotExist", "In", "NotIn"), expression
+        present = expression["key"] in labels
+        if expression["operator"] == "Exists" and not present or expression["operator"] == "DoesNotExist" and present:
+            return False
+        if expression["operator"] == "In" and labels.get(expression["key"]) not in expression["values"]:
+            return False
+        if expression["operator"] == "NotIn" and labels.get(expression["key"]) in expression["values"]:
+            return False
     return selector.get("matchLabels", {}).items() <= labels.items()
 
 
@@ -698,33 +779,38 @@ def _admits(policies: list[dict], target_labels: dict, client_namespace_labels: 
     return False
 
 
-def test_network_policies_let_only_pipeline_pods_mlflow_and_the_ui_in(builds: dict[str, Build]) -> None:
+def test_network_policies_admit_profile_pods_notebooks_mlflow_and_the_ui_only(builds: dict[str, Build]) -> None:
     from pipelines.builder import STEP_LABEL
 
     objects = builds["base"].objects
     policies = _policies(objects, "metaopt")
     deny = find(objects, "NetworkPolicy", "default-deny-ingress", "metaopt")
     assert deny["spec"]["podSelector"] == {} and deny["spec"]["policyTypes"] == ["Ingress"] and not deny["spec"].get("ingress")
-    pipeline_ns = {"metaopt.io/pipelines": "enabled", "kubernetes.io/metadata.name": "kubeflow-user-example-com"}
+    profile_ns = {"metaopt.io/pipelines": "enabled", "kubernetes.io/metadata.name": "kubeflow-user-example-com"}
     other_ns = {"kubernetes.io/metadata.name": "someone-else"}
     metaopt_ns = {"kubernetes.io/metadata.name": "metaopt"}
     step = {STEP_LABEL[0]: STEP_LABEL[1]}
+    notebook = {"notebook-name": "my-notebook", "statefulset": "my-notebook"}  # Kubeflow's notebook controller labels its pods so
     labels = {name: find(objects, kind, name, "metaopt")["spec"]["template"]["metadata"]["labels"]
               for kind, name in [("Deployment", "mlflow"), ("Deployment", "minio"), ("StatefulSet", "postgres")]}  # fmt: skip
-    jobs = {name: find(objects, "Job", name, "metaopt")["spec"]["template"]["metadata"]["labels"] for name in ("minio-buckets", "mlflow-users")}
+    jobs = {"minio-buckets": find(objects, "Job", "minio-buckets", "metaopt")["spec"]["template"]["metadata"]["labels"],
+            "profile-setup": find(objects, "CronJob", "profile-setup", "metaopt")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]}  # fmt: skip
     gateway = ({"kubernetes.io/metadata.name": "istio-system"}, {"app": "istio-ingressgateway"})
     allowed = {  # (target, client) -> expected
-        ("mlflow", "pipeline step"): True, ("mlflow", "gateway"): True, ("mlflow", "mlflow-users"): True,
-        ("mlflow", "other pod, pipeline namespace"): False, ("mlflow", "step label, other namespace"): False,
-        ("minio", "pipeline step"): True, ("minio", "mlflow"): True, ("minio", "minio-buckets"): True, ("minio", "gateway"): False,
-        ("minio", "step label, other namespace"): False,
-        ("postgres", "mlflow"): True, ("postgres", "pipeline step"): False, ("postgres", "minio"): False, ("postgres", "gateway"): False,
+        ("mlflow", "pipeline step"): True, ("mlflow", "notebook"): True, ("mlflow", "gateway"): True, ("mlflow", "profile-setup"): True,
+        ("mlflow", "other pod, profile namespace"): False, ("mlflow", "step label, other namespace"): False,
+        ("mlflow", "notebook, other namespace"): False,
+        ("minio", "pipeline step"): True, ("minio", "notebook"): True, ("minio", "mlflow"): True, ("minio", "minio-buckets"): True,
+        ("minio", "profile-setup"): True, ("minio", "gateway"): False, ("minio", "step label, other namespace"): False,
+        ("postgres", "mlflow"): True, ("postgres", "pipeline step"): False, ("postgres", "notebook"): False, ("postgres", "minio"): False,
+        ("postgres", "gateway"): False, ("postgres", "profile-setup"): False,
     }  # fmt: skip
     clients = {
-        "pipeline step": (pipeline_ns, step, False), "gateway": (*gateway, False), "other pod, pipeline namespace": (pipeline_ns, {"app": "x"}, False),
-        "step label, other namespace": (other_ns, step, False), "mlflow": (metaopt_ns, labels["mlflow"], True),
+        "pipeline step": (profile_ns, step, False), "notebook": (profile_ns, notebook, False), "gateway": (*gateway, False),
+        "other pod, profile namespace": (profile_ns, {"app": "x"}, False), "step label, other namespace": (other_ns, step, False),
+        "notebook, other namespace": (other_ns, notebook, False), "mlflow": (metaopt_ns, labels["mlflow"], True),
         "minio": (metaopt_ns, labels["minio"], True), "minio-buckets": (metaopt_ns, jobs["minio-buckets"], True),
-        "mlflow-users": (metaopt_ns, jobs["mlflow-users"], True),
+        "profile-setup": (metaopt_ns, jobs["profile-setup"], True),
     }  # fmt: skip
     for (target, client), expected in allowed.items():
         ns_labels, pod_labels, same = clients[client]
@@ -735,11 +821,11 @@ def test_network_policies_let_only_pipeline_pods_mlflow_and_the_ui_in(builds: di
         for rule in policy["spec"].get("ingress", []):
             assert {p["port"] for p in rule["ports"]} <= ports, name_of(policy)
     # TrainJob pods carry the pipeline-step label too
-    runtime = find(objects, "ClusterTrainingRuntime", "metaopt-torch")
-    pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
-    assert pod["metadata"]["labels"][STEP_LABEL[0]] == STEP_LABEL[1]
+    for runtime in (o for o in objects if o["kind"] == "ClusterTrainingRuntime"):
+        pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+        assert pod["metadata"]["labels"][STEP_LABEL[0]] == STEP_LABEL[1]
 
 
-def test_readme_labels_the_pipeline_namespace_for_the_network_policies() -> None:
-    text = README.read_text()
-    assert "kubectl label namespace" in text and "metaopt.io/pipelines=enabled" in text
+def test_profiles_are_labelled_for_the_network_policies() -> None:
+    script = (INFRA / "add-profile.sh").read_text()
+    assert "kubectl label namespace" in script and "metaopt.io/pipelines=enabled" in script
