@@ -22,12 +22,20 @@ from metaopt_core.meta.metamd import (
     inner_hypergrads,
     outer_update,
     quadratics,
-    run,
+    result_of,
     task_set,
     tasks_for_step,
 )
 from metaopt_core.meta.metamd.analysis import agreement, generalisation_bound_terms, hypergradients_by_method
 from metaopt_core.optim import DenseBregman, DiagonalBregman, KroneckerBregman, MirrorDescent, load_divergence
+
+
+def meta_train(config: MetaMDConfig) -> metamd.MetaMDResult:
+    """The outer steps of ``config`` through the pure steps (the driver's loop without checkpoints)."""
+    state = MetaMDState.initial(config)
+    while not state.finished:
+        state = outer_update(state, inner_hypergrads(state))
+    return result_of(state)
 
 
 def quad_config(**changes) -> MetaMDConfig:
@@ -288,7 +296,7 @@ def test_outer_adam_step_is_torch_adam():
 def test_tiny_meta_training_lowers_the_meta_objective():
     config = quad_config(outer={"lr": 0.05, "steps": 40, "tasks_per_step": 6, "clip_norm": 100.0})
     before = float(np.mean([task_value(config, metamd.initial_omega(config), i) for i in range(12)]))
-    result = run(config)
+    result = meta_train(config)
     after = float(np.mean([task_value(config, result.state.omega, i) for i in range(12)]))
     assert after < 0.5 * before
     # faster on held-out problems too
@@ -299,47 +307,7 @@ def test_tiny_meta_training_lowers_the_meta_objective():
     assert np.median(np.where(learned < 0, 3000, learned)) < np.median(np.where(sgd < 0, 3000, sgd))
 
 
-# ============================================================================= checkpoints, resume, result
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_after(step: int):
-    def callback(metrics):
-        if metrics["step"] == step:
-            raise Killed
-
-    return callback
-
-
-@pytest.mark.parametrize("make", [lambda: quad_config(outer={"lr": 0.05, "steps": 4, "tasks_per_step": 3}, evaluation={"every": 2}),
-                                  lambda: net_config(outer__steps=3)])  # fmt: skip
-def test_kill_and_resume_equals_uninterrupted_run(make, tmp_path):
-    config = make()
-    uninterrupted = run(config, tmp_path / "a")
-    with pytest.raises(Killed):
-        run(config, tmp_path / "b", callback=_kill_after(1))
-    assert MetaMDState.load(tmp_path / "b").step == 1
-    lines = []
-    resumed = run(config, tmp_path / "b", progress=lines.append)
-    assert "resumed" in lines[0] and f"step 1/{config.outer.steps}" in lines[0]
-    assert torch.equal(resumed.state.omega, uninterrupted.state.omega)
-    assert all(torch.equal(resumed.state.optimizer[k], uninterrupted.state.optimizer[k]) for k in uninterrupted.state.optimizer)
-
-    def strip(history):
-        return [{k: v for k, v in row.items() if k not in ("seconds", "tasks")} for row in history]
-
-    assert strip(resumed.history) == strip(uninterrupted.history)
-
-
-def test_resume_refuses_a_changed_config_but_accepts_more_steps(tmp_path):
-    run(quad_config(outer={"lr": 0.05, "steps": 1, "tasks_per_step": 3}), tmp_path)
-    with pytest.raises(ConfigError, match="field 'inner.lr'"):
-        run(quad_config(outer={"lr": 0.05, "steps": 2, "tasks_per_step": 3}, inner={"steps": 30, "lr": 0.04}), tmp_path)
-    longer = run(quad_config(outer={"lr": 0.05, "steps": 2, "tasks_per_step": 3}), tmp_path)
-    assert longer.state.step == 2
+# ============================================================================= checkpoints, result
 
 
 def test_checkpoint_corruption_is_detected(tmp_path):
@@ -353,7 +321,7 @@ def test_checkpoint_corruption_is_detected(tmp_path):
 
 def test_result_saves_a_loadable_optimiser(tmp_path):
     config = net_config(outer__steps=1)
-    result = run(config)
+    result = meta_train(config)
     paths = result.save(tmp_path)
     div, manifest = load_divergence(paths["divergence"])
     assert manifest["lr"] == config.inner.lr and manifest["metadata"]["algorithm"] == "metamd"

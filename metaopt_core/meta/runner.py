@@ -4,8 +4,8 @@ step through checkpoint folders, or one outer step fanned out over shards throug
     learner = registry.get(name)
     config = learner.resolve_config(doc)
     inputs = learner.prepare(config)                       # datasets + one fingerprint
-    learner.save_state(learner.init(config, inputs), "ckpt")
-    for b in range(blocks):                                # in process, checkpoint every step
+    driver.save_state(learner.init(config, inputs), "ckpt")
+    for b in range(blocks):                                # the driver, checkpoint every step
         state = run_block(learner, config, inputs, "ckpt", block_target(total, b, blocks))
     export(learner, state, inputs, "learned")              # loss.json | divergence/, history.json
     report = meta_test(learner, config, "learned", inputs, settings)
@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel
 
+from metaopt_core.meta import driver
 from metaopt_core.meta.inputs import PreparedInputs
-from metaopt_core.meta.protocol import FINISHED, MetaLearner, MetaTestReport, MetricsCallback, ProgressReporter, Work
+from metaopt_core.meta.protocol import FINISHED, MetaLearner, MetaTestReport, ProgressReporter, Work
 
 WORK_FORMAT = "metaopt.pipeline.work/1"
 PART_FORMAT = "metaopt.pipeline.part/1"
@@ -45,13 +45,6 @@ def block_target(total: int, block_index: int, blocks: int) -> int:
     return max(1, math.ceil(total * (block_index + 1) / blocks))
 
 
-def _total_in_progress(line: str, until: int, total: int) -> str:
-    """'generation 3/3' -> 'generation 3/8': a block runs to its own target, the reader wants the run's."""
-    if until == total:
-        return line
-    return re.sub(rf"\b(\d+)/{until}\b", rf"\g<1>/{total}", line, count=1)
-
-
 def run_block(
     learner: MetaLearner,
     config: BaseModel,
@@ -60,17 +53,28 @@ def run_block(
     until: int,
     *,
     total: int | None = None,
-    progress: ProgressReporter | None = None,
-    callback: MetricsCallback | None = None,
+    on_event: driver.EventHook | None = None,
 ) -> Any:
     """Resume the state in ``checkpoint_dir`` and run outer steps up to step ``until`` (fewer when
     the learner stops by itself), checkpointing after every step. Returns the state reached.
-    ``total`` (the run's full length) only makes progress lines read 'step k/total'."""
-    if not learner.has_state(checkpoint_dir):
+    ``total`` (the run's full length) only makes events read 'step k/total'."""
+    if not driver.has_state(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint_dir: no state at {checkpoint_dir} (save the learner's initial state there first)")
-    total = total or learner.total_steps(config)
-    report = (lambda line: progress(_total_in_progress(line, until, total))) if progress else None
-    return learner.run(learner.with_total_steps(config, until), inputs, checkpoint_dir, progress=report, callback=callback)
+    return driver.run(learner, config, inputs, checkpoint_dir, until=until, total=total, on_event=on_event)
+
+
+def train(
+    learner: MetaLearner,
+    config: BaseModel,
+    checkpoint_dir: str | Path | None = None,
+    *,
+    inputs: PreparedInputs | None = None,
+    on_event: driver.EventHook | None = None,
+) -> tuple[Any, PreparedInputs]:
+    """Meta-train in this process (scripts, notebooks): prepare the inputs unless given, then the
+    driver from scratch or from the checkpoint in ``checkpoint_dir``. Returns (state, inputs)."""
+    inputs = inputs if inputs is not None else learner.prepare(config)
+    return driver.run(learner, config, inputs, checkpoint_dir, on_event=on_event), inputs
 
 
 # ----------------------------------------------------------------------------- one outer step, sharded
@@ -98,7 +102,7 @@ def write_work(learner: MetaLearner, state: Any, inputs: PreparedInputs, directo
     """Ask: the next outer step's jobs as ``work.json`` in ``directory`` (``finished`` when the run
     has stopped, so later shards and the merge pass the state on)."""
     work = {FINISHED: True} if learner.done(state) else learner.ask(state, inputs)
-    _write_json(Path(directory) / "work.json", {"format": WORK_FORMAT, "learner": learner.name, "step": learner.step(state), "work": work})
+    _write_json(Path(directory) / "work.json", {"format": WORK_FORMAT, "learner": learner.name, "step": state.step, "work": work})
     return work
 
 
@@ -136,7 +140,7 @@ def export(learner: MetaLearner, state: Any, inputs: PreparedInputs, directory: 
         "format": RESULT_FORMAT,
         "learner": learner.name,
         "kind": learner.kind,
-        "steps": learner.step(state),
+        "steps": state.step,
         "fingerprint": inputs.fingerprint,
         "files": {key: str(Path(path).relative_to(directory)) for key, path in paths.items()},
     }
@@ -195,6 +199,7 @@ __all__ = [
     "read_work",
     "run_block",
     "tell_parts",
+    "train",
     "write_part",
     "write_work",
 ]

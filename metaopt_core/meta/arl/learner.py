@@ -43,7 +43,7 @@ class ARLLearner(LearnerBase):
     meta_test_class = ARLMetaTest
     state_class = arl.ARLState
     steps_field = "generations"
-    step_attribute = "generation"
+    resumable = ("max_batch", "batched")  # the batched and sequential paths agree up to float reassociation
     demo_configs = ("arl-demo.yaml",)
     # 5 grid points (factor ~3 apart, so no candidate's best lr sits on an edge of a narrow grid) x
     # 3 seeds x (learned, champion, ce, gce, sce) x 12 epochs on digits: about 1 min on 2 cores
@@ -101,10 +101,6 @@ class ARLLearner(LearnerBase):
 
     def tell(self, state: arl.ARLState, parts: Sequence[Part], data: PreparedInputs) -> arl.ARLState:
         return arl.tell(state, arl.Fitness.merge([arl.Fitness.from_dict(part["fitness"]) for part in parts]))
-
-    def run(self, config, data, checkpoint_dir, *, progress=None, callback=None) -> arl.ARLState:
-        # arl.run trains each generation's population batched (the same fitness as one shard)
-        return arl.run(config, checkpoint_dir, progress, callback, pool=self._pool(config, data)).state
 
     def export(self, state: arl.ARLState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
         pool = self._pool(self.config_of(state), data)

@@ -57,6 +57,11 @@ class ARLState:
         return [record["metrics"] for record in self.records]
 
     @property
+    def step(self) -> int:
+        """Completed outer steps (generations): the driver's name for them."""
+        return self.generation
+
+    @property
     def finished(self) -> bool:
         return self.generation >= self.config["generations"] or bool(self.stop_reasons)
 

@@ -36,7 +36,8 @@ Read the modules in this order:
 - :mod:`.hypergrad` — the IFT hypergradient of one held-out domain and :class:`Hypergradient`;
 - :mod:`.state` — :class:`ITLState` and its checkpoint;
 - :mod:`.outer_step` — :func:`inner_hypergrads`, :func:`aggregate`, :func:`outer_update`;
-- :mod:`.loop` — :func:`run`, :class:`ITLResult` and :data:`SCALAR_METRICS`.
+- :mod:`.result` — :func:`result_of`, :class:`ITLResult` and :data:`SCALAR_METRICS` (the export);
+- :mod:`.learner` — :class:`ITLLearner`, the protocol on top of the above (the driver runs it).
 """
 
 from metaopt_core.meta.itl.config import FamilyConfig, HypergradConfig, InnerConfig, ITLConfig, OuterConfig, as_config
@@ -50,16 +51,8 @@ from metaopt_core.meta.itl.inner import (
     train_job_sequential,
     train_jobs_batched,
 )
-from metaopt_core.meta.itl.loop import (
-    RESUMABLE_CHANGES,
-    SCALAR_METRICS,
-    ITLResult,
-    MetricsCallback,
-    ProgressReporter,
-    result_of,
-    run,
-)
 from metaopt_core.meta.itl.outer_step import aggregate, inner_hypergrad, inner_hypergrads, optimizer_step, outer_update, with_domains
+from metaopt_core.meta.itl.result import SCALAR_METRICS, ITLResult, result_of
 from metaopt_core.meta.itl.state import STATE_FORMAT, ITLState
 
 __all__ = [
@@ -73,10 +66,7 @@ __all__ = [
     "ITLState",
     "InnerConfig",
     "InnerJob",
-    "MetricsCallback",
     "OuterConfig",
-    "ProgressReporter",
-    "RESUMABLE_CHANGES",
     "SCALAR_METRICS",
     "STATE_FORMAT",
     "TrainedModel",
@@ -93,7 +83,6 @@ __all__ = [
     "optimizer_step",
     "outer_update",
     "result_of",
-    "run",
     "train_inner",
     "train_job_sequential",
     "train_jobs_batched",

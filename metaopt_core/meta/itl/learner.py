@@ -44,6 +44,7 @@ class ITLLearner(HypergradientLearner):
     state_class = itl.ITLState
     hypergradient_class = itl.Hypergradient
     scalar_metrics = itl.SCALAR_METRICS
+    resumable = ("max_batch", "batched")  # the batched and sequential paths agree up to float reassociation
     demo_configs = ("itl-demo.yaml",)
     # 6 grid points (factor ~3 apart; up to 0.3 because tuned CE chose the top of a grid ending at
     # 0.1) x 3 seeds x (learned, champion, ce) x 3 epochs on 5 source domains: under a minute on 2 cores
@@ -90,11 +91,6 @@ class ITLLearner(HypergradientLearner):
 
     def outer_update(self, state: itl.ITLState, hypergradients: Sequence[itl.Hypergradient], data: PreparedInputs) -> itl.ITLState:
         return itl.outer_update(state, hypergradients)
-
-    def run(self, config, data, checkpoint_dir, *, progress=None, callback=None) -> itl.ITLState:
-        # itl.run trains the leave-one-out models of a step batched (the same hypergradients as one shard)
-        self.check_inputs(config, data)
-        return itl.run(config, checkpoint_dir, progress, callback, data=self.dataset(data)).state
 
     def export(self, state: itl.ITLState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
         return itl.result_of(state, data.fingerprint).save(directory)

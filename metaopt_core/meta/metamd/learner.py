@@ -45,6 +45,7 @@ class MetaMDLearner(HypergradientLearner):
     state_class = metamd.MetaMDState
     hypergradient_class = metamd.Hypergradient
     scalar_metrics = metamd.SCALAR_METRICS
+    resumable = ("evaluation.every",)  # held-out monitoring only: logged curves, not the trajectory of ω
     demo_configs = ("metamd-demo.yaml", "metamd-quadratic.yaml")
     default_meta_test = {"seeds": 3}
     # MetaMD's demo ramps the inner lr from 1.0 to 2.5 over 20 outer steps (only a well-learned M is
@@ -118,10 +119,6 @@ class MetaMDLearner(HypergradientLearner):
 
     def outer_update(self, state, hypergradients: Sequence[metamd.Hypergradient], data: PreparedInputs) -> metamd.MetaMDState:
         return metamd.outer_update(state, hypergradients, data=self.dataset(data))
-
-    def run(self, config, data, checkpoint_dir, *, progress=None, callback=None) -> metamd.MetaMDState:
-        self.check_inputs(config, data)
-        return metamd.run(config, checkpoint_dir, progress, callback, data=self.dataset(data)).state
 
     def export(self, state: metamd.MetaMDState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
         return metamd.result_of(state, self.dataset(data)).save(directory)
