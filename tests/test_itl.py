@@ -1,4 +1,4 @@
-"""Tests for ITL (metaopt_core.meta.itl) and the loss-family interface (metaopt_core.meta.loss_families).
+"""Tests for ITL (metaopt_core.meta.itl) and the loss-family interface (metaopt_core.losses.families).
 
 Everything runs on tiny synthetic domains (3 domains of 8x8 images, 3 classes) so the file stays
 well under a minute on 2 cores. References: hand-derived formulas (the CE Taylor expansion,
@@ -20,12 +20,13 @@ import yaml
 from metaopt_core.config import ConfigError, load_config
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.data.sources import ImageData
+from metaopt_core.losses.families import build_family, family_from_dict, softplus_inverse
+from metaopt_core.losses.parametric import ISCEFamily, TaylorFamily
 from metaopt_core.losses.registry import get_loss
 from metaopt_core.losses.robust import SymmetricCrossEntropy
 from metaopt_core.losses.taylor import PRESETS, TaylorLoss
 from metaopt_core.meta import itl
 from metaopt_core.meta.itl import inner as itl_inner
-from metaopt_core.meta.loss_families import ISCEFamily, TaylorFamily, build_family, family_from_dict, softplus_inverse
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from metaopt_core.config import DataSpec, DeviceName, ModelName, NoiseSpec, StrictModel
+from metaopt_core.losses.parametric import TaylorFamily
 from metaopt_core.losses.taylor import ORDERS, PRESETS, num_params
-from metaopt_core.population import Schedule, TaylorFamily
+from metaopt_core.population import Schedule
 
 
 class ModelSpec(StrictModel):
@@ -122,7 +123,7 @@ class ARLConfig(StrictModel):
         return list(PRESETS[self.init].loss_params())  # the sign-corrected vector TaylorLoss trains with
 
     def family(self) -> TaylorFamily:
-        return TaylorFamily(self.order, self.form, self.normalise, self.eta)
+        return TaylorFamily(order=self.order, form=self.form, normalise=self.normalise, eta=self.eta)
 
     def dataset_specs(self) -> list[DataSpec]:
         """The pool's datasets with the run's label noise applied: what ``prepare`` should build."""

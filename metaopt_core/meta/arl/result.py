@@ -36,8 +36,9 @@ def result_of(state: ARLState, pool_names: Sequence[str] | None = None, fingerpr
     if state.best is None:
         raise ValueError("result: the search has not completed a generation yet")
     config = state.arl_config
-    loss = TaylorLoss(state.best["params"], order=config.order, form=config.form, normalise=config.normalise, eta=config.eta)
-    document = loss.to_dict()
+    family = config.family()
+    loss = family.to_module(state.best["params"])
+    document = family.to_dict(state.best["params"])
     document["meta"] = {
         "algorithm": "arl",
         "name": config.name,

@@ -1,6 +1,6 @@
 """ITL — Implicit Taylor Loss (thesis chapter 4, Algorithms 7 and 8).
 
-A parametric loss L_ω (:mod:`metaopt_core.meta.loss_families`: the Taylor polynomial of any order,
+A parametric loss L_ω (a family of :mod:`metaopt_core.losses.families`: the Taylor polynomial of any order,
 or iSCE) is meta-learned for domain generalisation by gradient descent on ω:
 
     outer:  min_ω  M(θ*(ω)) = cross-entropy of θ*(ω) on a held-out domain
