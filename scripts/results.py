@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
+from metaopt_core.config import read_config  # noqa: E402
 from metaopt_core.gate import CHALLENGER, CHAMPION, decide_gate  # noqa: E402
 from metaopt_core.meta import driver, registry, runner  # noqa: E402
-from pipelines.builder import CONFIG_DIR, apply_overrides, preset_overrides  # noqa: E402
+from pipelines.builder import CONFIG_DIR, preset_overrides  # noqa: E402
 
 MARGIN = 0.0  # the pipelines' default promotion margin
 MIN_SEEDS = 3
@@ -133,8 +133,7 @@ def run_set(name: str, size: str, out: Path, work_root: Path, threads: int) -> d
     log = Log(work / "log.txt", name)
     config_path = CONFIG_DIR / spec.config
     overrides = preset_overrides(size, spec.learner)
-    doc = yaml.safe_load(config_path.read_text())
-    config = learner.resolve_config(apply_overrides(doc, overrides), source=str(config_path))
+    config = learner.resolve_config(read_config(config_path, overrides, algorithm=spec.learner), source=str(config_path))
     settings = learner.resolve_meta_test(dict(learner.default_meta_test))
     log(f"config {config_path.relative_to(ROOT)} size {size} overrides {overrides or 'none'}; meta-test {settings.model_dump(mode='json')}")
 

@@ -8,8 +8,6 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from metaopt_core.meta import PreparedInputs, registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +23,13 @@ def learner_names() -> list[str]:
 
 def tiny_document(name: str) -> dict:
     """The tiny configuration of learner ``name`` as a dict."""
-    from pipelines.builder import apply_overrides, default_config, preset_overrides
+    from metaopt_core.config import read_config
+    from pipelines.builder import default_config, preset_overrides
 
     path = ROOT / "configs" / f"{name}-tiny.yaml"
     if path.exists():
-        return yaml.safe_load(path.read_text())
-    return apply_overrides(default_config(name), preset_overrides("quick", name))
+        return read_config(path, algorithm=name)
+    return read_config(default_config(name), preset_overrides("quick", name), algorithm=name)
 
 
 def meta_test_settings(name: str) -> dict:

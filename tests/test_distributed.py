@@ -278,9 +278,10 @@ def test_a_failed_trainjob_fails_the_step():
 
 
 def test_the_paper_itl_pipeline_has_one_trainjob_step_and_stays_small(tmp_path):
-    from pipelines.builder import PipelineOptions, compile_pipeline, load_config_file
+    from metaopt_core.config import read_config
+    from pipelines.builder import PipelineOptions, compile_pipeline
 
-    config = load_config_file(ROOT / "configs" / "itl-paper.yaml", "itl")
+    config = read_config(ROOT / "configs" / "itl-paper.yaml", algorithm="itl")
     assert config["outer"]["steps"] == 200
     path = compile_pipeline("itl", tmp_path / "itl.yaml", PipelineOptions(gpu=True, workers=6), config)
     spec = next(yaml.safe_load_all(path.read_text()))

@@ -10,6 +10,7 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
+from metaopt_core import exports
 from metaopt_core.gate import decide_gate
 from metaopt_core.losses.taylor import TaylorLoss
 from metaopt_core.mlops.registry import GATE_PREFIX, apply_gate, load_champion, production_version, register_loss
@@ -56,7 +57,7 @@ def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_serve
     assert apply_gate(name, second.version, better.to_dict(), record(None), tracking_uri=mlflow_server).promoted
     assert production_version(name, tracking_uri=mlflow_server) == second.version
     version, champion = load_champion(name, tmp_path, tracking_uri=mlflow_server)
-    assert version == second.version and champion["kind"] == "loss" and champion["loss"]["family"] == "taylor"
+    assert version == second.version and exports.kind_of(champion).role == "loss" and exports.read(champion)["family"] == "taylor"
 
     # a gate decided against a champion that is no longer production does not promote
     third = register_loss(loss, name, tracking_uri=mlflow_server)

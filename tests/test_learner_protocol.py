@@ -93,23 +93,21 @@ class ToyLearner(LearnerBase):
         row = {"step": state.step + 1, "objective": objective(theta), "theta": theta}
         return ToyState(state.config, theta, state.step + 1, [*state.history, row])
 
-    def export(self, state: ToyState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
+    def export(self, state: ToyState, data: PreparedInputs) -> tuple[str, dict]:
         from metaopt_core.losses.document import document_of_loss
         from metaopt_core.losses.taylor import TaylorLoss
 
-        loss = Path(directory) / "loss.json"
-        loss.write_text(json.dumps(document_of_loss(TaylorLoss([0.5, 0.0, 0.0, 1.0, state.theta], order=2))))
-        history = Path(directory) / "history.json"
-        history.write_text(json.dumps(state.history))
-        return {"loss": loss, "history": history}
+        return "loss-document", document_of_loss(TaylorLoss([0.5, 0.0, 0.0, 1.0, state.theta], order=2))
 
-    def meta_test(self, config: ToyConfig, exported: Mapping[str, Any], data: PreparedInputs, settings: ToyMetaTest, *,
-                  champion=None, progress=None) -> MetaTestReport:  # fmt: skip
-        theta = exported["loss"]["params"][-1]
+    def meta_test(self, config: ToyConfig, artifact_dir: Path, data: PreparedInputs, settings: ToyMetaTest, *,
+                  champion_dir: Path | None = None, progress=None) -> MetaTestReport:  # fmt: skip
+        from metaopt_core import exports
+
+        theta = exports.read(artifact_dir)["params"][-1]
         score = float(abs(theta - TARGET) < settings.tolerance)
         paired = {"learned": [score] * 3, "constant": [0.0] * 3}  # 3 seeds (the gate's minimum), a baseline that scores 0
-        if champion is not None:
-            paired["champion"] = [float(abs(champion["loss"]["params"][-1] - TARGET) < settings.tolerance)] * 3
+        if champion_dir is not None:
+            paired["champion"] = [float(abs(exports.read(champion_dir)["params"][-1] - TARGET) < settings.tolerance)] * 3
         return MetaTestReport(f"toy: theta {theta:.4f}\n", {"meta_test_accuracy": score}, "meta_test_accuracy", True,
                               paired=paired, units=[{"seed": seed} for seed in range(3)], settings={"seeds": [0, 1, 2]})  # fmt: skip
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from metaopt_core import evaluate
+from metaopt_core import evaluate, exports
 from metaopt_core.losses.document import document_of_loss
 from metaopt_core.losses.registry import get_loss
 from metaopt_core.losses.taylor import TaylorLoss
@@ -76,12 +76,11 @@ def test_arl_meta_test_passes_the_champion_through_the_runner(tmp_path):
     assert settings.seeds == [0, 1, 2] and arl.resolve_meta_test({}).baselines == ["ce", "gce", "sce"]
     inputs = arl.prepare(config, settings)
     learned = tmp_path / "learned"
-    learned.mkdir()
-    (learned / "loss.json").write_text(json.dumps(document_of_loss(TaylorLoss.from_preset("itl"))))
-    result = {"format": runner.RESULT_FORMAT, "learner": "arl", "kind": "loss", "steps": 0, "fingerprint": "", "files": {"loss": "loss.json"}}
+    exports.write(learned, "loss-document", document_of_loss(TaylorLoss.from_preset("itl")))
+    result = {"format": runner.RESULT_FORMAT, "learner": "arl", "kind": "loss", "export_kind": "loss-document", "steps": 0, "fingerprint": ""}
     (learned / "result.json").write_text(json.dumps(result))
-    champion = {"kind": "loss", "loss": document_of_loss(get_loss("ce"))}
-    report = runner.meta_test(arl, config, learned, inputs, settings, champion=champion)
+    exports.write(tmp_path / "champion", "loss-document", document_of_loss(get_loss("ce")))
+    report = runner.meta_test(arl, config, learned, inputs, settings, champion_dir=tmp_path / "champion")
     assert list(report.paired) == ["learned", "champion", "ce"]
     assert report.paired["champion"] == report.paired["ce"]  # same loss, same units, same lr grid
     with_none = runner.meta_test(arl, config, learned, inputs, settings)
@@ -94,8 +93,7 @@ def test_metamd_meta_test_tunes_each_optimiser_on_meta_training_domains_and_re_e
     settings = metamd.resolve_meta_test({"seeds": 3, "lr_grid": [0.01, 0.1, 1.0], "steps": 3})
     inputs = metamd.prepare(config, settings)
     runner.export(metamd, metamd.init(config, inputs), inputs, tmp_path / "learned")
-    champion = {"kind": "optimizer", "divergence_dir": str(tmp_path / "learned" / "divergence")}
-    report = runner.meta_test(metamd, config, tmp_path / "learned", inputs, settings, champion=champion)
+    report = runner.meta_test(metamd, config, tmp_path / "learned", inputs, settings, champion_dir=tmp_path / "learned")
     assert list(report.paired) == ["learned", "champion", "sgd", "sgd-m", "adam"]
     assert all(len(v) == len(report.units) == 3 for v in report.paired.values())  # one held-out domain x 3 seeds
     assert report.paired["champion"] == report.paired["learned"]  # the same divergence, the same units

@@ -21,11 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pydantic import BaseModel
-
 from metaopt_core.meta.driver import CheckpointHook, EventHook, LoopTimings, Placement, StepEvent
 from metaopt_core.meta.inputs import PreparedInputs
-from metaopt_core.meta.protocol import MetaLearner
 
 PREFIX = "[metaopt]"
 
@@ -87,13 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_config_file(learner: MetaLearner, path: str | Path) -> BaseModel:
-    import yaml
-
-    doc = yaml.safe_load(Path(path).read_text()) or {}
-    return learner.resolve_config(doc, source=str(path))
-
-
 def say(message: str) -> None:
     print(f"{PREFIX} {message}", flush=True)
 
@@ -109,6 +99,7 @@ def run_from_args(
     rank 0 prints every event's line and then calls ``on_event``). Returns the final state."""
     import torch
 
+    from metaopt_core.config import load_config
     from metaopt_core.meta import driver, registry, runner
 
     if args.threads:
@@ -116,7 +107,7 @@ def run_from_args(
     placement = join_process_group(args.backend, args.timeout_min)
     try:
         learner = registry.get(args.learner)
-        config = learner.with_device(read_config_file(learner, args.config), args.device or None)
+        config = learner.with_device(load_config(args.config, algorithm=learner.name), args.device or None)
         inputs = PreparedInputs.load(args.data)
         check_inputs = getattr(learner, "check_inputs", None)  # LearnerBase's; the protocol does not require it
         if check_inputs:
@@ -149,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_parser", "join_process_group", "leave_process_group", "main", "read_config_file", "run_from_args"]
+__all__ = ["build_parser", "join_process_group", "leave_process_group", "main", "run_from_args"]
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ under torch.distributed::
 
     learner = registry.get("itl")
     state = driver.run(learner, config, inputs, "ckpt", on_event=print_line)   # resumable
-    runner.export(learner, state, inputs, "learned")     # the artifact of its export kind
-    report = learner.meta_test(config, "learned", inputs, settings, champion_dir=production_dir)
+    runner.export(learner, state, inputs, "learned")     # the artifact, as its export kind's files
+    report = learner.meta_test(config, Path("learned"), inputs, settings, champion_dir=production_dir)
 
 Work and parts are JSON-able dicts, so they cross process and machine boundaries unchanged.
 A learner's state is its own object with the :class:`LearnerState` contract (``save``/``load``,
@@ -119,9 +119,9 @@ class MetaLearner(Protocol):
     def tell(self, state: Any, parts: Sequence[Part], data: PreparedInputs) -> Any: ...
     def done(self, state: Any) -> bool: ...
     def metrics(self, state: Any) -> dict: ...
-    def export(self, state: Any, data: PreparedInputs, directory: str | Path) -> dict[str, Path]: ...
-    def meta_test(self, config: BaseModel, exported: Mapping[str, Any], data: PreparedInputs, settings: BaseModel, *,
-                  champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport: ...  # fmt: skip
+    def export(self, state: Any, data: PreparedInputs) -> tuple[str, Any]: ...  # (export kind name, artifact)
+    def meta_test(self, config: BaseModel, artifact_dir: Path, data: PreparedInputs, settings: BaseModel, *,
+                  champion_dir: Path | None = None, progress: ProgressReporter | None = None) -> MetaTestReport: ...  # fmt: skip
 
     # configuration and data (LearnerBase)
     def resolve_config(self, doc: Mapping[str, Any] | BaseModel, source: str = "config") -> BaseModel: ...

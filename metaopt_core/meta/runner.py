@@ -7,8 +7,8 @@ step through checkpoint folders, or one outer step fanned out over shards throug
     driver.save_state(learner.init(config, inputs), "ckpt")
     for b in range(blocks):                                # the driver, checkpoint every step
         state = run_block(learner, config, inputs, "ckpt", block_target(total, b, blocks))
-    export(learner, state, inputs, "learned")              # loss.json | divergence/, history.json
-    report = meta_test(learner, config, "learned", inputs, settings)
+    export(learner, state, inputs, "learned")              # the export kind's files, history.json
+    report = meta_test(learner, config, "learned", inputs, settings, champion_dir=production)
 
 With shards, one outer step is :func:`write_work` (ask) → :func:`write_part` × shards (evaluate) →
 :func:`tell_parts` (tell). A part does not depend on how the jobs were split, so both routes reach
@@ -131,26 +131,33 @@ def tell_parts(learner: MetaLearner, state: Any, part_paths: Sequence[str | Path
 
 
 def export(learner: MetaLearner, state: Any, inputs: PreparedInputs, directory: str | Path) -> dict:
-    """Write what the registry takes (``loss.json`` or ``divergence/``) and ``history.json``, plus
-    ``result.json`` (learner, kind, steps, fingerprint). Returns the ``result.json`` document."""
+    """Write what was learned as its export kind (:mod:`metaopt_core.exports`: the kind's files and
+    ``export.json``), ``history.json`` and ``result.json`` (learner, role, export kind, steps,
+    fingerprint). Returns the ``result.json`` document."""
+    from metaopt_core import exports
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = learner.export(state, inputs, directory)
+    kind_name, artifact = learner.export(state, inputs)
+    kind = exports.get(kind_name)
+    if kind.role != learner.kind:
+        raise ValueError(f"{learner.name}: exported a {kind.role} ({kind.name}); the learner's kind is {learner.kind!r}")
+    exports.save(directory, kind_name, artifact, state.history)
     doc = {
         "format": RESULT_FORMAT,
         "learner": learner.name,
-        "kind": learner.kind,
+        "kind": kind.role,
+        "export_kind": kind.name,
         "steps": state.step,
         "fingerprint": inputs.fingerprint,
-        "files": {key: str(Path(path).relative_to(directory)) for key, path in paths.items()},
+        "files": list(kind.files),
     }
     _write_json(directory / "result.json", doc)
     return doc
 
 
 def read_result(directory: str | Path) -> dict:
-    """``result.json`` of an exported result, plus ``history`` and ``loss`` (a loss's document) or
-    ``divergence_dir`` (an optimiser's folder)."""
+    """``result.json`` of an exported result, plus its ``history``. The artifact itself is read
+    from the folder through its kind (``metaopt_core.exports.read(directory)``)."""
     directory = Path(directory)
     path = directory / "result.json"
     if not path.exists():
@@ -159,10 +166,10 @@ def read_result(directory: str | Path) -> dict:
     if doc.get("format") != RESULT_FORMAT:
         raise ValueError(f"result {path}: format {doc.get('format')!r}; expected {RESULT_FORMAT!r}")
     doc["history"] = json.loads((directory / "history.json").read_text()) if (directory / "history.json").exists() else []
-    if doc["kind"] == "loss":
-        doc["loss"] = json.loads((directory / "loss.json").read_text())
-    else:
-        doc["divergence_dir"] = str(directory / "divergence")
+    if "export_kind" not in doc:  # exported before export kinds: the folder says
+        from metaopt_core import exports
+
+        doc["export_kind"] = exports.kind_of(directory, doc.get("kind")).name
     return doc
 
 
@@ -173,19 +180,20 @@ def meta_test(
     inputs: PreparedInputs,
     settings: Mapping[str, Any] | BaseModel | None = None,
     *,
-    champion: Mapping[str, Any] | None = None,
+    champion_dir: str | Path | None = None,
     progress: ProgressReporter | None = None,
 ) -> MetaTestReport:
     """Meta-test an exported result with the learner's protocol (its ``meta_test_class`` settings).
-    ``champion``: the production version (shaped like :func:`read_result`'s document: ``kind`` and
-    ``loss`` or ``divergence_dir``), re-evaluated in the same run on the same units; None if none."""
+    ``champion_dir``: the production version's export folder (``registry.load_champion``),
+    re-evaluated in the same run on the same units; None if there is none."""
+    from metaopt_core import exports
+
     exported = read_result(learned_dir)
     if exported["learner"] != learner.name:
         raise ValueError(f"learned_dir: holds a {exported['learner']!r} result; the config is {learner.name!r}")
-    if champion is not None and champion.get("kind") != learner.kind:
-        raise ValueError(f"champion: a {champion.get('kind')!r} result; this learner exports a {learner.kind!r}")
-    extra = {} if champion is None else {"champion": champion}  # learners written before the gate take no champion
-    return learner.meta_test(config, exported, inputs, learner.resolve_meta_test(settings), progress=progress, **extra)
+    if champion_dir is not None:
+        exports.kind_of(champion_dir, learner.kind)  # a champion of the learner's role, or an error naming it
+    return learner.meta_test(config, Path(learned_dir), inputs, learner.resolve_meta_test(settings), champion_dir=champion_dir, progress=progress)
 
 
 __all__ = [

@@ -5,7 +5,7 @@ the fitness of one shard of those jobs; tell merges the shards and takes the CMA
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -102,19 +102,21 @@ class ARLLearner(LearnerBase):
     def tell(self, state: arl.ARLState, parts: Sequence[Part], data: PreparedInputs) -> arl.ARLState:
         return arl.tell(state, arl.Fitness.merge([arl.Fitness.from_dict(part["fitness"]) for part in parts]))
 
-    def export(self, state: arl.ARLState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
+    def export(self, state: arl.ARLState, data: PreparedInputs) -> tuple[str, dict]:
         pool = self._pool(self.config_of(state), data)
-        return arl.result_of(state, pool.names, [entry.fingerprint for entry in pool.entries]).save(directory)
+        result = arl.result_of(state, pool.names, [entry.fingerprint for entry in pool.entries])
+        return result.export_kind, result.document
 
-    def meta_test(self, config, exported: Mapping[str, Any], data: PreparedInputs, settings: ARLMetaTest, *,
-                  champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
-        from metaopt_core import evaluate
+    def meta_test(self, config, artifact_dir: Path, data: PreparedInputs, settings: ARLMetaTest, *,
+                  champion_dir: Path | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
+        from metaopt_core import evaluate, exports
 
         training = {"model": settings.model, "seeds": settings.seeds, "epochs": settings.epochs, "momentum": config.train.momentum,
                     "lr_grid": settings.lr_grid or lr_grid_around(config.train.lr),
                     "batch_size": settings.batch_size or config.train.batch_size}  # fmt: skip
-        return compare_learned_loss("ARL meta-test", exported["loss"], settings.baselines, [evaluate.noise_task(dataset) for dataset in data.meta_test], training,
-                                    champion=(champion or {}).get("loss"), device=config.device, progress=progress)  # fmt: skip
+        champion = exports.read(champion_dir) if champion_dir is not None else None
+        return compare_learned_loss("ARL meta-test", exports.read(artifact_dir), settings.baselines, [evaluate.noise_task(dataset) for dataset in data.meta_test], training,
+                                    champion=champion, device=config.device, progress=progress)  # fmt: skip
 
 
 __all__ = ["ARLLearner", "ARLMetaTest"]

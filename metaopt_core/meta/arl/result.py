@@ -10,7 +10,6 @@ from typing import Sequence
 from metaopt_core.losses.taylor import TaylorLoss
 from metaopt_core.meta.arl.fitness import FITNESS_CONVENTION
 from metaopt_core.meta.arl.state import ARLState
-from metaopt_core.meta.checkpoint import save_loss_export
 
 
 @dataclass
@@ -26,9 +25,13 @@ class ARLResult:
     def best_fitness(self) -> float:
         return self.document["meta"]["fitness"]
 
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """``loss.json`` (the registry artifact: JSON only) and ``history.json``."""
-        return save_loss_export(directory, self.document, self.history)
+    export_kind = "loss-document"
+
+    def save(self, directory: str | Path) -> Path:
+        """The loss as its export kind (``loss.json``: JSON only) and ``history.json``; the folder."""
+        from metaopt_core import exports
+
+        return exports.save(directory, self.export_kind, self.document, self.history)
 
 
 def result_of(state: ARLState, pool_names: Sequence[str] | None = None, fingerprints: Sequence[str] | None = None) -> ARLResult:

@@ -40,7 +40,7 @@ Read the modules in this order:
 - :mod:`.learner` — :class:`ITLLearner`, the protocol on top of the above (the driver runs it).
 """
 
-from metaopt_core.meta.itl.config import FamilyConfig, HypergradConfig, InnerConfig, ITLConfig, OuterConfig, as_config
+from metaopt_core.meta.itl.config import FamilyConfig, HypergradConfig, InnerConfig, ITLConfig, OuterConfig
 from metaopt_core.meta.itl.domains import DomainSet, InnerJob, domain_set, job_seeds, make_job
 from metaopt_core.meta.itl.hypergrad import HYPERGRAD_FORMAT, Hypergradient, hypergradient_of
 from metaopt_core.meta.itl.inner import (
@@ -71,7 +71,6 @@ __all__ = [
     "STATE_FORMAT",
     "TrainedModel",
     "aggregate",
-    "as_config",
     "build_inner_model",
     "can_batch",
     "domain_set",

@@ -3,12 +3,12 @@ training, the implicit hypergradient and the outer optimiser on ω."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from metaopt_core.config import Betas, DataSpec, DeviceName, ModelName, StrictModel, validate
+from metaopt_core.config import Betas, DataSpec, DeviceName, ModelName, StrictModel
 from metaopt_core.data.folders import is_folder_source
 from metaopt_core.losses import families
 from metaopt_core.losses.families import LossFamily
@@ -146,8 +146,3 @@ class ITLConfig(StrictModel):
 
     def initial_omega(self) -> Tensor:
         return self.loss_family().init(self.init)
-
-
-def as_config(config: ITLConfig | Mapping[str, Any], source: str = "config") -> ITLConfig:
-    """``config`` itself, or the mapping validated as an :class:`ITLConfig` (errors name ``source``)."""
-    return config if isinstance(config, ITLConfig) else validate(ITLConfig, dict(config), source=source)  # type: ignore[return-value]

@@ -5,7 +5,7 @@ is the hypergradients of one shard of them; tell aggregates (PCGrad or mean) and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 from pydantic import BaseModel, Field
 
@@ -92,20 +92,22 @@ class ITLLearner(HypergradientLearner):
     def outer_update(self, state: itl.ITLState, hypergradients: Sequence[itl.Hypergradient], data: PreparedInputs) -> itl.ITLState:
         return itl.outer_update(state, hypergradients)
 
-    def export(self, state: itl.ITLState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
-        return itl.result_of(state, data.fingerprint).save(directory)
+    def export(self, state: itl.ITLState, data: PreparedInputs) -> tuple[str, dict]:
+        result = itl.result_of(state, data.fingerprint)
+        return result.export_kind, result.document
 
-    def meta_test(self, config, exported: Mapping[str, Any], data: PreparedInputs, settings: ITLMetaTest, *,
-                  champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
-        from metaopt_core import evaluate
+    def meta_test(self, config, artifact_dir: Path, data: PreparedInputs, settings: ITLMetaTest, *,
+                  champion_dir: Path | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
+        from metaopt_core import evaluate, exports
 
         self.check_inputs(config, data)
         tasks = evaluate.domain_tasks(data.meta_test[0], _held_out(settings))
         training = {"model": settings.model, "seeds": settings.seeds, "epochs": settings.epochs, "momentum": config.inner.momentum,
                     "lr_grid": settings.lr_grid or lr_grid_around(config.inner.lr),
                     "batch_size": settings.batch_size or config.inner.batch_size}  # fmt: skip
-        return compare_learned_loss("ITL meta-test", exported["loss"], settings.baselines, tasks, training,
-                                    champion=(champion or {}).get("loss"), device=config.device, progress=progress)  # fmt: skip
+        champion = exports.read(champion_dir) if champion_dir is not None else None
+        return compare_learned_loss("ITL meta-test", exports.read(artifact_dir), settings.baselines, tasks, training,
+                                    champion=champion, device=config.device, progress=progress)  # fmt: skip
 
 
 def _held_out(meta_test: ITLMetaTest) -> list[str]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from torch import nn
 
-from metaopt_core.meta.checkpoint import save_loss_export
 from metaopt_core.meta.itl.state import ITLState
 
 # Keys of a history row that are per-step scalars (what a tracker logs as metrics).
@@ -26,9 +25,15 @@ class ITLResult:
     history: list[dict]
     state: ITLState
 
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """``loss.json`` (the registry artifact: JSON only) and ``history.json``."""
-        return save_loss_export(directory, self.document, self.history)
+    @property
+    def export_kind(self) -> str:
+        return self.state.itl_config.loss_family().export_kind
+
+    def save(self, directory: str | Path) -> Path:
+        """The loss as its family's export kind and ``history.json``; the folder."""
+        from metaopt_core import exports
+
+        return exports.save(directory, self.export_kind, self.document, self.history)
 
 
 def result_of(state: ITLState, fingerprint: str | None = None) -> ITLResult:

@@ -5,16 +5,17 @@ the driver's.)"""
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from metaopt_core import exports
 from metaopt_core.data.prepare import PreparedData
+from metaopt_core.exports import LearnedDivergence
 from metaopt_core.meta.metamd.state import MetaMDState
 from metaopt_core.meta.metamd.tasks import DomainTasks, TaskSet, task_set
-from metaopt_core.optim import Divergence, MirrorDescent, save_divergence
+from metaopt_core.optim import Divergence, MirrorDescent
 
 SCALAR_METRICS = ("lr", "objective", "task_objective", "hypergrad_norm", "task_hypergrad_norm_max", "clipped", "diverged", "seconds", "lambda", "frobenius_distance",
                   "final_loss", "first_loss", "final_suboptimality", "final_grad_norm", "solve_rel_residual",
@@ -32,15 +33,16 @@ class MetaMDResult:
     state: MetaMDState
     metadata: dict
 
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """``divergence/`` (:func:`save_divergence`: safetensors + manifest, the registry artifact)
-        and ``history.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {"divergence": save_divergence(self.divergence, directory / "divergence", lr=self.lr, metadata=self.metadata),
-                 "history": directory / "history.json"}  # fmt: skip
-        paths["history"].write_text(json.dumps(self.history, indent=2))
-        return paths
+    export_kind = "mirror-descent"
+
+    @property
+    def artifact(self) -> LearnedDivergence:
+        return LearnedDivergence(self.divergence, self.lr, self.metadata)
+
+    def save(self, directory: str | Path) -> Path:
+        """The optimiser as its export kind (``divergence/``: safetensors + manifest) and
+        ``history.json``; the folder."""
+        return exports.save(directory, self.export_kind, self.artifact, self.history)
 
     def optimizer(self, model: nn.Module, lr: float | None = None) -> MirrorDescent:
         """A :class:`MirrorDescent` for ``model`` with the learned divergence (shapes must match)."""

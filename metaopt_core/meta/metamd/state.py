@@ -12,9 +12,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from metaopt_core.config import coerce
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.meta.checkpoint import load_checkpoint, omega_tensors, save_checkpoint
-from metaopt_core.meta.metamd.config import MetaMDConfig, as_config
+from metaopt_core.meta.metamd.config import MetaMDConfig
 from metaopt_core.meta.metamd.divergence import divergence_at, initial_omega, omega_digest
 from metaopt_core.meta.metamd.tasks import Task, TaskSet
 from metaopt_core.optim import Divergence
@@ -78,12 +79,12 @@ class MetaMDState:
 
     @classmethod
     def initial(cls, config: MetaMDConfig | Mapping[str, Any], data: TaskSet | PreparedData | None = None) -> MetaMDState:
-        config = as_config(config)
+        config = coerce(MetaMDConfig, config)
         return cls(config=config.model_dump(mode="json"), omega=initial_omega(config, data))
 
     @property
     def metamd_config(self) -> MetaMDConfig:
-        return as_config(self.config, source="state.config")
+        return coerce(MetaMDConfig, self.config, source="state.config")
 
     @property
     def finished(self) -> bool:
