@@ -61,9 +61,9 @@ def meta_train(config_path: str, out: Path) -> itl.ITLResult:
     learner = registry.get("itl")
     state, inputs = runner.train(learner, config, out / "checkpoint", on_event=lambda event: print(event.line(), flush=True))
     result = itl.result_of(state, inputs.fingerprint)
-    paths = result.save(out)
+    folder = result.save(out)
     print(f"meta-training: {result.state.step} outer steps, {time.perf_counter() - started:.0f} s in this process; "
-          f"loss -> {paths['loss']}, history -> {paths['history']}")  # fmt: skip
+          f"loss and history -> {folder}")  # fmt: skip
     return result
 
 

@@ -130,8 +130,8 @@ def cmd_train(args) -> None:
     learner = registry.get("metamd")
     state, inputs = runner.train(learner, config, out / "checkpoint", on_event=lambda event: print(event.line()))
     result = metamd.result_of(state, learner.dataset(inputs))
-    paths = result.save(out / "result")
-    print(f"saved {paths['divergence']} ({time.time() - started:.0f}s)")
+    folder = result.save(out / "result")
+    print(f"saved {folder} ({time.time() - started:.0f}s)")
 
 
 def cmd_evaluate(args) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from metaopt_core import exports
 from metaopt_core.config import ConfigError, load_config, validate
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.losses.taylor import PRESETS, TaylorLoss
@@ -290,10 +291,10 @@ def test_result_is_a_white_box_loss(config, pool, tmp_path):
     assert doc["params"] == pytest.approx(result.state.best["params"], rel=1e-6)
     assert doc["meta"]["fitness"] == min(m["best"] for m in result.history)
     assert doc["meta"]["pool"] == ["mlp2@mnist5k", "mlp3@mnist5k"]
-    paths = result.save(tmp_path)
-    rebuilt = TaylorLoss.from_dict(json.loads(paths["loss"].read_text()))
+    folder = result.save(tmp_path)
+    rebuilt = TaylorLoss.from_dict(exports.read(folder))
     torch.testing.assert_close(rebuilt.params.detach(), result.loss.params.detach())
-    assert json.loads(paths["history"].read_text()) == result.history
+    assert json.loads((folder / "history.json").read_text()) == result.history
 
 
 def test_tiny_search_improves_on_its_first_generation():

@@ -10,15 +10,22 @@ import pytest
 
 from metaopt_core.gate import decide_gate, paired_bootstrap_lower_bound
 
-RNG = np.random.default_rng(0)
 UNITS = 12  # e.g. 4 tasks x 3 seeds
 
 
-def noisy(mean: float, spread: float = 0.01) -> list[float]:
-    return list(mean + spread * RNG.standard_normal(UNITS))
+@pytest.fixture
+def noisy():
+    """Scores around ``mean``: each test draws from its own seeded generator (the same draws
+    whatever ran before it)."""
+    rng = np.random.default_rng(0)
+
+    def draw(mean: float, spread: float = 0.01) -> list[float]:
+        return list(mean + spread * rng.standard_normal(UNITS))
+
+    return draw
 
 
-def test_a_challenger_worse_than_the_champion_is_rejected():
+def test_a_challenger_worse_than_the_champion_is_rejected(noisy):
     base = noisy(0.80)
     paired = {"learned": [v - 0.03 for v in base], "champion": base, "ce": noisy(0.70)}
     decision = decide_gate(paired, greater_is_better=True, margin=0.0, seeds=3)
@@ -28,7 +35,7 @@ def test_a_challenger_worse_than_the_champion_is_rejected():
     assert decision.numbers["lower_bound"] < 0
 
 
-def test_a_challenger_better_than_the_champion_and_the_baselines_is_promoted():
+def test_a_challenger_better_than_the_champion_and_the_baselines_is_promoted(noisy):
     base = noisy(0.80)
     paired = {"learned": [v + 0.05 for v in base], "champion": base, "ce": noisy(0.78), "gce": noisy(0.79)}
     decision = decide_gate(paired, greater_is_better=True, margin=0.01, seeds=3)
@@ -47,13 +54,13 @@ def test_a_better_mean_without_confidence_is_rejected():
     assert not decision.promoted
 
 
-def test_a_tie_keeps_the_champion():
+def test_a_tie_keeps_the_champion(noisy):
     scores = noisy(0.8)
     decision = decide_gate({"learned": scores, "champion": list(scores), "ce": noisy(0.5)}, greater_is_better=True, margin=0.0, seeds=3)
     assert not decision.promoted and "a tie keeps the champion" in decision.reason
 
 
-def test_the_first_version_is_held_to_the_baseline_rule():
+def test_the_first_version_is_held_to_the_baseline_rule(noisy):
     good = decide_gate({"learned": noisy(0.80), "ce": noisy(0.79)}, greater_is_better=True, margin=0.02, seeds=3)
     assert good.promoted and "no production version" in good.reason
     bad = decide_gate({"learned": noisy(0.70), "ce": noisy(0.60), "sce": noisy(0.80)}, greater_is_better=True, margin=0.02, seeds=3)
@@ -62,7 +69,7 @@ def test_the_first_version_is_held_to_the_baseline_rule():
     assert bad.numbers["baseline_shortfall"] == pytest.approx(0.10, abs=0.02)
 
 
-def test_beating_the_champion_is_not_enough_when_a_baseline_is_better():
+def test_beating_the_champion_is_not_enough_when_a_baseline_is_better(noisy):
     champion = noisy(0.60)
     paired = {"learned": [v + 0.1 for v in champion], "champion": champion, "ce": noisy(0.90)}
     decision = decide_gate(paired, greater_is_better=True, margin=0.0, seeds=3)
@@ -98,7 +105,7 @@ def test_bad_inputs_are_refused():
         decide_gate({"learned": [float("nan")] * 3}, greater_is_better=True, seeds=3)
 
 
-def test_the_bootstrap_bound_is_seeded_and_below_the_mean():
+def test_the_bootstrap_bound_is_seeded_and_below_the_mean(noisy):
     values = noisy(0.05, 0.05)
     first = paired_bootstrap_lower_bound(values, 0.95, 10_000, seed=0)
     assert first == paired_bootstrap_lower_bound(values, 0.95, 10_000, seed=0)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from metaopt_core import exports
 from metaopt_core.config import ConfigError, load_config
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.data.sources import ImageData
@@ -432,9 +433,9 @@ def test_tiny_meta_training_improves_the_held_out_cross_entropy(tmp_path, data):
 
     before, after = objective(history[0]["omega_before"]), objective(history[-1]["omega"])
     assert after < before - 0.02, (before, after)
-    paths = result.save(tmp_path)
-    doc = json.loads(paths["loss"].read_text())
-    assert doc["family"] == "taylor" and doc["meta"]["algorithm"] == "itl" and len(json.loads(paths["history"].read_text())) == 6
+    folder = result.save(tmp_path)
+    doc = exports.read(folder)
+    assert doc["family"] == "taylor" and doc["meta"]["algorithm"] == "itl" and len(json.loads((folder / "history.json").read_text())) == 6
     assert TaylorLoss.from_dict(doc).params.tolist() == pytest.approx(history[-1]["omega"])
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from metaopt_core import exports
 from metaopt_core.config import ConfigError, load_config
 from metaopt_core.meta import metamd
 from metaopt_core.meta.metamd import (
@@ -273,9 +274,8 @@ def test_outer_update_checks_its_inputs_and_is_order_invariant(tmp_path):
         outer_update(state, grads[:-1])
     with pytest.raises(ValueError, match="from step 0"):
         outer_update(a, inner_hypergrads(a)[:1] + grads[1:])
-    # a hypergradient travels through a file (the pipeline's fan-in) unchanged
-    path = grads[0].save(tmp_path / "h.json")
-    loaded = Hypergradient.load(path)
+    # a hypergradient travels through JSON (a part.json of the pipeline's fan-in) unchanged
+    loaded = Hypergradient.from_dict(json.loads(json.dumps(grads[0].to_dict())))
     assert torch.equal(loaded.grad, grads[0].grad) and loaded.task == grads[0].task
     assert torch.equal(outer_update(state, [loaded, *grads[1:]]).omega, a.omega)
 
@@ -322,14 +322,15 @@ def test_checkpoint_corruption_is_detected(tmp_path):
 def test_result_saves_a_loadable_optimiser(tmp_path):
     config = net_config(outer__steps=1)
     result = meta_train(config)
-    paths = result.save(tmp_path)
-    div, manifest = load_divergence(paths["divergence"])
+    folder = result.save(tmp_path)
+    assert exports.kind_of(folder).name == "mirror-descent"
+    div, manifest = exports.read(folder)
     assert manifest["lr"] == config.inner.lr and manifest["metadata"]["algorithm"] == "metamd"
     assert torch.equal(torch.cat([p.flatten() for p in div.parameters()]), result.state.omega)
     model = metamd.base_model(config, task_set(config), seed=5)
-    optimizer = MirrorDescent.from_pretrained(paths["divergence"], model)
+    optimizer = exports.get("mirror-descent").build(folder, model=model)
     assert optimizer.param_groups[0]["lr"] == config.inner.lr
-    assert json.loads(paths["history"].read_text())[0]["step"] == 1
+    assert json.loads((folder / "history.json").read_text())[0]["step"] == 1
 
 
 def test_held_out_evaluation_of_quadratics_uses_the_learned_metric():

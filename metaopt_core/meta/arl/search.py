@@ -37,10 +37,6 @@ def rng_to_json(state: tuple) -> dict:
     return {"name": name, "keys": [int(k) for k in keys], "pos": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
 
 
-def rng_from_json(doc: dict) -> tuple:
-    return (doc["name"], np.asarray(doc["keys"], dtype=np.uint32), doc["pos"], doc["has_gauss"], doc["cached_gaussian"])
-
-
 class CMASearch:
     """A ``CMAEvolutionStrategy`` plus the NumPy RNG state it owns."""
 

@@ -124,15 +124,6 @@ class Candidates:
     def from_dict(cls, doc: dict) -> Candidates:
         return cls(int(doc["generation"]), np.asarray(doc["params"], dtype=np.float64), doc["config"])
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Candidates:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     def __len__(self) -> int:
         return len(self.params)
 

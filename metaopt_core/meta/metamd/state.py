@@ -4,7 +4,6 @@ the unit the pipeline's fan-out ships between machines)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,16 +52,6 @@ class Hypergradient:
         dtype = getattr(torch, str(doc.get("dtype", "float64")))
         return cls(int(doc["step"]), Task.from_dict(doc["task"]), str(doc["omega_sha256"]), torch.tensor(doc["grad"], dtype=dtype),
                    float(doc["value"]), bool(doc["diverged"]), dict(doc["metrics"]))  # fmt: skip
-
-    def save(self, path: str | Path) -> Path:
-        """One JSON file (floats written with Python's round-trip repr: exact)."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Hypergradient:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 @dataclass
