@@ -11,8 +11,8 @@
 Cluster commands take --namespace and credentials (--token-file, --cookie-file, $KFP_TOKEN,
 $KFP_COOKIE: pipelines/kfp_client.py); compiles take --image / --image-cuda / --resources.
 
-LEARNER is any registered learner (the built-ins arl, itl, metamd, entry points of the
-``metaopt.learners`` group) or an import reference ``package.module:LearnerClass``.
+LEARNER is any registered learner (the built-ins of ``metaopt_core.meta.registry.BUILTIN``, entry
+points of the ``metaopt.learners`` group) or an import reference ``package.module:LearnerClass``.
 ``pipelines.cli`` adds them with :func:`add_pipeline_commands`. Every handler returns an exit
 status; heavy imports (kfp, torch, MLflow) happen inside the handlers so ``metaopt --help`` is fast.
 """

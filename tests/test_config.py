@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,7 @@ from pydantic import Field
 
 from metaopt_core.config import ConfigError, DataSpec, ModelName, NoiseSpec, StrictModel, apply_overrides, load_config, read_config, validate
 from metaopt_core.data.sources import SOURCE_NAMES
+from metaopt_core.meta import registry
 from metaopt_core.models import MODEL_NAMES
 from tests.fixtures_s3 import moto_server_url, s3_endpoint  # noqa: F401  (fixtures)
 
@@ -95,13 +97,15 @@ def test_load_config_errors_name_the_file(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping at the top level, got list"):
         load_config(listing)
+    known = re.escape(str(sorted([*registry.names(), "evaluate"])))  # every learner, and the evaluator's runs
+    assert {"arl", "itl", "metamd"} <= set(registry.names())
     no_algorithm = tmp_path / "none.yaml"
     no_algorithm.write_text("name: x\n")
-    with pytest.raises(ConfigError, match=r"field 'algorithm' is missing; allowed: \['arl', 'evaluate', 'itl', 'metamd'\]"):
+    with pytest.raises(ConfigError, match=rf"field 'algorithm' is missing; allowed: {known}"):
         load_config(no_algorithm)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("algorithm: sgd\n")
-    with pytest.raises(ConfigError, match=r"field 'algorithm': got 'sgd'; allowed: \['arl', 'evaluate', 'itl', 'metamd'\]"):
+    with pytest.raises(ConfigError, match=rf"field 'algorithm': got 'sgd'; allowed: {known}"):
         load_config(wrong)
 
 
