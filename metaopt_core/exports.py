@@ -214,16 +214,20 @@ class LossExport:
         self.build(directory)  # the document builds (e.g. a named loss's keyword arguments)
 
     def bake(self, directory: Path, deployment: Mapping[str, Any]) -> dict[str, Any]:
-        """``lr_scale`` (the meta-test's measured lr relation to cross-entropy) into the document."""
-        from metaopt_core.losses.document import validate_loss_document
+        """``lr_scale`` (the meta-test's measured lr relation to cross-entropy) into the document's
+        header (``loss.json``: every loss kind keeps its header there)."""
+        from metaopt_core.losses.document import field_error, is_finite_number
 
         if "lr_scale" not in deployment:
             return {}
         path = directory / self.document_file
+        scale = deployment["lr_scale"]
+        if not is_finite_number(scale) or scale <= 0:
+            raise field_error(f"deployment for {path}", "lr_scale", scale, "a finite number > 0 (the loss's multiplier)")
         doc = json.loads(path.read_text(encoding="utf-8"))
-        doc["lr_scale"] = float(deployment["lr_scale"])
-        validate_loss_document(doc, f"deployment for {path}")
+        doc["lr_scale"] = float(scale)
         atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        self.read(directory)  # still a valid export
         return {"lr_scale": doc["lr_scale"]}
 
     def describe(self, directory: Path) -> dict[str, Any]:
