@@ -40,6 +40,7 @@ EXPORT_FORMAT = "metaopt.export/1"
 EXPORT_KINDS: dict[str, str] = {
     "loss-document": "metaopt_core.exports:LossDocumentExport",
     "mirror-descent": "metaopt_core.exports:MirrorDescentExport",
+    "neural-loss": "metaopt_core.meta.ml3.export:NeuralLossExport",
 }
 # A folder without export.json (written before export kinds, or a version registered then) is
 # read as the kind its role had then.

@@ -46,6 +46,7 @@ CE_LIKE = "ce-like"
 FAMILIES: dict[str, str] = {
     "taylor": "metaopt_core.losses.parametric:TaylorFamily",
     "isce": "metaopt_core.losses.parametric:ISCEFamily",
+    "neural": "metaopt_core.meta.ml3.family:NeuralLossFamily",
 }
 _classes: dict[str, type] = {}
 _lock = threading.Lock()

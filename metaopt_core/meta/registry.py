@@ -20,6 +20,7 @@ BUILTIN = {
     "arl": "metaopt_core.meta.arl.learner:ARLLearner",
     "itl": "metaopt_core.meta.itl.learner:ITLLearner",
     "metamd": "metaopt_core.meta.metamd.learner:MetaMDLearner",
+    "ml3": "metaopt_core.meta.ml3.learner:ML3Learner",
 }
 ENTRY_POINT_GROUP = "metaopt.learners"
 
