@@ -25,15 +25,14 @@ Nothing here imports kfp, mlflow or boto3; nothing is pickled.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Protocol
 
 from metaopt_core.files import atomic_write_text
+from metaopt_core.tables import LazyTable
 
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = "metaopt.export/1"
@@ -45,8 +44,6 @@ EXPORT_KINDS: dict[str, str] = {
 # A folder without export.json (written before export kinds, or a version registered then) is
 # read as the kind its role had then.
 LEGACY_KINDS = {"loss": "loss-document", "optimizer": "mirror-descent"}
-_kinds: dict[str, Any] = {}
-_lock = threading.Lock()
 
 
 class ExportError(ValueError):
@@ -76,31 +73,21 @@ class ExportKind(Protocol):
 # --------------------------------------------------------------------------------------------- the table
 
 
+_TABLE = LazyTable("export kind", EXPORT_KINDS, ExportError, make=lambda cls: cls())
+
+
 def names() -> list[str]:
-    return sorted(EXPORT_KINDS)
+    return _TABLE.names()
 
 
 def register_kind(name: str, reference: str, *, replace: bool = False) -> None:
     """Add an export kind: ``reference`` is ``"package.module:KindClass"`` (imported on first use)."""
-    with _lock:
-        if name in EXPORT_KINDS and EXPORT_KINDS[name] != reference and not replace:
-            raise ValueError(f"export kind {name!r} is taken by {EXPORT_KINDS[name]}; pass replace=True to replace it")
-        EXPORT_KINDS[name] = reference
-        _kinds.pop(name, None)
+    _TABLE.register(name, reference, replace=replace)
 
 
 def get(name: str) -> ExportKind:
     """The export kind called ``name`` (``ExportError`` naming the kinds there are)."""
-    with _lock:
-        if name in _kinds:
-            return _kinds[name]
-        reference = EXPORT_KINDS.get(name) if isinstance(name, str) else None
-    if reference is None:
-        raise ExportError(f"export kind: got {name!r}; allowed: {names()}")
-    module, _, attribute = reference.partition(":")
-    kind = getattr(importlib.import_module(module), attribute)()
-    with _lock:
-        return _kinds.setdefault(name, kind)
+    return _TABLE.get(name)
 
 
 # --------------------------------------------------------------------------------------------- folders

@@ -207,7 +207,7 @@ def test_a_family_added_to_the_table_is_what_the_loader_builds(monkeypatch):
 
     monkeypatch.setitem(families.FAMILIES, "doubled", f"{__name__}:DOUBLED")
     monkeypatch.setitem(globals(), "DOUBLED", DoubledTaylor)
-    monkeypatch.setattr(families, "_classes", {})
+    monkeypatch.setattr(families._TABLE, "_loaded", {})
     doc = {**hand_doc(), "family": "doubled"}
     logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
     assert torch.allclose(loss_from_document(doc)(logits, target), 2 * loss_from_document(hand_doc())(logits, target))

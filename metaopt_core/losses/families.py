@@ -31,14 +31,14 @@ Other packages add a family with :func:`register_family` (or one line in :data:`
 
 from __future__ import annotations
 
-import importlib
 import math
-import threading
 from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from metaopt_core.tables import LazyTable
 
 InitSpec = str | Sequence[float]
 CE_LIKE = "ce-like"
@@ -48,8 +48,6 @@ FAMILIES: dict[str, str] = {
     "isce": "metaopt_core.losses.parametric:ISCEFamily",
     "neural": "metaopt_core.meta.ml3.family:NeuralLossFamily",
 }
-_classes: dict[str, type] = {}
-_lock = threading.Lock()
 
 
 class LossFamily(Protocol):
@@ -79,36 +77,26 @@ class LossFamily(Protocol):
 # --------------------------------------------------------------------------------------------- the table
 
 
+_TABLE = LazyTable("loss family", FAMILIES)
+
+
 def names() -> list[str]:
     """Every family name of the table."""
-    return sorted(FAMILIES)
+    return _TABLE.names()
 
 
 def register_family(name: str, reference: str, *, replace: bool = False) -> None:
     """Add a family: ``reference`` is ``"package.module:FamilyClass"`` (imported on first use)."""
-    with _lock:
-        if name in FAMILIES and FAMILIES[name] != reference and not replace:
-            raise ValueError(f"loss family {name!r} is taken by {FAMILIES[name]}; pass replace=True to replace it")
-        FAMILIES[name] = reference
-        _classes.pop(name, None)
+    _TABLE.register(name, reference, replace=replace)
 
 
 def family_class(name: str) -> type:
     """The family class called ``name`` (``ValueError`` naming the families there are)."""
-    with _lock:
-        if name in _classes:
-            return _classes[name]
-        reference = FAMILIES.get(name) if isinstance(name, str) else None
-    if reference is None:
-        raise ValueError(f"loss family: got {name!r}; allowed: {names()}")
-    module, _, attribute = reference.partition(":")
-    cls = getattr(importlib.import_module(module), attribute)
-    with _lock:
-        return _classes.setdefault(name, cls)
+    return _TABLE.get(name)
 
 
 def has_family(name: Any) -> bool:
-    return isinstance(name, str) and name in FAMILIES
+    return name in _TABLE
 
 
 def options_of(name: str) -> tuple[str, ...]:
