@@ -4,6 +4,7 @@ version kept with its reason (and shown by ``metaopt models show``)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 
@@ -20,7 +21,9 @@ from tests.fixtures_mlflow import mlflow_server  # noqa: F401
 SETTINGS = {"lr_grid": [0.01, 0.1], "epochs": 2, "seeds": [0, 1, 2], "replicates": 3, "chosen_lr": {"learned": {"digits": 0.1}}}
 
 
+@functools.cache
 def split_manifest() -> dict:
+    """A real split manifest (prepared when a test first asks: not at collection)."""
     from metaopt_core.data.manifest import SplitManifest
     from metaopt_core.data.prepare import prepare
 
@@ -29,12 +32,9 @@ def split_manifest() -> dict:
     return SplitManifest().add("inner_training", train, ["train"]).add("meta_test", test, ["val"]).check().to_dict()
 
 
-MANIFEST = split_manifest()
-
-
 def record(champion: str | None) -> dict:
     return {"metric": "meta_test_accuracy", "greater_is_better": True, "champion_version": champion, "settings": SETTINGS,
-            "fingerprint": "f" * 64, "split_manifest": MANIFEST}  # fmt: skip
+            "fingerprint": "f" * 64, "split_manifest": split_manifest()}  # fmt: skip
 
 
 def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_server, tmp_path, capsys):
@@ -72,8 +72,8 @@ def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_serve
     doc = json.loads(open(gate_file).read())
     assert doc["decision"] == "rejected" and doc["settings"] == SETTINGS and doc["fingerprint"] == "f" * 64
     # the split manifest is on the version: its summary as a tag, every entry (with ids) in gate.json
-    assert json.loads(tags[GATE_PREFIX + "split_manifest"]) == MANIFEST["summary"]
-    assert doc["split_manifest"] == MANIFEST and doc["split_manifest"]["entries"][1]["phase"] == "meta_test"
+    assert json.loads(tags[GATE_PREFIX + "split_manifest"]) == split_manifest()["summary"]
+    assert doc["split_manifest"] == split_manifest() and doc["split_manifest"]["entries"][1]["phase"] == "meta_test"
 
     capsys.readouterr()
     assert cli_main(["models", "show", name, "--tracking-uri", mlflow_server]) == 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Sequence
 
-import cma
 import numpy as np
 
 from metaopt_core.meta.arl.config import ARLConfig
@@ -57,6 +56,8 @@ class CMASearch:
         }
         if config.bounds is not None:
             options["bounds"] = [config.bounds[0], config.bounds[1]]
+        import cma  # here: importing pycma (and the matplotlib it pulls in) costs ~2 s of CPU
+
         self.box: dict = {"rng": None}
         with numpy_rng(self.box):
             self.es = cma.CMAEvolutionStrategy(config.initial_mean(), config.sigma0, options)
