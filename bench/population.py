@@ -43,8 +43,9 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from metaopt_core.config import DataSpec
     from metaopt_core.data import prepare
+    from metaopt_core.losses.parametric import TaylorFamily
     from metaopt_core.losses.taylor import PRESETS
-    from metaopt_core.population import Member, Schedule, TaylorFamily, train_population
+    from metaopt_core.population import Member, Schedule, train_population
 
     data = prepare(DataSpec(source=args.source, noise={"kind": "symmetric", "rate": 0.8}, max_examples=args.max_examples))
     train, val = data.splits["train"], data.splits["val"]

@@ -8,14 +8,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from components.runtime import copy_tree, learner_setup, log_kfp_metrics, numeric, say, tracked
+from components.runtime import copy_tree, learner_setup, log_kfp_metrics, say, tracked
 
 
 def _hand_on(meta_learner: Any, new_state: Any, inputs: Any, state: Any, learned: Any, metrics: Any) -> int:
     """Export what was learned so far (the state is saved already), log the last step's metrics; the step reached."""
     from metaopt_core.meta import runner
 
-    step = meta_learner.step(new_state)
+    step = new_state.step
     state.metadata.update({"learner": meta_learner.name, "step": step})
     doc = runner.export(meta_learner, new_state, inputs, learned.path)
     learned.metadata.update({"learner": meta_learner.name, "kind": doc["kind"], "steps": doc["steps"], "fingerprint": inputs.fingerprint})
@@ -27,11 +27,13 @@ def init_state(learner: str, config: str | Mapping[str, Any], data_path: str, de
     """The state before the first outer step, on ``device`` (empty: the config's). ``total_steps``
     > 0 replaces the config's outer-step count (sharded pipelines have one outer step per block).
     Returns the number of outer steps the run will take."""
+    from metaopt_core.meta import driver
+
     meta_learner, resolved, inputs = learner_setup(learner, config, data_path, device)
     if total_steps > 0 and total_steps != meta_learner.total_steps(resolved):
         say(f"{meta_learner.name}: {total_steps} outer steps (one per pipeline block) instead of the config's {meta_learner.total_steps(resolved)}")
         resolved = meta_learner.with_total_steps(resolved, total_steps)
-    meta_learner.save_state(meta_learner.init(resolved, inputs), state.path)
+    driver.save_state(meta_learner.init(resolved, inputs), state.path)
     state.metadata.update({"learner": meta_learner.name, "step": 0})
     return meta_learner.total_steps(resolved)
 
@@ -51,24 +53,26 @@ def run_block(
     copy_tree(state_in_path, state.path)
     say(f"{meta_learner.name}: block {block_index + 1}/{blocks_count}: outer steps up to {until} of {total}")
 
-    def progress(line: str) -> None:
-        if ": resumed from " not in line:  # every block resumes its predecessor's state by design
-            say(line)
-
     with tracked(run_id) as tracker:
-        reached = runner.run_block(meta_learner, resolved, inputs, state.path, until, total=total, progress=progress,
-                                   callback=tracker.callback() if tracker else None)  # fmt: skip
+
+        def on_event(event: Any) -> None:
+            if event.kind != "resumed":  # every block resumes its predecessor's state by design
+                say(event.line())
+            if tracker:
+                tracker.log_step(event)
+
+        reached = runner.run_block(meta_learner, resolved, inputs, state.path, until, total=total, on_event=on_event)
     return _hand_on(meta_learner, reached, inputs, state, learned, metrics)
 
 
 def ask(learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, work: Any) -> int:
     """The next outer step's jobs (one JSON file). Returns the step about to be taken."""
-    from metaopt_core.meta import runner
+    from metaopt_core.meta import driver, runner
 
     meta_learner, _, inputs = learner_setup(learner, config, data_path)
-    current = meta_learner.load_state(state_in_path)
+    current = driver.load_state(meta_learner, state_in_path)
     runner.write_work(meta_learner, current, inputs, work.path)
-    step = meta_learner.step(current)
+    step = current.step
     work.metadata.update({"learner": meta_learner.name, "step": step})
     if meta_learner.done(current):  # stopped by itself: the remaining blocks pass the state on
         say(f"{meta_learner.name}: the run finished at step {step}; nothing to ask")
@@ -80,10 +84,10 @@ def ask(learner: str, config: str | Mapping[str, Any], data_path: str, state_in_
 def evaluate(learner: str, config: str | Mapping[str, Any], data_path: str, state_in_path: str, work_path: str, shard_index: int,
              shards: int, part: Any) -> None:  # fmt: skip
     """One shard of the next outer step's work (the inner trainings)."""
-    from metaopt_core.meta import runner
+    from metaopt_core.meta import driver, runner
 
     meta_learner, _, inputs = learner_setup(learner, config, data_path)
-    current = meta_learner.load_state(state_in_path)
+    current = driver.load_state(meta_learner, state_in_path)
     say(f"{meta_learner.name}: shard {shard_index + 1}/{shards}")
     runner.write_part(meta_learner, current, runner.read_work(meta_learner, work_path), shard_index, shards, inputs, part.path)
     part.metadata.update({"learner": meta_learner.name, "shard": shard_index, "shards": shards})
@@ -94,21 +98,20 @@ def tell(
     state: Any, learned: Any, metrics: Any,
 ) -> int:  # fmt: skip
     """Merge the shards of one outer step, take it, log it to MLflow, hand on state and result."""
-    from metaopt_core.meta import runner
+    from metaopt_core.meta import driver, runner
 
     meta_learner, _, inputs = learner_setup(learner, config, data_path)
-    previous = meta_learner.load_state(state_in_path)
+    previous = driver.load_state(meta_learner, state_in_path)
     if meta_learner.done(previous):
-        say(f"{meta_learner.name}: the run already finished at step {meta_learner.step(previous)}; nothing to merge")
+        say(f"{meta_learner.name}: the run already finished at step {previous.step}; nothing to merge")
         new_state = previous
     else:
         with tracked(run_id) as tracker:  # a failed merge marks the MLflow run FAILED
             new_state = runner.tell_parts(meta_learner, previous, part_paths, inputs)
-            row = meta_learner.metrics(new_state)
             total = meta_learner.total_steps(meta_learner.config_of(new_state))  # sharded runs: one step per block
-            say(f"{meta_learner.name}: outer step {meta_learner.step(new_state)}/{total} from {len(part_paths)} shards: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in list(numeric(row).items())[:6]))  # fmt: skip
+            event = driver.StepEvent("step", meta_learner.name, new_state.step, total, meta_learner.metrics(new_state), workers=len(part_paths))
+            say(event.line())
             if tracker:
-                tracker.callback()(row)
-    meta_learner.save_state(new_state, state.path)
+                tracker.log_step(event)
+    driver.save_state(new_state, state.path)
     return _hand_on(meta_learner, new_state, inputs, state, learned, metrics)

@@ -90,29 +90,18 @@ def copy_tree(source: str, destination: str) -> None:
 # ============================================================================= data
 
 
-def read_config(learner: str, config: Mapping[str, Any] | None, config_uri: str = "") -> Any:
-    """The validated run configuration: the YAML/JSON at ``config_uri`` (a path, ``file://`` or
-    ``s3://`` URI) when given, else the ``config`` mapping (the pipeline parameter)."""
-    if config_uri:
-        import yaml
-
-        from metaopt_core.mlops import storage
-
-        doc = yaml.safe_load(storage.read_text(config_uri)) or {}
-        return learner_of(learner).resolve_config(doc, source=config_uri)
-    return learner_of(learner).resolve_config(dict(config or {}), source="config")
-
-
 def prepare_data(
     learner: str, config: Mapping[str, Any], config_uri: str, data: Any, meta_test_settings: Mapping[str, Any] | None = None
 ) -> tuple[str, str, str]:
     """Resolve the configuration and prepare what meta-training and the meta-test read into
     ``data`` (a Dataset artifact: ``inputs.json``, ``split_manifest.json`` and one folder per
     dataset). Returns (fingerprint, the resolved config as JSON text, a one-line summary)."""
+    from metaopt_core.config import load_config
     from metaopt_core.mlops import datasets  # noqa: F401 (registers the s3:// folder source)
 
     meta_learner = learner_of(learner)
-    resolved = read_config(learner, config, config_uri)
+    # the YAML/JSON at config_uri (a path, file:// or s3:// URI) when given, else the pipeline parameter
+    resolved = load_config(config_uri or dict(config or {}), algorithm=meta_learner.name)
     say(f"{meta_learner.name}: config {getattr(resolved, 'name', meta_learner.name)!r} from {config_uri or 'the pipeline parameter'}")
     inputs = meta_learner.prepare(resolved, meta_test_settings, progress=say)
     for phase, row in inputs.manifest.get("summary", {}).items():
@@ -186,19 +175,16 @@ def _png_tag(path: Path, alt: str) -> str:
     return f'<figure><img alt="{alt}" src="data:image/png;base64,{encoded}"/><figcaption>{alt}</figcaption></figure>'
 
 
-def _plots(meta_learner: Any, exported: dict, directory: Path) -> list[tuple[Path, str]]:
-    """The learned loss beside cross-entropy (losses) and the meta-training curves, as PNGs."""
-    from metaopt_core.losses.document import loss_from_document
-    from metaopt_core.plots import plot_history, plot_loss_curves
+def _plots(meta_learner: Any, learned_dir: str | Path, exported: dict, directory: Path) -> list[tuple[Path, str]]:
+    """What the export kind plots (a loss: beside cross-entropy) and the meta-training curves, as PNGs."""
+    from metaopt_core import exports
+    from metaopt_core.plots import plot_history
 
     made = []
     title = meta_learner.name.upper()
-    if exported["kind"] == "loss":
-        import torch
-
-        path = plot_loss_curves({"learned": loss_from_document(exported["loss"]), "cross-entropy": torch.nn.CrossEntropyLoss()},
-                                directory / "learned_loss.png", title=f"{title}: learned loss")  # fmt: skip
-        made.append((path, "learned loss vs cross-entropy (loss of one example against the probability of its labelled class)"))
+    path = exports.kind_of(learned_dir).plot(Path(learned_dir), directory / "learned.png", f"{title}: learned {meta_learner.kind}")
+    if path is not None:
+        made.append((path, f"the learned {meta_learner.kind} (a loss: against the probability of the labelled class, beside cross-entropy)"))
     history = [row for row in exported.get("history", []) if isinstance(row, Mapping)]
     keys = [k for k in meta_learner.history_keys if any(k in row for row in history)]
     if history and keys:
@@ -207,9 +193,9 @@ def _plots(meta_learner: Any, exported: dict, directory: Path) -> list[tuple[Pat
     return made
 
 
-def load_champion(model_name: str, directory: str | Path) -> tuple[str, dict | None]:
+def load_champion(model_name: str, directory: str | Path) -> tuple[str, Path | None]:
     """The production version of ``model_name`` for the meta-test to re-evaluate: (version, its
-    result document), or ("", None) when there is none (or no model name)."""
+    export folder), or ("", None) when there is none (or no model name)."""
     if not model_name:
         return "", None
     from metaopt_core.mlops import registry
@@ -228,6 +214,7 @@ def meta_test(
     scores to a Metrics artifact and MLflow, and what the promotion gate decides on (paired scores,
     settings, champion version, data fingerprint, split manifest) to ``gate_inputs``
     (``gate_inputs.json``). Returns (scores, registry metric, greater_is_better)."""
+    from metaopt_core import exports
     from metaopt_core.meta import runner
 
     meta_learner, resolved, inputs = learner_setup(learner, config, data_path, device)
@@ -239,16 +226,16 @@ def meta_test(
             f"{meta_learner.name}: champion: "
             + (f"production version {champion_version}, re-evaluated in this run" if champion else "none (no production version)")
         )
-        outcome = runner.meta_test(meta_learner, resolved, learned_path, inputs, chosen, champion=champion, progress=say)
+        outcome = runner.meta_test(meta_learner, resolved, learned_path, inputs, chosen, champion_dir=champion, progress=say)
         record = {**outcome.gate_inputs(), "champion_version": champion_version or None, "fingerprint": inputs.fingerprint,
-                  "split_manifest": inputs.manifest}  # fmt: skip
+                  "split_manifest": inputs.manifest, "deployment": dict(outcome.deployment)}  # fmt: skip
         if gate_inputs is not None:
             Path(gate_inputs.path).parent.mkdir(parents=True, exist_ok=True)
             Path(gate_inputs.path).write_text(json.dumps(record))
         Path(report.path).parent.mkdir(parents=True, exist_ok=True)
         Path(report.path).write_text(outcome.markdown)
         exported = runner.read_result(learned_path)
-        figures = _plots(meta_learner, exported, Path(scratch))
+        figures = _plots(meta_learner, learned_path, exported, Path(scratch))
         body = "\n".join(_png_tag(path, caption) for path, caption in figures)
         Path(plots.path).parent.mkdir(parents=True, exist_ok=True)
         Path(plots.path).write_text(f"<html><body><h3>{meta_learner.name.upper()}</h3>\n{body}\n</body></html>\n")
@@ -259,8 +246,9 @@ def meta_test(
             tracker.log_dict(record, "meta_test/gate_inputs.json")
             for path, _ in figures:
                 tracker.log_artifact(path, "plots")
-            if exported["kind"] == "loss":
-                tracker.log_dict(exported["loss"], "learned/loss.json")
+            kind = exports.kind_of(learned_path)
+            for relative in (*kind.files, exports.EXPORT_FILE):  # the learned artifact, as the registry will hold it
+                tracker.log_artifact(Path(learned_path) / relative, str(Path("learned", relative).parent))
     log_kfp_metrics(scores_artifact, outcome.scores)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.scores.items())
     say(f"{meta_learner.name}: meta-test scores: {shown}")
@@ -293,6 +281,7 @@ def register_and_promote(
     report links the version, the MLflow run and the KFP run. Returns (version, decision,
     promoted, production version, summary JSON)."""
     from components.lineage import hand_on_registered, links_markdown, write_summary
+    from metaopt_core import exports
     from metaopt_core.meta import runner
     from metaopt_core.mlops import registry
     from metaopt_core.mlops.tracking import TAG_KFP_RUN_ID, kfp_run_url
@@ -307,19 +296,17 @@ def register_and_promote(
 
     name = learner_of(learner).name
     exported = runner.read_result(learned_path)
+    deployment = dict(record.get("deployment") or {})
     tags = {"metaopt.algorithm": name, "metaopt.steps": exported["steps"], **({TAG_KFP_RUN_ID: kfp_run_id} if kfp_run_id else {})}
     earlier = registry.find_version(model_name, TAG_KFP_RUN_ID, kfp_run_id) if kfp_run_id else None
     with tracked(run_id) as tracker:
         if earlier is not None:
             version = earlier
             say(f"{version.model_uri} was registered by an earlier attempt of this step (KFP run {kfp_run_id}): reusing it")
-        elif exported["kind"] == "loss":
-            version = registry.register_loss(exported["loss"], model_name, config=config_doc(config), fingerprint=fingerprint,
-                                             scores=dict(scores), run_id=run_id or None, tags=tags)  # fmt: skip
-        else:
-            version = registry.register_optimizer(exported["divergence_dir"], model_name, config=config_doc(config), fingerprint=fingerprint,
-                                                  scores=dict(scores), run_id=run_id or None, tags=tags)  # fmt: skip
-        say(f"registered {version.model_uri}")
+        else:  # the export kind's files, with the deployment settings the meta-test measured baked in
+            version = registry.register_export(learned_path, model_name, deployment=deployment, config=config_doc(config), fingerprint=fingerprint,
+                                               scores=dict(scores), run_id=run_id or None, tags=tags)  # fmt: skip
+        say(f"registered {version.model_uri}" + (f" with {deployment}" if deployment else ""))
         decision = registry.recorded_decision(model_name, version.version) if earlier is not None else None
         decision = decision or registry.apply_gate(model_name, version.version, gate, record)
         say(f"promotion gate: {decision}")
@@ -334,6 +321,8 @@ def register_and_promote(
         "status": "trained",
         "algorithm": name,
         "kind": exported["kind"],
+        "export_kind": exported["export_kind"],
+        "deployment": deployment,
         "model_name": model_name,
         "version": version.version,
         "model_uri": version.model_uri,
@@ -357,9 +346,14 @@ def register_and_promote(
     links = {"model_uri": version.model_uri, "registered_model": model_name, "version": version.version, "decision": decision.decision,
              "promoted": bool(decision.promoted), "mlflow_run_id": run_id, "mlflow_run_url": run_url, "kfp_run_id": kfp_run_id}  # fmt: skip
     hand_on_registered(learned_path, registered, {**links, "kind": exported["kind"], "steps": exported["steps"], "fingerprint": fingerprint})
+    if registered is not None:
+        exports.bake(registered.path, deployment)  # the files as registered
     lines = [f"### {model_name} version {version.version}: {decision.decision}", "", decision.reason, "",
              "| score | value |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in summary["scores"].items()]  # fmt: skip
     lines += ["", f"Production version: {summary['production_version'] or 'none'}", ""]
+    if deployment:
+        lines += [f"Deployment (measured by the meta-test, baked into the registered {exported['export_kind']}): "
+                  + ", ".join(f"{key} {value:g}" for key, value in deployment.items()), ""]  # fmt: skip
     lines += links_markdown(version.model_uri, run_id, run_url, tracking_uri, summary["kfp_run_url"])
     lines += ["```python", *summary["downstream"], "```", ""]
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from metaopt_core.mlops.tracking import Tracker
 
             with Tracker(run_id=args.run_id) as tracker:
-                distributed.run_from_args(local, callback=tracker.callback(), on_checkpoint=on_checkpoint, on_export=on_export)
+                distributed.run_from_args(local, on_event=tracker.log_step, on_checkpoint=on_checkpoint, on_export=on_export)
         else:
             distributed.run_from_args(local, on_checkpoint=on_checkpoint, on_export=on_export)
     return 0
@@ -127,7 +127,7 @@ def meta_train(
     ``kfp_run_id`` names the job (a retried step adopts or replaces its earlier attempt's job;
     pipelines/trainjob.py); empty, the SDK picks a random name. Returns the outer step reached."""
     from components import runtime
-    from metaopt_core.meta import registry, runner
+    from metaopt_core.meta import driver, registry, runner
     from metaopt_core.meta.inputs import PreparedInputs
     from metaopt_core.mlops import storage
     from pipelines import trainjob
@@ -149,8 +149,8 @@ def meta_train(
     trainjob.run_trainjob(client if client is not None else trainjob.make_client(), request, echo=echo)
     download_tree(_join(prefix, "checkpoint"), state.path)
     download_tree(_join(prefix, "learned"), learned.path)
-    final = meta_learner.load_state(state.path)
-    step = meta_learner.step(final)
+    final = driver.load_state(meta_learner, state.path)
+    step = final.step
     inputs = PreparedInputs.load(data.path)
     state.metadata.update({"learner": meta_learner.name, "step": step})
     doc = runner.read_result(learned.path)

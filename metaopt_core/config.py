@@ -3,11 +3,14 @@ one readable error (field, value, what is allowed).
 
 Shared building blocks live here; each meta-learner's top-level config lives in its package
 (``metaopt_core.meta.arl.ARLConfig`` …) and is found through ``algorithm:`` (the learner's registry
-name) by ``load_config``.
+name). One entry point reads a configuration from anywhere: :func:`read_config` (a path, URI,
+mapping, with dot-path overrides: a dict) and :func:`load_config` (the same, validated).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -107,18 +110,6 @@ class DataSpec(StrictModel):
         return value
 
 
-class TrainSpec(StrictModel):
-    """Inner-loop training of one base model."""
-
-    model: ModelName = "mlp2"
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
-    lr: float = Field(0.01, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-
-
 def format_validation_error(error: ValidationError, source: str = "config") -> str:
     lines = []
     for item in error.errors():
@@ -158,18 +149,82 @@ def config_class(algorithm: str) -> type[BaseModel]:
         raise ConfigError(f"config: field 'algorithm': got {algorithm!r}; allowed: {sorted([*registry.names(), *OTHER_SCHEMAS])}") from None
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> BaseModel:
-    """Read a YAML run configuration; ``algorithm:`` selects its schema."""
-    path = Path(path)
-    if not path.exists():
+def apply_overrides(doc: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
+    """A copy of ``doc`` with ``{"train.epochs": 4, ...}`` set (dot paths into nested mappings).
+    A path through something that is not a mapping is an error naming it."""
+    out = json.loads(json.dumps(dict(doc)))
+    for path, value in (overrides or {}).items():
+        keys = str(path).split(".")
+        if not all(keys):
+            raise ConfigError(f"override {path!r}: allowed: a dot path such as train.epochs")
+        node = out
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {path!r}: {'.'.join(keys[: depth + 1])} is {child!r}, not a mapping")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+ConfigSource = str | Path | Mapping[str, Any] | BaseModel
+
+
+def read_config(source: ConfigSource, overrides: Mapping[str, Any] | None = None, *, algorithm: str | None = None) -> dict:
+    """The one way a run configuration comes in, as a plain dict: ``source`` is a YAML/JSON file
+    (a path or ``file://`` URI), any other URI the storage layer reads (``s3://...``, through
+    :mod:`metaopt_core.mlops.storage`, imported only for such URIs), a mapping or a validated
+    config. ``overrides``: dot paths set on top (``{"outer.steps": 5}``). ``algorithm``: the
+    learner the configuration is for; its ``algorithm:`` field is filled in when missing and must
+    match when present."""
+    where = "config"
+    if isinstance(source, BaseModel):
+        doc: Any = source.model_dump(mode="json")
+    elif isinstance(source, Mapping):
+        doc = dict(source)
+    else:
+        where = str(source)
+        doc = yaml.safe_load(_read_text(where)) or {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(doc).__name__}")
+    doc = apply_overrides(doc, overrides)
+    if algorithm is not None and doc.setdefault("algorithm", algorithm) != algorithm:
+        raise ConfigError(f"{where}: field 'algorithm': got {doc['algorithm']!r}; this is a run of {algorithm!r}")
+    return doc
+
+
+def _read_text(location: str) -> str:
+    if "://" in location and not location.startswith("file://"):
+        from metaopt_core.mlops import storage  # object storage: the only reason core reads through mlops
+
+        return storage.read_text(location)
+    path = Path(location.removeprefix("file://"))
+    if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    data.update(overrides or {})
-    algorithm = data.get("algorithm")
-    if algorithm is None:
+    return path.read_text()
+
+
+def load_config(source: ConfigSource, overrides: Mapping[str, Any] | None = None, *, algorithm: str | None = None) -> BaseModel:
+    """:func:`read_config`, validated by the schema its ``algorithm:`` names (a learner's, through
+    its ``resolve_config``, or another run's such as ``evaluate``). Errors name the source and the field."""
+    doc = read_config(source, overrides, algorithm=algorithm)
+    where = str(source) if isinstance(source, (str, Path)) else "config"
+    name = doc.get("algorithm")
+    if name is None:
         from metaopt_core.meta import registry
 
-        raise ConfigError(f"{path}: field 'algorithm' is missing; allowed: {sorted([*registry.names(), *OTHER_SCHEMAS])}")
-    return validate(config_class(algorithm), data, source=str(path))
+        raise ConfigError(f"{where}: field 'algorithm' is missing; allowed: {sorted([*registry.names(), *OTHER_SCHEMAS])}")
+    if name in OTHER_SCHEMAS:
+        return validate(config_class(name), doc, source=where)
+    from metaopt_core.meta import registry
+
+    try:
+        learner = registry.get(name)
+    except registry.UnknownLearnerError:
+        raise ConfigError(f"{where}: field 'algorithm': got {name!r}; allowed: {sorted([*registry.names(), *OTHER_SCHEMAS])}") from None
+    return learner.resolve_config(doc, source=where)
+
+
+def coerce(model_cls: type[BaseModel], value: Any, source: str = "config") -> Any:
+    """``value`` itself when it is a ``model_cls`` already, else the mapping validated as one."""
+    return value if isinstance(value, model_cls) else validate(model_cls, dict(value), source=source)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,50 +46,11 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from metaopt_core.data.sources import ImageData
-from metaopt_core.losses.taylor import Form, normalisation_scale, num_params, taylor_loss
+from metaopt_core.losses.families import LossFamily
 from metaopt_core.models import VMAP_FRIENDLY, build_model
 from metaopt_core.train import accuracy, fit
 
 ProgressCallback = Callable[[dict], None]
-
-
-class LossFamily(Protocol):
-    """A parametric loss the population trainer can vmap over: per-member parameters and scale."""
-
-    @property
-    def num_params(self) -> int: ...
-
-    def scales(self, params: Tensor, classes: int) -> Tensor:
-        """(P, n) parameters, the class count -> (P,) constant multipliers, fixed for the whole inner run."""
-        ...
-
-    def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
-        """One member: (n,) params, scalar scale, (B, C) logits, (B,) labels or (B, C) one-hot
-        targets -> (B,) losses. Must work under ``vmap`` with one-hot targets."""
-        ...
-
-
-@dataclass(frozen=True)
-class TaylorFamily:
-    """The Taylor-polynomial loss (:mod:`metaopt_core.losses.taylor`), optionally with the A.3
-    scale normalisation (the scale is computed once per member from its parameters)."""
-
-    order: int = 4
-    form: Form = "taylor"
-    normalise: bool = False
-    eta: float = 1.0
-
-    @property
-    def num_params(self) -> int:
-        return num_params(self.order)
-
-    def scales(self, params: Tensor, classes: int) -> Tensor:
-        if not self.normalise:
-            return torch.ones(params.shape[0], dtype=params.dtype, device=params.device)
-        return normalisation_scale(params, self.order, self.form, self.eta, classes=classes)
-
-    def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor:
-        return taylor_loss(params, logits, target, self.order, self.form, scale, reduction="none")
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from components.images import resolve_images
 from pipelines.resources import apply_resources, resources_for
 
@@ -171,43 +169,14 @@ def default_config_path(name: str) -> Path | None:
     return None
 
 
-def load_config_file(path: str | Path, algorithm: str | None = None) -> dict:
-    """A YAML/JSON run configuration as a plain dict (its ``algorithm:`` checked against the
-    learner name ``algorithm`` when given)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    doc = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
-    if algorithm is not None and doc.setdefault("algorithm", algorithm) != algorithm:
-        raise ValueError(f"{path}: field 'algorithm': got {doc['algorithm']!r}; this pipeline runs {algorithm!r}")
-    return doc
-
-
 def default_config(name: str) -> dict:
+    """The learner's demo configuration as a dict (its config class's defaults when it declares no file)."""
+    from metaopt_core.config import read_config
+
     path = default_config_path(name)
     if path is None:
         return learner_of(name).config_class().model_dump(mode="json")
-    return load_config_file(path, name)
-
-
-def apply_overrides(doc: dict, overrides: dict[str, Any] | None) -> dict:
-    """A copy of ``doc`` with ``{"train.epochs": 4, ...}`` set (dot paths into nested mappings).
-    A path through something that is not a mapping is an error naming it."""
-    out = json.loads(json.dumps(doc))
-    for path, value in (overrides or {}).items():
-        keys = str(path).split(".")
-        if not all(keys):
-            raise ValueError(f"override {path!r}: allowed: a dot path such as train.epochs")
-        node = out
-        for depth, key in enumerate(keys[:-1]):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"override {path!r}: {'.'.join(keys[: depth + 1])} is {child!r}, not a mapping")
-            node = child
-        node[keys[-1]] = value
-    return out
+    return read_config(path, algorithm=name)
 
 
 def preset_overrides(preset: str, name: str) -> dict[str, Any]:
@@ -455,13 +424,11 @@ __all__ = [
     "RUNTIME_CONFIG_MAP",
     "S3_SECRET",
     "STEP_LABEL",
-    "apply_overrides",
     "build_pipeline",
     "compile_pipeline",
     "default_config",
     "default_config_path",
     "learner_of",
-    "load_config_file",
     "parameter_config",
     "preset_overrides",
 ]

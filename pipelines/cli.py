@@ -140,12 +140,10 @@ def _models_show(args: argparse.Namespace) -> int:
     print("tags:")
     for key, value in info["tags"].items():
         print(f"  {key} = {value}")
-    if "loss" in info:
-        loss = info["loss"]
-        print("loss:")
-        for key in ("family", "order", "form", "sign", "class_reduction", "normalisation", "params"):
-            if key in loss:
-                print(f"  {key}: {json.dumps(loss[key])}")
+    if "artifact" in info:
+        print("artifact:")
+        for key, value in info["artifact"].items():
+            print(f"  {key}: {json.dumps(value)}")
     return EXIT_OK
 
 

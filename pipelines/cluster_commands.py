@@ -77,12 +77,12 @@ def add_upload_command(subparsers: Any, add_shape: Any) -> None:
 
 
 def _upload(args: argparse.Namespace) -> int:
+    from metaopt_core.config import read_config
     from pipelines import remote
-    from pipelines.builder import load_config_file
     from pipelines.commands import pipeline_options
 
     options = pipeline_options(args, local=False)
-    config = load_config_file(args.config, args.algorithm) if args.config else None
+    config = read_config(args.config, algorithm=args.algorithm) if args.config else None
     done = remote.upload_pipeline(args.algorithm, connection_of(args), options=options, config=config, version=args.version)
     print(f"{args.algorithm}: pipeline {done['name']} ({done['pipeline_id']}), version {done['version']} ({done['version_id']})")
     return 0

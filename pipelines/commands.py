@@ -11,8 +11,8 @@
 Cluster commands take --namespace and credentials (--token-file, --cookie-file, $KFP_TOKEN,
 $KFP_COOKIE: pipelines/kfp_client.py); compiles take --image / --image-cuda / --resources.
 
-LEARNER is any registered learner (the built-ins arl, itl, metamd, entry points of the
-``metaopt.learners`` group) or an import reference ``package.module:LearnerClass``.
+LEARNER is any registered learner (the built-ins of ``metaopt_core.meta.registry.BUILTIN``, entry
+points of the ``metaopt.learners`` group) or an import reference ``package.module:LearnerClass``.
 ``pipelines.cli`` adds them with :func:`add_pipeline_commands`. Every handler returns an exit
 status; heavy imports (kfp, torch, MLflow) happen inside the handlers so ``metaopt --help`` is fast.
 """
@@ -235,11 +235,12 @@ def _run_remote(args: argparse.Namespace, algorithms: list[str], settings: dict)
         config = args.config
         overrides = run_overrides(args, algorithm, local=False)
         if overrides:
-            from pipelines.builder import apply_overrides, default_config, load_config_file
+            from metaopt_core.config import read_config
+            from pipelines.builder import default_config
 
             if args.config_uri:
                 raise ValueError("--set / --preset quick: change the file behind --config-uri instead (the cluster reads it as is)")
-            config = apply_overrides(load_config_file(config, algorithm) if config else default_config(algorithm), overrides)
+            config = read_config(config or default_config(algorithm), overrides, algorithm=algorithm)
         arguments = remote.pipeline_arguments(
             algorithm, config, config_uri=args.config_uri, force_retrain=args.force_retrain, model_name=args.model_name,
             meta_test_settings=settings or None, experiment=args.experiment, promotion_margin=args.promotion_margin,
@@ -250,10 +251,11 @@ def _run_remote(args: argparse.Namespace, algorithms: list[str], settings: dict)
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipelines.builder import compile_pipeline, load_config_file
+    from metaopt_core.config import read_config
+    from pipelines.builder import compile_pipeline
 
     options = _options(args, local=False)
-    config = load_config_file(args.config, args.algorithm) if args.config else None
+    config = read_config(args.config, algorithm=args.algorithm) if args.config else None
     path = compile_pipeline(args.algorithm, args.output, options, config)
     print(f"{args.algorithm}: wrote {path} ({options.describe()})")
     return EXIT_OK
@@ -266,11 +268,12 @@ def _schedule_create(args: argparse.Namespace) -> int:
     config = args.config
     overrides = run_overrides(args, args.algorithm, local=False)
     if overrides:
-        from pipelines.builder import apply_overrides, default_config, load_config_file
+        from metaopt_core.config import read_config
+        from pipelines.builder import default_config
 
         if args.config_uri:
             raise ValueError("--set: change the file behind --config-uri instead (the cluster reads it as is)")
-        config = apply_overrides(load_config_file(config, args.algorithm) if config else default_config(args.algorithm), overrides)
+        config = read_config(config or default_config(args.algorithm), overrides, algorithm=args.algorithm)
     arguments = remote.pipeline_arguments(
         args.algorithm, config, config_uri=args.config_uri, force_retrain=args.force_retrain, model_name=args.model_name,
         meta_test_settings=_meta_test_settings(args.meta_test) or None, experiment=args.experiment,

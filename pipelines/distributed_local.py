@@ -29,12 +29,12 @@ def torchrun_command(workers: int, *entry_args: str, max_restarts: int = 0) -> l
 
 
 def run_workers(args: argparse.Namespace, algorithms: list[str], overrides: dict[str, dict]) -> int:
-    from pipelines.builder import apply_overrides, default_config, learner_of, load_config_file
+    from metaopt_core.config import load_config
+    from pipelines.builder import default_config, learner_of
 
     for algorithm in algorithms:
         learner = learner_of(algorithm)
-        doc = apply_overrides(load_config_file(args.config, algorithm) if args.config else default_config(algorithm), overrides.get(algorithm))
-        config = learner.resolve_config(doc)
+        config = load_config(args.config or default_config(algorithm), overrides.get(algorithm), algorithm=algorithm)
         inputs = learner.prepare(config, progress=lambda line: print(f"[metaopt] {line}", flush=True))
         text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
         key = hashlib.sha256(f"{text}\n{inputs.fingerprint}".encode()).hexdigest()[:12]

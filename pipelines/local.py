@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from components.lineage import SUMMARY_FILE_ENV
-from pipelines.builder import PipelineOptions, apply_overrides, build_pipeline, default_config, default_config_path, learner_of, load_config_file
+from metaopt_core.config import apply_overrides, read_config
+from pipelines.builder import PipelineOptions, build_pipeline, default_config, default_config_path, learner_of
 
 STATE_DIR = ".metaopt"
 KEEP_RUNS = 3  # local pipeline-root folders kept per pipeline (prepared data and states are large)
@@ -152,10 +153,10 @@ def resolve_config_arg(algorithm: str, config: str | Path | Mapping[str, Any] | 
     """(config dict, its file or None): a file, a mapping, or the pipeline's demo configuration."""
     if config is None:
         path = default_config_path(algorithm)
-        return (load_config_file(path, algorithm), path) if path else (default_config(algorithm), None)
+        return (read_config(path, algorithm=algorithm), path) if path else (default_config(algorithm), None)
     if isinstance(config, Mapping):
-        return dict(config), None
-    return load_config_file(config, algorithm), Path(config).resolve()
+        return read_config(config, algorithm=algorithm), None
+    return read_config(config, algorithm=algorithm), Path(config).resolve()
 
 
 def run_local(
@@ -294,6 +295,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if shown:
             lines.append(f"  meta-test        {', '.join(shown)}")
         lines.append(f"  registered       {summary['model_uri']}")
+        if summary.get("deployment"):  # measured by the meta-test, applied by load_loss / load_optimizer
+            lines.append(f"  deployment       {', '.join(f'{k} {v:g}' for k, v in summary['deployment'].items())}")
         reason = str(summary["reason"])  # the gate's reasons already start with the decision
         lines.append(f"  promotion        {reason if reason.startswith(summary['decision']) else summary['decision'] + ': ' + reason}")
         lines.append(f"  production       models:/{name}/{summary['production_version'] or '-'}")

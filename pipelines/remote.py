@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipelines.builder import PipelineOptions, compile_pipeline, learner_of, load_config_file, parameter_config
+from metaopt_core.config import read_config
+from pipelines.builder import PipelineOptions, compile_pipeline, learner_of, parameter_config
 from pipelines.kfp_client import Connection, connect, upload
 
 CRON_FIELDS = (
@@ -114,7 +115,7 @@ def pipeline_arguments(
     if config is not None and config_uri:
         raise ValueError("config, config_uri: give one of them (a local file sent with the run, or a URI the cluster reads)")
     if config is not None:
-        doc = dict(config) if isinstance(config, Mapping) else load_config_file(config, algorithm)
+        doc = read_config(config, algorithm=algorithm)
         arguments["config"] = parameter_config(algorithm, doc)
     if config_uri:
         arguments["config_uri"] = config_uri

@@ -42,8 +42,8 @@ import torch  # noqa: E402
 
 from metaopt_core.config import DataSpec, load_config  # noqa: E402
 from metaopt_core.evaluate import TrainingProtocol, compare_losses, domain_tasks  # noqa: E402
-from metaopt_core.meta import itl  # noqa: E402
-from metaopt_core.meta.loss_families import family_from_dict  # noqa: E402
+from metaopt_core.losses.families import family_from_dict  # noqa: E402
+from metaopt_core.meta import itl, registry, runner  # noqa: E402
 
 ANGLES = [0, 15, 30, 45, 60, 75]
 DATASETS = {
@@ -58,10 +58,12 @@ def meta_train(config_path: str, out: Path) -> itl.ITLResult:
     if not isinstance(config, itl.ITLConfig):
         raise SystemExit(f"{config_path}: algorithm must be 'itl'")
     started = time.perf_counter()
-    result = itl.run(config, out / "checkpoint", progress=lambda line: print(line, flush=True))
-    paths = result.save(out)
+    learner = registry.get("itl")
+    state, inputs = runner.train(learner, config, out / "checkpoint", on_event=lambda event: print(event.line(), flush=True))
+    result = itl.result_of(state, inputs.fingerprint)
+    folder = result.save(out)
     print(f"meta-training: {result.state.step} outer steps, {time.perf_counter() - started:.0f} s in this process; "
-          f"loss -> {paths['loss']}, history -> {paths['history']}")  # fmt: skip
+          f"loss and history -> {folder}")  # fmt: skip
     return result
 
 

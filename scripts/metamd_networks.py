@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from metaopt_core.config import load_config  # noqa: E402
-from metaopt_core.meta import metamd  # noqa: E402
+from metaopt_core.meta import metamd, registry, runner  # noqa: E402
 from metaopt_core.meta.metamd import analysis  # noqa: E402
 from metaopt_core.optim import MirrorDescent, attach, load_divergence  # noqa: E402
 
@@ -127,9 +127,11 @@ def cmd_train(args) -> None:
     config = _config(args)
     out = Path(args.out)
     started = time.time()
-    result = metamd.run(config, checkpoint_dir=out / "checkpoint", progress=print)
-    paths = result.save(out / "result")
-    print(f"saved {paths['divergence']} ({time.time() - started:.0f}s)")
+    learner = registry.get("metamd")
+    state, inputs = runner.train(learner, config, out / "checkpoint", on_event=lambda event: print(event.line()))
+    result = metamd.result_of(state, learner.dataset(inputs))
+    folder = result.save(out / "result")
+    print(f"saved {folder} ({time.time() - started:.0f}s)")
 
 
 def cmd_evaluate(args) -> None:

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from metaopt_core.config import load_config  # noqa: E402
-from metaopt_core.meta import metamd  # noqa: E402
+from metaopt_core.meta import metamd, registry, runner  # noqa: E402
 from metaopt_core.meta.metamd import analysis, quadratics  # noqa: E402
 
 FAMILIES = {
@@ -42,6 +42,12 @@ VARIANTS = [  # (label, objective, T, divergence)
     ("bound T=300", "bound", 300, "diagonal"),
     ("trajectory T=50, dense M", "trajectory", 50, "dense"),
 ]
+
+
+def meta_train(config) -> metamd.MetaMDResult:
+    """MetaMD on the config's quadratics, in this process (the driver, no checkpoint kept)."""
+    state, _ = runner.train(registry.get("metamd"), config)
+    return metamd.result_of(state)
 
 
 def variant_config(base, objective: str, steps: int, kind: str):
@@ -198,7 +204,7 @@ def main() -> None:
     for label, objective, steps, kind in variants:
         config = variant_config(base, objective, steps, kind)
         started = time.time()
-        result = metamd.run(config)
+        result = meta_train(config)
         result.save(out / label.replace(" ", "_").replace(",", "").replace("=", ""))
         counts = held_out_iterations(config, result.divergence)
         summary = quadratics.summarise(counts, family.max_iters)
@@ -222,7 +228,7 @@ def main() -> None:
         results["seeds"] = {}
         for seed in range(args.seeds):
             seeded = config.model_copy(update={"seed": seed})
-            divergence = result.divergence if seed == config.seed else metamd.run(seeded).divergence
+            divergence = result.divergence if seed == config.seed else meta_train(seeded).divergence
             results["seeds"][seed] = quadratics.summarise(held_out_iterations(seeded, divergence), family.max_iters)
             print(f"MetaMD {default_label}, meta-training seed {seed}: held-out {results['seeds'][seed]}")
         results["bound_terms"] = {default_label: bound_terms(config, result.divergence),

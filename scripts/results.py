@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
+from metaopt_core.config import read_config  # noqa: E402
 from metaopt_core.evaluate.report import unit_summary  # noqa: E402
 from metaopt_core.gate import CHALLENGER, CHAMPION, decide_recorded, sign_flip_p_value  # noqa: E402
-from metaopt_core.meta import registry, runner  # noqa: E402
-from pipelines.builder import CONFIG_DIR, apply_overrides, preset_overrides  # noqa: E402
+from metaopt_core.meta import driver, registry, runner  # noqa: E402
+from pipelines.builder import CONFIG_DIR, preset_overrides  # noqa: E402
 
 MARGIN = 0.0  # the pipelines' default promotion margin
 CONFIDENCE = 0.95
@@ -156,8 +156,7 @@ def run_set(name: str, size: str, out: Path, work_root: Path, threads: int) -> d
     log = Log(work / "log.txt", name)
     config_path = CONFIG_DIR / spec.config
     overrides = preset_overrides(size, spec.learner)
-    doc = yaml.safe_load(config_path.read_text())
-    config = learner.resolve_config(apply_overrides(doc, overrides), source=str(config_path))
+    config = learner.resolve_config(read_config(config_path, overrides, algorithm=spec.learner), source=str(config_path))
     defaults = dict(learner.default_meta_test)
     gate_baselines = list(learner.resolve_meta_test(defaults).model_dump().get("baselines") or [])
     settings = learner.resolve_meta_test({**defaults, "baselines": [*gate_baselines, *spec.presets]} if spec.presets else defaults)
@@ -171,18 +170,18 @@ def run_set(name: str, size: str, out: Path, work_root: Path, threads: int) -> d
     identity = {"config": config.model_dump(mode="json"), "fingerprint": inputs.fingerprint, "threads": threads}
     checkpoint = work / "checkpoint"
     identity_path = work / "run.json"
-    if learner.has_state(checkpoint):
+    if driver.has_state(checkpoint):
         saved = json.loads(identity_path.read_text()) if identity_path.exists() else None
         if saved != identity:
             raise SystemExit(f"{name}: {checkpoint} holds a run with other settings or data; delete {work} to start afresh")
-        log(f"resuming the checkpoint in {checkpoint} (step {learner.step(learner.load_state(checkpoint))})")
+        log(f"resuming the checkpoint in {checkpoint} (step {driver.load_state(learner, checkpoint).step})")
     else:
         checkpoint.mkdir(parents=True, exist_ok=True)
         identity_path.write_text(json.dumps(identity, indent=1))
-        learner.save_state(learner.init(config, inputs), checkpoint)
+        driver.save_state(learner.init(config, inputs), checkpoint)
 
     started = time.monotonic()
-    state = learner.run(config, inputs, checkpoint, progress=log)
+    state = driver.run(learner, config, inputs, checkpoint, on_event=lambda event: log(event.line()))
     train_s = time.monotonic() - started
     # meta-training time summed over the invocations that trained this checkpoint (a resumed run adds to it)
     timing_path = work / "meta_training_seconds.json"
@@ -193,7 +192,7 @@ def run_set(name: str, size: str, out: Path, work_root: Path, threads: int) -> d
     started = time.monotonic()
     exported = runner.export(learner, state, inputs, work / "learned")
     export_s = time.monotonic() - started
-    log(f"meta-training done: {learner.step(state)} outer steps, {train_s:.0f} s in this invocation; exported to {work / 'learned'} in {export_s:.0f} s")
+    log(f"meta-training done: {state.step} outer steps, {train_s:.0f} s in this invocation; exported to {work / 'learned'} in {export_s:.0f} s")
 
     started = time.monotonic()
     report = runner.meta_test(learner, config, work / "learned", inputs, settings, progress=log)
@@ -213,7 +212,7 @@ def run_set(name: str, size: str, out: Path, work_root: Path, threads: int) -> d
         "meta_test_settings": settings.model_dump(mode="json"), "metric": report.metric, "greater_is_better": report.greater_is_better,
         "paired": report.paired, "units": report.units, "report_settings": report.settings, "scores": report.scores,
         "protocol_scores": scores, "verdicts": verdicts, "gate_baselines": gate_baselines, "presets": list(spec.presets),
-        "deployment": report.deployment, "gate": gate.to_dict(), "steps": learner.step(state), "threads": threads, "exported": exported,
+        "deployment": report.deployment, "gate": gate.to_dict(), "steps": state.step, "threads": threads, "exported": exported,
         "seconds": {"prepare": prepare_s, "meta_training_this_invocation": train_s, "meta_training": timing["seconds"],
                     "meta_training_invocations": timing["invocations"], "export": export_s, "meta_test": test_s},
         "learner_markdown": report.markdown,

@@ -1,4 +1,5 @@
-"""ARL's outer loop: ask / evaluate / tell, fitness convention, divergence, checkpoints and resume."""
+"""ARL's steps: ask / evaluate / tell, fitness convention, divergence, the checkpoint's replay and the
+exported loss. (Kill-and-resume of every learner through the driver: tests/test_driver.py.)"""
 
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from metaopt_core import exports
 from metaopt_core.config import ConfigError, load_config, validate
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.losses.taylor import PRESETS, TaylorLoss
@@ -20,7 +22,7 @@ from metaopt_core.meta.arl import (
     build_pool,
     evaluate,
     member_seeds,
-    run,
+    result_of,
     shard_jobs,
     tell,
 )
@@ -61,8 +63,14 @@ def pool(config):
     return build_pool(config, [prepared()])
 
 
-def without_timing(records):
-    return [{k: v for k, v in r.items() if k != "metrics"} | {"metrics": {k: v for k, v in r["metrics"].items() if k != "seconds"}} for r in records]
+def search(config: ARLConfig, pool, seen: list | None = None) -> ARLState:
+    """The generations of ``config`` through the pure steps (the driver's loop without checkpoints)."""
+    state = ARLState.initial(config)
+    while not state.finished:
+        state = tell(state, evaluate(ask(state), pool))
+        if seen is not None:
+            seen.append(state.history[-1])
+    return state
 
 
 # ----------------------------------------------------------------------------- config
@@ -246,13 +254,13 @@ def test_all_diverged_generation_is_counted_and_the_run_goes_on():
     config = make_config(
         init=huge, sigma0=1e35, bounds=None, generations=2, pool={"kind": "ar", "models": [{"name": "mlp2"}], "datasets": [{"source": "mnist5k"}]}
     )
-    result = run(config, pool=build_pool(config, [prepared()]))
-    assert [m["diverged"] for m in result.history] == [4, 4]
-    assert all(m["best"] == WORST_FITNESS for m in result.history)
-    assert result.state.stop_reasons == []  # flat fitness is no reason to stop
+    state = search(config, build_pool(config, [prepared()]))
+    assert [m["diverged"] for m in state.history] == [4, 4]
+    assert all(m["best"] == WORST_FITNESS for m in state.history)
+    assert state.stop_reasons == []  # flat fitness is no reason to stop
 
 
-# ----------------------------------------------------------------------------- state, checkpoints, resume
+# ----------------------------------------------------------------------------- state, checkpoints
 
 
 def test_state_round_trip_replays_cma_exactly(config, pool, tmp_path):
@@ -271,43 +279,12 @@ def test_state_round_trip_replays_cma_exactly(config, pool, tmp_path):
         ARLState.load(tmp_path)
 
 
-def test_kill_and_resume_equals_uninterrupted_run(config, pool, tmp_path):
-    uninterrupted = run(config, tmp_path / "a", pool=pool)
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_first(metrics):
-        if metrics["generation"] == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(config, tmp_path / "b", callback=kill_after_first, pool=pool)
-    assert ARLState.load(tmp_path / "b").generation == 1
-    lines = []
-    resumed = run(config, tmp_path / "b", progress=lines.append, pool=pool)
-    assert "resumed" in lines[0] and "generation 1/3" in lines[0]
-    assert resumed.document["params"] == uninterrupted.document["params"]
-    assert without_timing(resumed.state.records) == without_timing(uninterrupted.state.records)
-    assert resumed.state.search == uninterrupted.state.search
-    assert [m["generation"] for m in resumed.history] == [1, 2, 3]
-
-
-def test_resume_refuses_a_changed_search_but_accepts_more_generations(pool, tmp_path):
-    config = make_config(generations=1)
-    run(config, tmp_path, pool=pool)
-    with pytest.raises(ConfigError, match="field 'sigma0'"):
-        run(make_config(generations=2, sigma0=0.9), tmp_path, pool=pool)
-    longer = run(make_config(generations=2), tmp_path, pool=pool)
-    assert longer.state.generation == 2
-
-
 # ----------------------------------------------------------------------------- result, end to end
 
 
 def test_result_is_a_white_box_loss(config, pool, tmp_path):
     seen = []
-    result = run(config, pool=pool, callback=seen.append)
+    result = result_of(search(config, pool, seen), pool.names)
     assert [m["generation"] for m in seen] == [1, 2, 3]
     assert set(seen[0]) >= {"best", "mean", "diverged", "sigma", "best_accuracy", "mean_accuracy"}
     doc = result.document
@@ -316,10 +293,10 @@ def test_result_is_a_white_box_loss(config, pool, tmp_path):
     assert doc["params"] == pytest.approx(result.state.best["params"], rel=1e-6)
     assert doc["meta"]["fitness"] == min(m["best"] for m in result.history)
     assert doc["meta"]["pool"] == ["mlp2@mnist5k", "mlp3@mnist5k"]
-    paths = result.save(tmp_path)
-    rebuilt = TaylorLoss.from_dict(json.loads(paths["loss"].read_text()))
+    folder = result.save(tmp_path)
+    rebuilt = TaylorLoss.from_dict(exports.read(folder))
     torch.testing.assert_close(rebuilt.params.detach(), result.loss.params.detach())
-    assert json.loads(paths["history"].read_text()) == result.history
+    assert json.loads((folder / "history.json").read_text()) == result.history
 
 
 def test_tiny_search_improves_on_its_first_generation():
@@ -335,7 +312,8 @@ def test_tiny_search_improves_on_its_first_generation():
         pool={"kind": "ar", "models": [{"name": "mlp2"}], "datasets": [{"source": "mnist5k"}]},
         train={"lr": 0.5, "epochs": 3, "batch_size": 32},
     )  # fmt: skip
-    result = run(config, pool=build_pool(config, [prepared(noise=0.0)]))
+    pool = build_pool(config, [prepared(noise=0.0)])
+    result = result_of(search(config, pool), pool.names)
     history = result.history
     first, last_two = history[0], history[-2:]
     assert sum(m["mean_accuracy"] for m in last_two) / 2 > first["mean_accuracy"] + 0.15

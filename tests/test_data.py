@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms.functional as TF
 from safetensors.torch import load_file, save_file
 
 from metaopt_core.config import DataSpec, NoiseSpec
@@ -144,6 +143,8 @@ def test_rotation_by_90_degrees_by_hand():
 
 
 def test_rotated_domains_are_rotations_of_their_source_images(mnist5k):
+    import torchvision.transforms.functional as TF  # here: not at collection (torchvision costs seconds to import)
+
     source = mnist5k.subset(torch.arange(600))
     angles = (0, 15, 30, 45, 60, 75)
     domains = rotated_domains(source, angles, seed=4)

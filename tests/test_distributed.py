@@ -1,5 +1,5 @@
-"""The distributed outer loop (``metaopt_core.meta.distributed``): real processes under torchrun
-with gloo on CPU, one thread each, the tiny configurations.
+"""The driver under torch.distributed (``metaopt_core.meta.distributed``): real processes under
+torchrun with gloo on CPU, one thread each, the tiny configurations.
 
 ARL reaches the same fitness values and CMA-ES state, bit for bit, with 1, 2 and 3 workers; ITL
 and MetaMD the same hypergradient statistics and ω up to float summation order (relative error
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metaopt_core.meta import PreparedInputs, registry
-from metaopt_core.meta.distributed import LoopTimings, Placement, directory_files, run_distributed, write_directory_files
+from metaopt_core.meta import PreparedInputs, driver, registry
+from metaopt_core.meta.driver import directory_files, write_directory_files
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -117,24 +117,6 @@ def test_state_files_round_trip_and_stay_inside_the_folder(tmp_path):
             write_directory_files({bad: b""}, tmp_path / "c")
 
 
-def test_one_process_equals_the_learners_own_loop_and_resumes(tmp_path):
-    from tests.test_learner_protocol import ToyLearner
-
-    toy = registry.get("tests.test_learner_protocol:ToyLearner")
-    config = toy.resolve_config({"steps": 4})
-    inputs = toy.prepare(config)
-    reference = toy.run(config, inputs, tmp_path / "reference")
-    seen: list[int] = []
-    timings = LoopTimings()
-    half = run_distributed(toy, config, inputs, tmp_path / "ckpt", until=2, on_checkpoint=lambda path, step: seen.append(step), timings=timings)
-    assert toy.step(half) == 2 and seen == [1, 2] and timings.steps == 2
-    lines: list[str] = []
-    state = run_distributed(toy, config, inputs, tmp_path / "ckpt", placement=Placement(), progress=lines.append)
-    assert isinstance(toy, ToyLearner) and "resuming from" in lines[0] and "outer step 4/4 (1 workers)" in lines[-1]
-    assert state.history == reference.history and state.theta == reference.theta
-    assert run_distributed(toy, config, inputs, tmp_path / "ckpt").history == reference.history  # finished: nothing asked
-
-
 # ----------------------------------------------------------------------------- several processes
 
 
@@ -200,7 +182,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes(prepared, tmp_path):
     output, _ = job.communicate(timeout=300)
     assert killed_at is not None and killed_at < 24, f"never killed (generation {killed_at}):\n{output[-3000:]}"
     assert job.returncode == 0, output[-4000:]
-    assert "resuming from" in output  # the restarted rank 0 read the checkpoint
+    assert "arl: resumed from" in output  # the restarted rank 0 read the checkpoint
     resumed = state_doc(tmp_path / "killed")
     assert resumed["generation"] == 24
     launch("arl", 1, data, tmp_path / "whole", config=config)
@@ -237,7 +219,7 @@ def test_the_meta_training_step_submits_a_trainjob_and_hands_on_its_result(prepa
     config = arl.resolve_config(yaml.safe_load((ROOT / "configs" / "arl-tiny.yaml").read_text()))
     data = FakeArtifact(prepared("arl"))
     state_in = FakeArtifact(tmp_path / "init")
-    arl.save_state(arl.init(config, PreparedInputs.load(data.path)), state_in.path)
+    driver.save_state(arl.init(config, PreparedInputs.load(data.path)), state_in.path)
     outputs = tmp_path / "outputs"  # the step's output artifacts: their uri is where the TrainJob's files go
     state, learned, metrics = FakeArtifact(outputs / "state"), FakeArtifact(outputs / "learned"), FakeArtifact(outputs / "metrics")
     client = mock.create_autospec(TrainerClient, instance=True)
@@ -266,7 +248,7 @@ def test_the_meta_training_step_submits_a_trainjob_and_hands_on_its_result(prepa
                                            state, learned, metrics, kfp_run_id="run-1", client=client, echo=lines.append)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    assert step == 2 and arl.step(arl.load_state(state.path)) == 2
+    assert step == 2 and driver.load_state(arl, state.path).step == 2
     call = client.train.call_args.kwargs
     trainer = call["trainer"]
     assert call["runtime"] == trainjob.GPU_RUNTIME_NAME and isinstance(trainer, CustomTrainerContainer)
@@ -304,9 +286,10 @@ def test_a_failed_trainjob_fails_the_step():
 
 
 def test_the_paper_itl_pipeline_has_one_trainjob_step_and_stays_small(tmp_path):
-    from pipelines.builder import PipelineOptions, compile_pipeline, load_config_file
+    from metaopt_core.config import read_config
+    from pipelines.builder import PipelineOptions, compile_pipeline
 
-    config = load_config_file(ROOT / "configs" / "itl-paper.yaml", "itl")
+    config = read_config(ROOT / "configs" / "itl-paper.yaml", algorithm="itl")
     assert config["outer"]["steps"] == 200
     path = compile_pipeline("itl", tmp_path / "itl.yaml", PipelineOptions(gpu=True, workers=6), config)
     spec = next(yaml.safe_load_all(path.read_text()))

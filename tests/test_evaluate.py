@@ -28,7 +28,7 @@ from metaopt_core.evaluate import (
     noise_task,
     rank_with_ties,
 )
-from metaopt_core.losses.robust import ForwardCorrectedCrossEntropy
+from metaopt_core.losses.robust_corrected import ForwardCorrectedCrossEntropy
 from metaopt_core.losses.taylor import TaylorLoss
 from metaopt_core.train import FitResult
 

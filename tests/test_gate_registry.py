@@ -5,12 +5,14 @@ the same gate on the recorded meta-test, or an override whose reason is recorded
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 
 import pytest
 from mlflow import MlflowClient
 
+from metaopt_core import exports
 from metaopt_core.gate import decide_gate
 from metaopt_core.losses.taylor import TaylorLoss
 from metaopt_core.mlops.registry import GATE_PREFIX, apply_gate, load_champion, production_version, register_loss
@@ -24,7 +26,9 @@ WORSE = {"learned": [v - 0.2 for v in CE], "ce": CE}
 BETTER = {"learned": [v + 0.1 + 0.002 * i for i, v in enumerate(CE)], "ce": CE}
 
 
+@functools.cache
 def split_manifest() -> dict:
+    """A real split manifest (prepared when a test first asks: not at collection)."""
     from metaopt_core.data.manifest import SplitManifest
     from metaopt_core.data.prepare import prepare
 
@@ -33,12 +37,9 @@ def split_manifest() -> dict:
     return SplitManifest().add("inner_training", train, ["train"]).add("meta_test", test, ["val"]).check().to_dict()
 
 
-MANIFEST = split_manifest()
-
-
 def record(champion: str | None) -> dict:
     return {"metric": "meta_test_accuracy", "greater_is_better": True, "champion_version": champion, "settings": SETTINGS,
-            "fingerprint": "f" * 64, "split_manifest": MANIFEST}  # fmt: skip
+            "fingerprint": "f" * 64, "split_manifest": split_manifest()}  # fmt: skip
 
 
 def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_server, tmp_path, capsys):
@@ -61,7 +62,7 @@ def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_serve
     assert apply_gate(name, second.version, better.to_dict(), record(None), tracking_uri=mlflow_server).promoted
     assert production_version(name, tracking_uri=mlflow_server) == second.version
     version, champion = load_champion(name, tmp_path, tracking_uri=mlflow_server)
-    assert version == second.version and champion["kind"] == "loss" and champion["loss"]["family"] == "taylor"
+    assert version == second.version and exports.kind_of(champion).role == "loss" and exports.read(champion)["family"] == "taylor"
 
     # a gate decided against a champion that is no longer production does not promote
     third = register_loss(loss, name, tracking_uri=mlflow_server)
@@ -76,8 +77,8 @@ def test_the_gate_decision_is_recorded_and_a_rejected_version_stays(mlflow_serve
     doc = json.loads(open(gate_file).read())
     assert doc["decision"] == "rejected" and doc["settings"] == SETTINGS and doc["fingerprint"] == "f" * 64
     # the split manifest is on the version: its summary as a tag, every entry (with ids) in gate.json
-    assert json.loads(tags[GATE_PREFIX + "split_manifest"]) == MANIFEST["summary"]
-    assert doc["split_manifest"] == MANIFEST and doc["split_manifest"]["entries"][1]["phase"] == "meta_test"
+    assert json.loads(tags[GATE_PREFIX + "split_manifest"]) == split_manifest()["summary"]
+    assert doc["split_manifest"] == split_manifest() and doc["split_manifest"]["entries"][1]["phase"] == "meta_test"
 
     capsys.readouterr()
     assert cli_main(["models", "show", name, "--tracking-uri", mlflow_server]) == 0

@@ -1,4 +1,4 @@
-"""Tests for ITL (metaopt_core.meta.itl) and the loss-family interface (metaopt_core.meta.loss_families).
+"""Tests for ITL (metaopt_core.meta.itl) and the loss-family interface (metaopt_core.losses.families).
 
 Everything runs on tiny synthetic domains (3 domains of 8x8 images, 3 classes) so the file stays
 well under a minute on 2 cores. References: hand-derived formulas (the CE Taylor expansion,
@@ -17,15 +17,17 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from metaopt_core import exports
 from metaopt_core.config import ConfigError, load_config
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.data.sources import ImageData
+from metaopt_core.losses.families import build_family, family_from_dict, softplus_inverse
+from metaopt_core.losses.parametric import ISCEFamily, TaylorFamily
 from metaopt_core.losses.registry import get_loss
 from metaopt_core.losses.robust import SymmetricCrossEntropy
 from metaopt_core.losses.taylor import PRESETS, TaylorLoss
 from metaopt_core.meta import itl
 from metaopt_core.meta.itl import inner as itl_inner
-from metaopt_core.meta.loss_families import ISCEFamily, TaylorFamily, build_family, family_from_dict, softplus_inverse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -424,7 +426,7 @@ def test_outer_update_aggregates_steps_and_checks_its_inputs(data):
     assert torch.allclose(itl.outer_update(state, partly).omega, state.omega - 0.1 * 1.5)
 
 
-# ---------------------------------------------------------------------------------------------- state, resume, end to end
+# ---------------------------------------------------------------------------------------------- state, end to end
 
 
 def test_state_save_load_round_trip_and_corruption(tmp_path, data):
@@ -444,40 +446,19 @@ def test_state_save_load_round_trip_and_corruption(tmp_path, data):
         itl.ITLState.load(tmp_path)
 
 
-class Interrupt(Exception):
-    pass
-
-
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data):
-    config = tiny_config(inner={"max_epochs": 2}, outer={"steps": 3, "aggregation": "pcgrad", "optimizer": "adam"})
-    uninterrupted = itl.run(config, tmp_path / "a", data=data)
-
-    def die_after_step_one(metrics: dict) -> None:
-        if metrics["step"] == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        itl.run(config, tmp_path / "b", callback=die_after_step_one, data=data)
-    assert itl.ITLState.load(tmp_path / "b").step == 1
-    lines: list[str] = []
-    resumed = itl.run(config, tmp_path / "b", progress=lines.append, data=data)
-    assert lines[0].startswith("itl: resumed") and resumed.state.step == 3
-    assert torch.equal(resumed.state.omega, uninterrupted.state.omega)
-    for key, value in uninterrupted.state.optimizer.items():
-        assert torch.equal(resumed.state.optimizer[key], value)
-    strip = lambda rows: [{k: v for k, v in row.items() if "seconds" not in k and k != "per_domain"} for row in rows]  # noqa: E731
-    assert strip(resumed.history) == strip(uninterrupted.history)
-    assert resumed.document["params"] == uninterrupted.document["params"]
-    # only the step budget may change on resume
-    with pytest.raises(ConfigError, match="inner.lr"):
-        itl.run(tiny_config(inner={"max_epochs": 2, "lr": 0.5}, outer={"steps": 4}), tmp_path / "b", data=data)
+def meta_train(config, data) -> itl.ITLResult:
+    """The outer steps of ``config`` through the pure steps (the driver's loop without checkpoints)."""
+    state = itl.with_domains(itl.ITLState.initial(config), data)
+    while not state.finished:
+        state = itl.outer_update(state, itl.inner_hypergrads(state, data=data))
+    return itl.result_of(state)
 
 
 def test_tiny_meta_training_improves_the_held_out_cross_entropy(tmp_path, data):
     """Six outer steps from the CE-like Taylor loss lower the outer objective (held-out CE of the
     inner models), compared on identical inner-training seeds before and after."""
     config = tiny_config(outer={"steps": 6, "lr": 0.05})
-    result = itl.run(config, data=data)
+    result = meta_train(config, data)
     history = result.history
     assert len(history) == 6 and all(row["diverged"] == 0 for row in history)
     for key in ("heldout_ce", "heldout_acc", "source_acc", "inner_grad_norm", "hypergrad_norm"):
@@ -490,15 +471,15 @@ def test_tiny_meta_training_improves_the_held_out_cross_entropy(tmp_path, data):
 
     before, after = objective(history[0]["omega_before"]), objective(history[-1]["omega"])
     assert after < before - 0.02, (before, after)
-    paths = result.save(tmp_path)
-    doc = json.loads(paths["loss"].read_text())
-    assert doc["family"] == "taylor" and doc["meta"]["algorithm"] == "itl" and len(json.loads(paths["history"].read_text())) == 6
+    folder = result.save(tmp_path)
+    doc = exports.read(folder)
+    assert doc["family"] == "taylor" and doc["meta"]["algorithm"] == "itl" and len(json.loads((folder / "history.json").read_text())) == 6
     assert TaylorLoss.from_dict(doc).params.tolist() == pytest.approx(history[-1]["omega"])
 
 
 def test_isce_meta_trains_through_the_same_interface(data):
     config = tiny_config(family={"kind": "isce"}, init="sce", outer={"steps": 2, "lr": 0.2})
-    result = itl.run(config, data=data)
+    result = meta_train(config, data)
     assert result.document["family"] == "sce" and isinstance(result.loss, SymmetricCrossEntropy)
     alpha, beta = result.document["params"]["alpha"], result.document["params"]["beta"]
     assert alpha > 0 and beta > 0 and (alpha, beta) != pytest.approx((0.1, 1.0))

@@ -17,7 +17,7 @@ import pytest
 from pydantic import Field
 
 from metaopt_core.config import ConfigError, StrictModel
-from metaopt_core.meta import LearnerBase, MetaLearner, MetaTestReport, PreparedInputs, registry, runner, shard_slice
+from metaopt_core.meta import LearnerBase, MetaLearner, MetaTestReport, PreparedInputs, driver, registry, runner, shard_slice
 from pipelines.builder import PipelineOptions, compile_pipeline
 
 TARGET = 1.5
@@ -93,23 +93,21 @@ class ToyLearner(LearnerBase):
         row = {"step": state.step + 1, "objective": objective(theta), "theta": theta}
         return ToyState(state.config, theta, state.step + 1, [*state.history, row])
 
-    def export(self, state: ToyState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
+    def export(self, state: ToyState, data: PreparedInputs) -> tuple[str, dict]:
         from metaopt_core.losses.document import document_of_loss
         from metaopt_core.losses.taylor import TaylorLoss
 
-        loss = Path(directory) / "loss.json"
-        loss.write_text(json.dumps(document_of_loss(TaylorLoss([0.5, 0.0, 0.0, 1.0, state.theta], order=2))))
-        history = Path(directory) / "history.json"
-        history.write_text(json.dumps(state.history))
-        return {"loss": loss, "history": history}
+        return "loss-document", document_of_loss(TaylorLoss([0.5, 0.0, 0.0, 1.0, state.theta], order=2))
 
-    def meta_test(self, config: ToyConfig, exported: Mapping[str, Any], data: PreparedInputs, settings: ToyMetaTest, *,
-                  champion=None, progress=None) -> MetaTestReport:  # fmt: skip
-        theta = exported["loss"]["params"][-1]
+    def meta_test(self, config: ToyConfig, artifact_dir: Path, data: PreparedInputs, settings: ToyMetaTest, *,
+                  champion_dir: Path | None = None, progress=None) -> MetaTestReport:  # fmt: skip
+        from metaopt_core import exports
+
+        theta = exports.read(artifact_dir)["params"][-1]
         score = float(abs(theta - TARGET) < settings.tolerance)
         paired = {"learned": [score] * 3, "constant": [0.0] * 3}  # 3 seeds (the gate's minimum), a baseline that scores 0
-        if champion is not None:
-            paired["champion"] = [float(abs(champion["loss"]["params"][-1] - TARGET) < settings.tolerance)] * 3
+        if champion_dir is not None:
+            paired["champion"] = [float(abs(exports.read(champion_dir)["params"][-1] - TARGET) < settings.tolerance)] * 3
         return MetaTestReport(f"toy: theta {theta:.4f}\n", {"meta_test_accuracy": score}, "meta_test_accuracy", True,
                               paired=paired, units=[{"seed": seed} for seed in range(3)], settings={"seeds": [0, 1, 2]})  # fmt: skip
 
@@ -166,9 +164,9 @@ def test_a_learner_is_found_by_import_reference_in_a_fresh_process():
 def test_in_process_loop_and_sharded_steps_reach_the_same_state(toy, tmp_path):
     config = toy.resolve_config({"steps": 4})
     inputs = toy.prepare(config)
-    toy.save_state(toy.init(config, inputs), tmp_path / "ckpt")
+    driver.save_state(toy.init(config, inputs), tmp_path / "ckpt")
     in_process = runner.run_block(toy, config, inputs, tmp_path / "ckpt", 4)
-    assert toy.step(in_process) == 4 and toy.done(in_process)
+    assert in_process.step == 4 and toy.done(in_process)
     assert objective(in_process.theta) < objective(0.0) / 10  # the search found the target
     sharded = toy.init(config, inputs)
     for step in range(4):
@@ -185,26 +183,39 @@ def test_in_process_loop_and_sharded_steps_reach_the_same_state(toy, tmp_path):
 def test_blocks_resume_from_the_checkpoint(toy, tmp_path):
     config = toy.resolve_config({"steps": 4})
     inputs = toy.prepare(config)
-    toy.save_state(toy.init(config, inputs), tmp_path / "ckpt")
+    driver.save_state(toy.init(config, inputs), tmp_path / "ckpt")
     targets = [runner.block_target(4, b, 3) for b in range(3)]
     for until in targets:
         state = runner.run_block(toy, config, inputs, tmp_path / "ckpt", until)
-        assert toy.step(state) == until and toy.step(toy.load_state(tmp_path / "ckpt")) == until
-    toy.save_state(toy.init(config, inputs), tmp_path / "whole")
+        assert state.step == until and driver.load_state(toy, tmp_path / "ckpt").step == until
+    driver.save_state(toy.init(config, inputs), tmp_path / "whole")
     assert runner.run_block(toy, config, inputs, tmp_path / "whole", 4).history == state.history
 
 
 def test_glue_never_dispatches_on_a_learner_name():
     """Components, pipelines and the shared meta modules call the protocol; only a learner's own
     package (and the registry's table of built-ins) knows its name."""
-    pattern = re.compile(r"""(algorithm|learner|name)\s*(==|!=|in)\s*\(?["'](arl|itl|metamd)["']|import_module\(f["']metaopt_core\.meta""")
+    names = "|".join(re.escape(name) for name in registry.BUILTIN)
+    pattern = re.compile(rf"""(algorithm|learner|name)\s*(==|!=|in)\s*\(?["']({names})["']|import_module\(f["']metaopt_core\.meta""")
+    packages = tuple(f"metaopt_core/meta/{ref.split(':')[0].split('.')[2]}/" for ref in registry.BUILTIN.values())
     offenders = []
     for folder in ("components", "pipelines", "metaopt_core"):
         for path in (ROOT / folder).rglob("*.py"):
             relative = path.relative_to(ROOT).as_posix()
-            if relative.startswith(("metaopt_core/meta/arl/", "metaopt_core/meta/itl/", "metaopt_core/meta/metamd/")):
+            if relative.startswith(packages):
                 continue
             offenders += [f"{relative}: {line.strip()}" for line in path.read_text().splitlines() if pattern.search(line)]
+    assert offenders == []
+
+
+def test_there_is_one_outer_loop():
+    """The driver is the only code that loops ask → evaluate → tell (a learner implements steps)."""
+    offenders = []
+    for folder in ("components", "pipelines", "metaopt_core", "scripts", "bench"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            if path.relative_to(ROOT).as_posix() != "metaopt_core/meta/driver.py" and re.search(r"while not .*(finished|done\()", text):
+                offenders.append(path.relative_to(ROOT).as_posix())
     assert offenders == []
 
 

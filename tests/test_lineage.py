@@ -318,10 +318,10 @@ class LineageToy(ToyLearner):
     name = "lineage-toy"
     meta_test_class = FailableMetaTest
 
-    def meta_test(self, config, exported, data, settings, *, champion=None, progress=None) -> Any:
+    def meta_test(self, config, artifact_dir, data, settings, *, champion_dir=None, progress=None) -> Any:
         if settings.fail:
             raise RuntimeError("meta-test failed on purpose")
-        return super().meta_test(config, exported, data, settings, champion=champion, progress=progress)
+        return super().meta_test(config, artifact_dir, data, settings, champion_dir=champion_dir, progress=progress)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -10,15 +11,18 @@ import torch
 
 from metaopt_core.losses import (
     LossDocumentError,
+    ScaledLoss,
     SymmetricCrossEntropy,
     TaylorLoss,
     document_of_loss,
+    families,
     get_loss,
     loss_from_document,
     validate_loss_document,
 )
 from metaopt_core.losses.document import FORMAT, FORMAT_VERSION
-from metaopt_core.meta.loss_families import ISCEFamily, TaylorFamily, family_from_dict
+from metaopt_core.losses.families import family_from_dict
+from metaopt_core.losses.parametric import ISCEFamily, TaylorFamily
 
 
 def hand_doc() -> dict:
@@ -128,7 +132,7 @@ def test_not_an_object_and_bad_named_params():
 
 
 def test_document_of_an_unknown_module_is_a_type_error():
-    with pytest.raises(TypeError, match="TaylorLoss"):
+    with pytest.raises(TypeError, match=r"got CrossEntropyLoss; allowed: a learned family.s module \(with to_dict\(\)\)"):
         document_of_loss(torch.nn.CrossEntropyLoss())
 
 
@@ -168,3 +172,46 @@ def test_an_lr_scale_multiplies_the_loss_and_survives_a_round_trip():
     for bad in (0, -1.0, float("inf"), "0.1", True):
         with pytest.raises(LossDocumentError, match="lr_scale"):
             validate_loss_document({"family": "ce", "params": {}, "lr_scale": bad})
+
+
+# ----------------------------------------------------------------------------- the representation table
+
+
+@pytest.mark.parametrize("name", families.names())
+def test_every_family_round_trips_through_its_document_and_takes_an_lr_scale(name):
+    """Every family of the table: to_dict -> JSON -> the loader (which looks the family up) builds
+    the same loss, family_from_dict gives back the same ω, and an lr_scale multiplies it."""
+    family = families.build_family(name)
+    params = family.init(families.CE_LIKE)
+    doc = through_json(family.to_dict(params))
+    logits, target = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 0, 1])
+    module = loss_from_document(doc)
+    assert torch.allclose(module(logits, target), family.functional(params, logits, target), rtol=1e-5, atol=1e-6)
+    rebuilt, rebuilt_params = family_from_dict(doc)
+    assert rebuilt == family and torch.equal(rebuilt_params, params)
+    scaled = loss_from_document({**doc, "lr_scale": 0.25})
+    assert torch.allclose(scaled(logits, target), 0.25 * module(logits, target))
+    assert document_of_loss(module)["family"] == doc["family"]
+
+
+def test_a_family_added_to_the_table_is_what_the_loader_builds(monkeypatch):
+    """The loader has no list of families: one entry in the table makes a new document family load."""
+
+    @dataclasses.dataclass(frozen=True)
+    class DoubledTaylor(TaylorFamily):
+        kind: str = "doubled"
+
+        @classmethod
+        def module_from_document(cls, doc, reduction, source):
+            return ScaledLoss(TaylorLoss.from_dict({**doc, "family": "taylor"}, reduction=reduction), 2.0)
+
+    monkeypatch.setitem(families.FAMILIES, "doubled", f"{__name__}:DOUBLED")
+    monkeypatch.setitem(globals(), "DOUBLED", DoubledTaylor)
+    monkeypatch.setattr(families._TABLE, "_loaded", {})
+    doc = {**hand_doc(), "family": "doubled"}
+    logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    assert torch.allclose(loss_from_document(doc)(logits, target), 2 * loss_from_document(hand_doc())(logits, target))
+    with pytest.raises(LossDocumentError, match=r"field 'order': got 9"):
+        validate_loss_document({**doc, "order": 9})
+    with pytest.raises(LossDocumentError, match=r"field 'family': got 'tripled'; allowed: a loss family \[.*'doubled'.*\] or one of"):
+        validate_loss_document({**doc, "family": "tripled"})

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from metaopt_core import evaluate
+from metaopt_core import evaluate, exports
 from metaopt_core.evaluate.units import Curve, Training, Unit, _train_sequential, choose, train_units
 from metaopt_core.losses.document import document_of_loss, loss_from_document
 from metaopt_core.losses.registry import get_loss
@@ -151,12 +151,11 @@ def test_arl_meta_test_builds_independent_units_and_passes_the_champion(tmp_path
     units = {e["unit"] for e in inputs.manifest["entries"] if e["phase"] == "meta_test"}
     assert units == {0, 1, 2, 3}
     learned = tmp_path / "learned"
-    learned.mkdir()
-    (learned / "loss.json").write_text(json.dumps(document_of_loss(TaylorLoss.from_preset("itl"))))
-    result = {"format": runner.RESULT_FORMAT, "learner": "arl", "kind": "loss", "steps": 0, "fingerprint": "", "files": {"loss": "loss.json"}}
+    exports.write(learned, "loss-document", document_of_loss(TaylorLoss.from_preset("itl")))
+    result = {"format": runner.RESULT_FORMAT, "learner": "arl", "kind": "loss", "export_kind": "loss-document", "steps": 0, "fingerprint": ""}
     (learned / "result.json").write_text(json.dumps(result))
-    champion = {"kind": "loss", "loss": document_of_loss(get_loss("ce"))}
-    report = runner.meta_test(arl, config, learned, inputs, settings, champion=champion)
+    exports.write(tmp_path / "champion", "loss-document", document_of_loss(get_loss("ce")))
+    report = runner.meta_test(arl, config, learned, inputs, settings, champion_dir=tmp_path / "champion")
     assert list(report.paired) == ["learned", "champion", "ce"] and len(report.units) == 4
     assert report.paired["champion"] == report.paired["ce"]  # same loss, same units, same lr grid
     assert {u["task"].split(" · ")[1] for u in report.units} == {"mlp2", "mlp3"}
@@ -172,8 +171,7 @@ def test_metamd_meta_test_tunes_each_optimiser_on_meta_training_domains_and_re_e
     inputs = metamd.prepare(config, settings)
     assert len(inputs.meta_test) == 3 and len({d.fingerprint for d in inputs.meta_test}) == 3  # every seed its own draw
     runner.export(metamd, metamd.init(config, inputs), inputs, tmp_path / "learned")
-    champion = {"kind": "optimizer", "divergence_dir": str(tmp_path / "learned" / "divergence")}
-    report = runner.meta_test(metamd, config, tmp_path / "learned", inputs, settings, champion=champion)
+    report = runner.meta_test(metamd, config, tmp_path / "learned", inputs, settings, champion_dir=tmp_path / "learned")
     assert list(report.paired) == ["learned", "champion", "sgd", "sgd-m", "adam"]
     assert all(len(v) == len(report.units) == 6 for v in report.paired.values())  # one held-out domain x 3 seeds x 2 horizons
     assert [u["stratum"] for u in report.units] == ["3 steps"] * 3 + ["6 steps"] * 3  # the gate tests each horizon

@@ -1,7 +1,9 @@
-"""The pipelines compile to the IR YAML the architecture describes: tasks, dependencies, caching,
-retries, GPU requests, parameters with defaults and descriptions, cluster wiring; compiles are
-byte-stable. Plus the pure pieces the DAG relies on (block targets, shards, cron, arguments) and
-the CLI's argument handling, with a fake KFP client where an endpoint would be needed."""
+"""The pipelines compile to the IR YAML the architecture describes. Every registered learner is
+compiled once (its parameters, defaults, descriptions and DAG shape: what its own spec proves); the
+compile options (GPU, shards, cluster wiring, resources, retries, byte stability) are generic in
+the builder and proved on one learner. Plus the pure pieces the DAG relies on (block targets,
+shards, cron, arguments) and the CLI's argument handling, with a fake KFP client where an endpoint
+would be needed."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pipelines.builder import (
 )
 
 ALGORITHMS = tuple(registry.BUILTIN)
+OPTIONS_LEARNER = "itl"  # the learner the generic compile options are proved on
 TINY_META_TEST = {"itl": {"held_out": ["rot90"]}}  # the tiny configs' held-out domain (meta-training never sees it)
 PARAMETERS = {"config_uri", "config", "meta_test_settings", "model_name", "experiment", "force_retrain", "promotion_margin"}
 
@@ -70,15 +73,17 @@ def _executor(spec: dict, task: dict) -> dict:
     return spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
 
 
+SHARDED = PipelineOptions(blocks=2, shards=3, gpu=True)
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict:
-    """Each algorithm compiled three ways: default (3 blocks, CPU), GPU, and sharded (2 x 3 shards, GPU)."""
+    """Every learner compiled once with the defaults (3 blocks, CPU); the options learner also
+    with GPU, and sharded (2 x 3 shards, GPU)."""
     root = tmp_path_factory.mktemp("compiled")
-    out = {}
-    for algorithm in ALGORITHMS:
-        out[(algorithm, "cpu")] = compile_pipeline(algorithm, root / f"{algorithm}-cpu.yaml")
-        out[(algorithm, "gpu")] = compile_pipeline(algorithm, root / f"{algorithm}-gpu.yaml", PipelineOptions(gpu=True))
-        out[(algorithm, "sharded")] = compile_pipeline(algorithm, root / f"{algorithm}-sharded.yaml", PipelineOptions(blocks=2, shards=3, gpu=True))
+    out = {(algorithm, "cpu"): compile_pipeline(algorithm, root / f"{algorithm}-cpu.yaml") for algorithm in ALGORITHMS}
+    out[(OPTIONS_LEARNER, "gpu")] = compile_pipeline(OPTIONS_LEARNER, root / "gpu.yaml", PipelineOptions(gpu=True))
+    out[(OPTIONS_LEARNER, "sharded")] = compile_pipeline(OPTIONS_LEARNER, root / "sharded.yaml", SHARDED)
     return out
 
 
@@ -140,9 +145,8 @@ def test_dag_shape(compiled, algorithm):
         assert tasks[name]["inputs"]["parameters"]["blocks"]["runtimeValue"]["constant"] == 3
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_caching_retries_and_cpu_resources(compiled, algorithm):
-    spec, _ = _load(compiled[(algorithm, "cpu")])
+def test_caching_retries_and_cpu_resources(compiled):
+    spec, _ = _load(compiled[(OPTIONS_LEARNER, "cpu")])
     tasks = _all_tasks(spec)
     for name in ("prepare-data", "check-new-data", "start-tracking", "register-and-promote"):
         assert not tasks[name].get("cachingOptions", {}).get("enableCache"), f"{name} must not be cached"
@@ -159,9 +163,8 @@ def test_caching_retries_and_cpu_resources(compiled, algorithm):
         assert "pip install" not in " ".join(container["command"])  # nothing installed at run time
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_gpu_steps_request_an_accelerator_on_gpu_nodes(compiled, algorithm):
-    spec, platform = _load(compiled[(algorithm, "gpu")])
+def test_gpu_steps_request_an_accelerator_on_gpu_nodes(compiled):
+    spec, platform = _load(compiled[(OPTIONS_LEARNER, "gpu")])
     tasks = _all_tasks(spec)
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     gpu_steps = ["run-block", "run-block-2", "run-block-3", "meta-test"]
@@ -180,9 +183,8 @@ def test_gpu_steps_request_an_accelerator_on_gpu_nodes(compiled, algorithm):
         assert container["image"] == IMAGE and "accelerator" not in container.get("resources", {})
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_sharded_pipeline_fans_out_with_parallel_for(compiled, algorithm):
-    spec, _ = _load(compiled[(algorithm, "sharded")])
+def test_sharded_pipeline_fans_out_with_parallel_for(compiled):
+    spec, _ = _load(compiled[(OPTIONS_LEARNER, "sharded")])
     fan_out, fan_in, ask = "evaluate", "tell", "ask"
     dags = _dags(spec)
     loops = {name: dag for name, dag in dags.items() if name.startswith("comp-for-loop")}
@@ -204,9 +206,8 @@ def test_sharded_pipeline_fans_out_with_parallel_for(compiled, algorithm):
     assert tasks[fan_out].get("cachingOptions", {}).get("enableCache") is True  # pure computation: cacheable
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_step_gets_the_cluster_runtime_config(compiled, algorithm):
-    spec, platform = _load(compiled[(algorithm, "cpu")])
+def test_every_step_gets_the_cluster_runtime_config(compiled):
+    spec, platform = _load(compiled[(OPTIONS_LEARNER, "cpu")])
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == set(spec["deploymentSpec"]["executors"])
     for config in executors.values():
@@ -229,7 +230,7 @@ STEP_KINDS_BY_TASK = {"prepare-data": "data", "check-new-data": "control", "star
 def test_every_step_has_requests_limits_and_a_timeout(compiled, variant):
     from pipelines.resources import CPU_DEFAULTS, GPU_DEFAULTS
 
-    spec, platform = _load(compiled[("itl", variant)])
+    spec, platform = _load(compiled[(OPTIONS_LEARNER, variant)])
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for label, executor in spec["deploymentSpec"]["executors"].items():
         resources = executor["container"]["resources"]
@@ -293,11 +294,9 @@ def test_resources_cli_overrides_parse_and_name_bad_ones():
             parse_overrides([bad])
 
 
-def test_compile_is_byte_stable(tmp_path):
-    for algorithm in ALGORITHMS:
-        first = compile_pipeline(algorithm, tmp_path / f"{algorithm}-1.yaml", PipelineOptions(blocks=2, shards=2, gpu=True))
-        second = compile_pipeline(algorithm, tmp_path / f"{algorithm}-2.yaml", PipelineOptions(blocks=2, shards=2, gpu=True))
-        assert first.read_bytes() == second.read_bytes()
+def test_compile_is_byte_stable(compiled, tmp_path):
+    again = compile_pipeline(OPTIONS_LEARNER, tmp_path / "again.yaml", SHARDED)
+    assert again.read_bytes() == compiled[(OPTIONS_LEARNER, "sharded")].read_bytes()
 
 
 def test_pipeline_options_are_checked():
@@ -491,20 +490,20 @@ def test_sharded_outer_steps_equal_the_in_process_block(algorithm, tmp_path):
     in process: the same state after every step (ARL: checked end to end in test_pipelines_local)."""
     import torch
 
-    from metaopt_core.meta import runner
+    from metaopt_core.meta import driver, runner
 
     learner = registry.get(algorithm)
     config = learner.resolve_config(yaml.safe_load(Path(f"configs/{algorithm}-tiny.yaml").read_text()))
     inputs = learner.prepare(config, TINY_META_TEST.get(algorithm))
     total = learner.total_steps(config)
-    learner.save_state(learner.init(config, inputs), tmp_path / "block")
+    driver.save_state(learner.init(config, inputs), tmp_path / "block")
     in_process = runner.run_block(learner, config, inputs, tmp_path / "block", total)
     sharded = learner.init(config, inputs)
     for step in range(total):
         work = runner.write_work(learner, sharded, inputs, tmp_path / f"work-{step}")
         parts = [runner.write_part(learner, sharded, work, index, 2, inputs, tmp_path / f"part-{step}-{index}") for index in range(2)]
         sharded = runner.tell_parts(learner, sharded, parts, inputs)
-    assert learner.step(sharded) == learner.step(in_process) == total
+    assert sharded.step == in_process.step == total
     assert torch.equal(sharded.omega, in_process.omega)
     assert learner.metrics(sharded)["step"] == total
     # a part is a plain JSON file naming its learner and shard
@@ -512,20 +511,10 @@ def test_sharded_outer_steps_equal_the_in_process_block(algorithm, tmp_path):
     assert doc["shard"] == [1, 2] and doc["learner"] == algorithm
 
 
-def test_overrides_set_dot_paths_and_name_bad_ones():
-    from pipelines.builder import apply_overrides
-
-    doc = {"train": {"epochs": 25, "lr": 0.1}, "generations": 8}
-    out = apply_overrides(doc, {"train.epochs": 4, "generations": 3, "outer.steps": 2})
-    assert out == {"train": {"epochs": 4, "lr": 0.1}, "generations": 3, "outer": {"steps": 2}}
-    assert doc["train"]["epochs"] == 25  # the input is not modified
-    with pytest.raises(ValueError, match="generations is 8, not a mapping"):
-        apply_overrides(doc, {"generations.x": 1})
-
-
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_quick_preset_is_a_valid_shorter_run(algorithm):
-    from pipelines.builder import apply_overrides, preset_overrides
+    from metaopt_core.config import apply_overrides
+    from pipelines.builder import preset_overrides
 
     learner = registry.get(algorithm)
     demo = learner.resolve_config(default_config(algorithm))
@@ -550,7 +539,7 @@ def test_local_runs_of_the_demo_default_to_the_quick_preset():
 
 
 def test_local_compile_has_no_retries_and_no_cluster_wiring(tmp_path):
-    spec, platform = _load(compile_pipeline("itl", tmp_path / "itl.yaml", PipelineOptions(retries=False, cluster_env=False)))
+    spec, platform = _load(compile_pipeline(OPTIONS_LEARNER, tmp_path / "local.yaml", PipelineOptions(retries=False, cluster_env=False)))
     assert all("retryPolicy" not in task for task in _all_tasks(spec).values())
     assert not platform
 

@@ -81,7 +81,7 @@ def test_arl_pipeline_trains_skips_and_shards(mlflow_server, tmp_path):
     assert first["gate"]["units"] == 3 and first["gate"]["seeds"] == 3 and not first["gate"]["champion"]
     assert first["gate"]["best_baseline"] in ("ce", "gce", "sce") and "no production version" in first["reason"]
     _assert_tracked(mlflow_server, first, "best_accuracy", 2, {"population_size": "4", "generations": "2"})
-    assert any("generation 2/2" in line for line in lines) and any(line.startswith("  ✓ arl block 3/3") for line in lines)
+    assert any("arl: outer step 2/2: " in line for line in lines) and any(line.startswith("  ✓ arl block 3/3") for line in lines)
 
     second = run_local(
         "arl", CONFIGS / "arl-tiny.yaml", model_name=ARL, tracking_uri=mlflow_server, workdir=tmp_path, meta_test_settings=settings, echo=lines.append

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from metaopt_core.data.sources import ImageData
+from metaopt_core.losses.parametric import TaylorFamily
 from metaopt_core.losses.taylor import PRESETS, normalisation_scale, taylor_loss
-from metaopt_core.population import Member, Schedule, TaylorFamily, can_batch, train_population
+from metaopt_core.population import Member, Schedule, can_batch, train_population
 from metaopt_core.train import fit
 
 PRESET = torch.tensor(PRESETS["arl-ar-s80"].params)

@@ -140,24 +140,6 @@ def test_pyfunc_flavour_evaluates_the_loss_without_pickle(mlflow_server, tmp_pat
         model.predict(pd.DataFrame({"probabilities": [[0.7, 0.7]], "label": [0]}))
 
 
-def test_register_a_meta_learning_result_takes_its_provenance(mlflow_server):
-    @dataclass
-    class FakeResult:  # the shape of ARLResult: a loss, its document with "meta", a history
-        loss: TaylorLoss
-        document: dict
-        history: list
-
-    loss = itl_loss()
-    document = {**loss.to_dict(), "meta": {"algorithm": "arl", "config": {"population_size": 4}, "data_fingerprints": ["aa", "bb"]}}
-    name = unique("arl")
-    registered = register_loss(FakeResult(loss, document, []), name, scores={METRIC: 0.6}, tracking_uri=mlflow_server)
-    tags = registered.tags
-    assert json.loads(tags["metaopt.config"]) == {"population_size": 4}
-    assert tags["metaopt.data_fingerprint"] == "aa,bb"
-    # the document, meta included, is the artifact
-    assert registry.load_loss_doc(registered.model_uri, tracking_uri=mlflow_server)["meta"]["algorithm"] == "arl"
-
-
 # ---------------------------------------------------------------------------------------- champion / challenger
 
 

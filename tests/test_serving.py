@@ -20,6 +20,8 @@ import pytest
 import tomllib
 import torch
 
+from metaopt_core import exports
+from metaopt_core.losses import families, loss_from_document
 from metaopt_core.losses.taylor import TaylorLoss
 from metaopt_core.mlops.pyfunc import loss_values
 from metaopt_core.mlops.registry import DISTRIBUTION, pip_requirements, register_loss
@@ -54,11 +56,26 @@ def test_registered_requirements_name_only_this_project(mlflow_server):
     assert f"metaopt-core=={library['version']}" in lines
 
 
+LOSS_KINDS = [name for name in exports.names() if exports.get(name).role == "loss"]
+
+
+def learned_document(kind: str) -> dict:
+    """A learned loss stored as export kind ``kind``: the first family of the table that exports
+    as it, at its "ce-like" start plus a nudge (so the parameters are not a special case)."""
+    name = next(name for name in families.names() if families.family_class(name).export_kind == kind)
+    family = families.build_family(name)
+    params = family.init(families.CE_LIKE)
+    return family.to_dict(params + 0.01 * torch.randn(params.shape, generator=torch.Generator().manual_seed(0)))
+
+
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_invocations(mlflow_server, tmp_path):
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_mlflow_models_serve_answers_invocations(kind, mlflow_server, tmp_path):
+    """Every loss export kind serves: the pyfunc model reads the kind's files."""
     name = f"serve-{uuid.uuid4().hex[:8]}"
-    loss = TaylorLoss.from_preset("itl")
-    registered = register_loss(loss, name, tracking_uri=mlflow_server)
+    document = learned_document(kind)
+    registered = register_loss(document, name, tracking_uri=mlflow_server)
+    assert registered.tags["metaopt.export_kind"] == kind
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": str(mlflow_server)}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # the server execs this environment's uvicorn
@@ -85,7 +102,7 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, tmp_path):
             predictions = json.loads(response.read())["predictions"]
         served = [row["loss"] for row in predictions]
         with torch.no_grad():
-            expected = loss_values(TaylorLoss.from_preset("itl", reduction="none"), pd.DataFrame(rows, columns=["probabilities", "label"]))
+            expected = loss_values(loss_from_document(document, reduction="none"), pd.DataFrame(rows, columns=["probabilities", "label"]))
         assert served == pytest.approx(expected, rel=1e-6)
         assert len(set(round(v, 6) for v in served)) == 3  # three different rows, three different losses
     finally:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from metaopt_core.config import TrainSpec
 from metaopt_core.losses.taylor import TaylorLoss
+from metaopt_core.meta.itl import InnerConfig
 from metaopt_core.mlops import tracking
 from metaopt_core.mlops.tracking import Tracker, TrackingServerUnreachable, flatten, markdown_table, numeric_metrics
 from tests.fixtures_mlflow import mlflow_server, reset_mlflow_uri  # noqa: F401
@@ -32,9 +32,9 @@ def download_text(server: str, run_id: str, path: str, tmp_path: Path) -> str:
 
 
 def test_flatten_turns_nested_configs_into_dotted_params():
-    spec = TrainSpec(model="mlp2", lr=0.05, epochs=3)
+    spec = InnerConfig(model="mlp2", lr=0.05, max_epochs=3)
     flat = flatten({"algorithm": "itl", "train": spec, "angles": [0, 15], "empty": {}})
-    assert flat["train.lr"] == 0.05 and flat["train.model"] == "mlp2" and flat["train.epochs"] == 3
+    assert flat["train.lr"] == 0.05 and flat["train.model"] == "mlp2" and flat["train.max_epochs"] == 3
     assert flat["angles"] == [0, 15] and flat["empty"] == {} and flat["algorithm"] == "itl"
     assert tracking.param_value([0, 15]) == "[0, 15]" and tracking.param_value(None) == "null"
     assert tracking.param_value(True) == "true" and tracking.param_value(0.05) == "0.05"
@@ -77,7 +77,7 @@ def test_markdown_table_exact():
 
 
 def test_tracker_logs_config_step_metrics_fingerprint_plots_and_tables(mlflow_server, tmp_path):
-    config = {"algorithm": "arl", "train": TrainSpec(lr=0.01, epochs=2), "noise": {"kind": "symmetric", "rate": 0.8}}
+    config = {"algorithm": "arl", "train": InnerConfig(model="mlp2", lr=0.01, max_epochs=2), "noise": {"kind": "symmetric", "rate": 0.8}}
     with Tracker(experiment="arl-test", run_name="demo", tracking_uri=mlflow_server) as tracker:
         params = tracker.log_config(config)
         tracker.set_fingerprint("sha256:0123")

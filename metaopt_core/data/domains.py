@@ -8,7 +8,6 @@ with probability 0.25 and colours the image red/green with colour = label XOR Be
 from __future__ import annotations
 
 import torch
-import torchvision.transforms.functional as TF
 from torch import Tensor
 
 from metaopt_core.data.sources import ImageData
@@ -26,6 +25,8 @@ def rotate(images: Tensor, angle: float) -> Tensor:
     """Rotate a batch counter-clockwise by ``angle`` degrees about the centre (bilinear, zero fill)."""
     if angle == 0:
         return images.clone()
+    import torchvision.transforms.functional as TF  # here: importing torchvision costs ~2.5 s of CPU, every process would pay it
+
     return TF.rotate(images, float(angle), interpolation=TF.InterpolationMode.BILINEAR)
 
 

@@ -49,7 +49,7 @@ def train_run(
     start = time.perf_counter()
     if isinstance(loss, TwoStageForward):
         from metaopt_core.losses.registry import get_loss
-        from metaopt_core.losses.robust import estimate_transition_matrix
+        from metaopt_core.losses.robust_corrected import estimate_transition_matrix
 
         stage1 = architecture.build(in_channels, image_size, task.num_classes, seed).to(device or "cpu")
         first = fit(stage1, get_loss("ce"), task.train, **train_kwargs)

@@ -16,21 +16,23 @@ from metaopt_core.losses.registry import (
     loss_parameters,
 )
 from metaopt_core.losses.robust import (
-    BaikalLoss,
-    BiTemperedLogisticLoss,
     CrossEntropy,
-    FocalLoss,
-    ForwardCorrectedCrossEntropy,
     GeneralizedCrossEntropy,
-    HardBootstrap,
-    HuberProbabilityLoss,
     LabelSmoothingCrossEntropy,
     MeanAbsoluteError,
     NCEandMAE,
     NFLandMAE,
     RobustLoss,
-    SoftBootstrap,
     SymmetricCrossEntropy,
+)
+from metaopt_core.losses.robust_corrected import (
+    BaikalLoss,
+    BiTemperedLogisticLoss,
+    FocalLoss,
+    ForwardCorrectedCrossEntropy,
+    HardBootstrap,
+    HuberProbabilityLoss,
+    SoftBootstrap,
     estimate_transition_matrix,
     tempered_softmax,
 )

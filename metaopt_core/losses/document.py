@@ -17,17 +17,13 @@ well at the lr the user tuned for cross-entropy (measured in its meta-test: the 
 chosen lr over CE's). The loader applies it (:class:`ScaledLoss`), so the served loss is a drop-in
 at CE's lr. Scale-invariant optimisers (Adam) are unaffected by it.
 
-Fields of the Taylor family: ``order`` in :data:`~metaopt_core.losses.taylor.ORDERS`, ``form`` in
-:data:`TAYLOR_FORMS`, ``params`` a list of ``order (order + 1) / 2 + 2`` finite numbers; optional
-``sign`` (only :data:`TAYLOR_SIGN`: the loss is minus the sum over classes of the polynomial),
-``class_reduction`` (:data:`CLASS_REDUCTIONS`, default sum — not the thesis's class mean: see
-``metaopt_core.losses.taylor.DEFAULT_CLASS_REDUCTION`` for the measured reason), ``normalisation`` (``{enabled: bool,
-eta: number > 0}`` or null; default disabled, eta 1).
-
-Any other ``family`` is a loss name of :func:`metaopt_core.losses.registry.get_loss` (``gce``,
-``sce``, ``taylor:itl`` ...) and ``params`` a JSON object of its keyword arguments. A learned iSCE
-is stored as ``sce`` plus ``learned_as`` (its raw meta-parameters, read by
-``meta.loss_families.family_from_dict``).
+``family`` names either a family of the representation table (:mod:`metaopt_core.losses.families`:
+``taylor``, ...), which validates the rest of the document and builds its module (the Taylor
+family's fields: ``TaylorFamily.validate_document`` in :mod:`metaopt_core.losses.parametric`), or
+a loss name of :func:`metaopt_core.losses.registry.get_loss` (``gce``, ``sce``, ``taylor:itl`` ...)
+with ``params`` a JSON object of its keyword arguments. A learned iSCE is stored as ``sce`` plus
+``learned_as`` (its raw meta-parameters, read by ``families.family_from_dict``). Nothing here
+branches on a family's name: the table is looked up.
 """
 
 from __future__ import annotations
@@ -40,20 +36,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from metaopt_core.losses.registry import get_loss, hand_designed_losses, list_losses, loss_parameters
-from metaopt_core.losses.taylor import ORDERS, TaylorLoss, num_params
 
 __all__ = [
-    "CLASS_REDUCTIONS",
     "FORMAT",
     "FORMAT_VERSION",
     "LossDocumentError",
     "ScaledLoss",
     "REDUCTIONS",
     "SUPPORTED_FORMAT_VERSIONS",
-    "TAYLOR_FAMILY",
-    "TAYLOR_FORMS",
-    "TAYLOR_SIGN",
     "document_of_loss",
+    "field_error",
+    "is_finite_number",
     "loss_from_document",
     "validate_loss_document",
 ]
@@ -61,10 +54,6 @@ __all__ = [
 FORMAT = "metaopt.loss"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
-TAYLOR_FAMILY = "taylor"
-TAYLOR_FORMS = ("taylor", "monomial")
-TAYLOR_SIGN = "negative-sum-over-classes"
-CLASS_REDUCTIONS = ("sum", "mean")
 REDUCTIONS = ("mean", "sum", "none")
 _MAX_SHOWN = 200  # characters of an offending value quoted in an error
 
@@ -73,18 +62,21 @@ class LossDocumentError(ValueError):
     """A loss document is malformed; the message names the field, the value found and what is allowed."""
 
 
-def _fail(source: str, field: str, value: Any, allowed: str) -> LossDocumentError:
+def field_error(source: str, field: str, value: Any, allowed: str) -> LossDocumentError:
+    """The error for a bad field: the source, the field, the value found (cut short) and what is allowed."""
     shown = repr(value)
     shown = shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN] + "..."
     return LossDocumentError(f"{source}: field {field!r}: got {shown}; allowed: {allowed}")
 
 
-def _is_finite_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _named_families() -> list[str]:
-    return [name for name in list_losses() if name != TAYLOR_FAMILY]
+    from metaopt_core.losses.families import has_family
+
+    return [name for name in list_losses() if not has_family(name)]
 
 
 def validate_loss_document(doc: Any, source: str = "loss document") -> dict:
@@ -94,56 +86,28 @@ def validate_loss_document(doc: Any, source: str = "loss document") -> dict:
     if not isinstance(doc, Mapping):
         raise LossDocumentError(f"{source}: got a JSON {type(doc).__name__}; allowed: an object")
     if "format" in doc and doc["format"] != FORMAT:
-        raise _fail(source, "format", doc["format"], repr(FORMAT))
+        raise field_error(source, "format", doc["format"], repr(FORMAT))
     if "format_version" in doc and (isinstance(doc["format_version"], bool) or doc["format_version"] not in SUPPORTED_FORMAT_VERSIONS):
-        raise _fail(source, "format_version", doc["format_version"], f"one of {list(SUPPORTED_FORMAT_VERSIONS)}")
+        raise field_error(source, "format_version", doc["format_version"], f"one of {list(SUPPORTED_FORMAT_VERSIONS)}")
+    from metaopt_core.losses.families import family_class, has_family, names
+
     family = doc.get("family")
     if not isinstance(family, str) or not family:
-        raise _fail(source, "family", family, "'taylor' or a loss name of metaopt_core.losses.registry")
+        raise field_error(source, "family", family, f"a loss family {names()} or a loss name of metaopt_core.losses.registry")
     if "meta" in doc and doc["meta"] is not None and not isinstance(doc["meta"], Mapping):
-        raise _fail(source, "meta", doc["meta"], "an object (free-form provenance) or null")
-    if "lr_scale" in doc and (not _is_finite_number(doc["lr_scale"]) or doc["lr_scale"] <= 0):
-        raise _fail(source, "lr_scale", doc["lr_scale"], "a finite number > 0 (the loss's multiplier; default 1)")
-    if family == TAYLOR_FAMILY:
-        _validate_taylor(doc, source)
+        raise field_error(source, "meta", doc["meta"], "an object (free-form provenance) or null")
+    if "lr_scale" in doc and (not is_finite_number(doc["lr_scale"]) or doc["lr_scale"] <= 0):
+        raise field_error(source, "lr_scale", doc["lr_scale"], "a finite number > 0 (the loss's multiplier; default 1)")
+    if has_family(family):
+        family_class(family).validate_document(doc, source)
         return dict(doc)
     known = _named_families()
     if family.strip().lower() not in known:
-        raise _fail(source, "family", family, f"'taylor' or one of {known}")
+        raise field_error(source, "family", family, f"a loss family {names()} or one of {known}")
     params = doc.get("params", {})
     if not isinstance(params, Mapping):
-        raise _fail(source, "params", params, f"an object of keyword arguments of the {family!r} loss")
+        raise field_error(source, "params", params, f"an object of keyword arguments of the {family!r} loss")
     return dict(doc)
-
-
-def _validate_taylor(doc: Mapping[str, Any], source: str) -> None:
-    order = doc.get("order")
-    if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS:
-        raise _fail(source, "order", order, f"one of {list(ORDERS)}")
-    form = doc.get("form")
-    if form not in TAYLOR_FORMS:
-        raise _fail(source, "form", form, " or ".join(repr(f) for f in TAYLOR_FORMS))
-    params = doc.get("params")
-    n = num_params(order)
-    if not isinstance(params, list) or len(params) != n:
-        got = f"{len(params)} values" if isinstance(params, list) else params
-        raise _fail(source, "params", got, f"a list of {n} numbers (order {order})")
-    for k, value in enumerate(params):
-        if not _is_finite_number(value):
-            raise _fail(source, f"params[{k}]", value, "a finite number")
-    if "sign" in doc and doc["sign"] != TAYLOR_SIGN:
-        raise _fail(source, "sign", doc["sign"], repr(TAYLOR_SIGN))
-    if doc.get("class_reduction", "sum") not in CLASS_REDUCTIONS:
-        raise _fail(source, "class_reduction", doc.get("class_reduction"), " or ".join(repr(r) for r in CLASS_REDUCTIONS))
-    norm = doc.get("normalisation", {"enabled": False, "eta": 1.0})
-    if norm is not None:
-        if not isinstance(norm, Mapping):
-            raise _fail(source, "normalisation", norm, "an object {enabled: bool, eta: number > 0}")
-        if not isinstance(norm.get("enabled", False), bool):
-            raise _fail(source, "normalisation.enabled", norm.get("enabled"), "true or false")
-        eta = norm.get("eta", 1.0)
-        if not _is_finite_number(eta) or eta <= 0:
-            raise _fail(source, "normalisation.eta", eta, "a finite number > 0")
 
 
 class ScaledLoss(nn.Module):
@@ -151,7 +115,7 @@ class ScaledLoss(nn.Module):
 
     def __init__(self, loss: nn.Module, lr_scale: float) -> None:
         super().__init__()
-        if not _is_finite_number(lr_scale) or lr_scale <= 0:
+        if not is_finite_number(lr_scale) or lr_scale <= 0:
             raise ValueError(f"lr_scale: got {lr_scale!r}; allowed: a finite number > 0")
         self.loss, self.lr_scale = loss, float(lr_scale)
 
@@ -180,17 +144,10 @@ def loss_from_document(doc: Any, reduction: str = "mean", source: str = "loss do
 
 
 def _unscaled_loss(doc: dict, reduction: str, source: str) -> nn.Module:
-    if doc["family"] == TAYLOR_FAMILY:
-        norm = doc.get("normalisation") or {}
-        return TaylorLoss(
-            doc["params"],
-            order=doc["order"],
-            form=doc["form"],
-            reduction=reduction,
-            normalise=bool(norm.get("enabled", False)),
-            eta=float(norm.get("eta", 1.0)),
-            class_reduction=doc.get("class_reduction", "sum"),
-        )
+    from metaopt_core.losses.families import family_class, has_family
+
+    if has_family(doc["family"]):
+        return family_class(doc["family"]).module_from_document(doc, reduction, source)
     kwargs = dict(doc.get("params") or {})
     kwargs.setdefault("reduction", reduction)
     try:
@@ -208,23 +165,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def document_of_loss(loss: nn.Module) -> dict:
-    """The document of a ``TaylorLoss`` or of a hand-designed loss of ``get_loss`` (its name and
-    constructor arguments, without ``reduction``, which is chosen when loading). The inverse of
-    :func:`loss_from_document`; raises ``TypeError`` for any other module."""
+    """The document of a learned family's module (one with ``to_dict()``: ``TaylorLoss``, ...) or of
+    a hand-designed loss of ``get_loss`` (its name and constructor arguments, without
+    ``reduction``, which is chosen when loading). The inverse of :func:`loss_from_document`;
+    raises ``TypeError`` for any other module."""
     header = {"format": FORMAT, "format_version": FORMAT_VERSION}
     if isinstance(loss, ScaledLoss):
         return {**document_of_loss(loss.loss), "lr_scale": loss.lr_scale}
-    if isinstance(loss, TaylorLoss):
-        return {
-            **header,
-            "family": TAYLOR_FAMILY,
-            "order": loss.order,
-            "form": loss.form,
-            "sign": TAYLOR_SIGN,
-            "class_reduction": loss.class_reduction,
-            "params": [float(v) for v in loss.params.detach().cpu()],
-            "normalisation": {"enabled": bool(loss.normalise), "eta": float(loss.eta)},
-        }
+    if callable(getattr(loss, "to_dict", None)):
+        return validate_loss_document({**header, **loss.to_dict()}, f"{type(loss).__name__}.to_dict()")
     for name, cls in hand_designed_losses().items():
         if type(loss) is cls:
             params = {}
@@ -237,5 +186,5 @@ def document_of_loss(loss: nn.Module) -> dict:
                     continue
                 params[parameter] = _jsonable(getattr(loss, parameter))
             return {**header, "family": name, "params": params}
-    known = ["TaylorLoss"] + sorted(cls.__name__ for cls in hand_designed_losses().values())
-    raise TypeError(f"loss: got {type(loss).__name__}; allowed: {known}")
+    known = sorted(cls.__name__ for cls in hand_designed_losses().values())
+    raise TypeError(f"loss: got {type(loss).__name__}; allowed: a learned family's module (with to_dict()) or one of {known}")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from metaopt_core.losses import robust
+from metaopt_core.losses import robust, robust_corrected
 from metaopt_core.losses.taylor import PRESETS, TaylorLoss
 
 # name -> constructor; every constructor takes only keyword-compatible arguments
@@ -34,13 +34,13 @@ _HAND_DESIGNED: dict[str, type[nn.Module]] = {
     "mae": robust.MeanAbsoluteError,
     "nce+mae": robust.NCEandMAE,
     "nfl+mae": robust.NFLandMAE,
-    "bootstrap_soft": robust.SoftBootstrap,
-    "bootstrap_hard": robust.HardBootstrap,
-    "focal": robust.FocalLoss,
-    "bitempered": robust.BiTemperedLogisticLoss,
-    "baikal": robust.BaikalLoss,
-    "huber": robust.HuberProbabilityLoss,
-    "forward": robust.ForwardCorrectedCrossEntropy,
+    "bootstrap_soft": robust_corrected.SoftBootstrap,
+    "bootstrap_hard": robust_corrected.HardBootstrap,
+    "focal": robust_corrected.FocalLoss,
+    "bitempered": robust_corrected.BiTemperedLogisticLoss,
+    "baikal": robust_corrected.BaikalLoss,
+    "huber": robust_corrected.HuberProbabilityLoss,
+    "forward": robust_corrected.ForwardCorrectedCrossEntropy,
 }
 
 TAYLOR_PREFIX = "taylor:"

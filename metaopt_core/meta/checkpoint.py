@@ -1,4 +1,4 @@
-"""Checkpoint and export files shared by the meta-learners (ITL and MetaMD checkpoints; ARL and ITL loss exports).
+"""Checkpoint files shared by the meta-learners (ITL and MetaMD checkpoints) and the resume check of the driver.
 
 A checkpoint is a directory holding ``state-<step>.safetensors`` (the tensors) and ``state.json``
 (everything else, naming the tensor file and its sha256). Writing order makes it crash-safe: the
@@ -25,15 +25,6 @@ def omega_tensors(omega: Tensor, optimizer: dict[str, Tensor]) -> dict[str, Tens
     out = {"omega": omega.detach().cpu().contiguous()}
     out.update({f"optimizer.{k}": v.detach().cpu().contiguous() for k, v in optimizer.items()})
     return out
-
-
-def save_loss_export(directory: str | Path, document: dict, history: list[dict]) -> dict[str, Path]:
-    """What a loss learner exports: ``loss.json`` (the registry artifact: JSON only) and ``history.json``."""
-    directory = Path(directory)
-    paths = {"loss": directory / "loss.json", "history": directory / "history.json"}
-    atomic_write_text(paths["loss"], json.dumps(document, indent=2))
-    atomic_write_text(paths["history"], json.dumps(history, indent=2))
-    return paths
 
 
 def save_checkpoint(directory: str | Path, step: int, doc: dict, tensors: dict[str, Tensor]) -> Path:

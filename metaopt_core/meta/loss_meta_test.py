@@ -22,8 +22,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from metaopt_core.config import DataSpec, ModelName, StrictModel, validate
 from metaopt_core.evaluate.units import PROTOCOL_TEXT, PROTOCOLS, Training, Unit, choose, oracle, train_units
 from metaopt_core.meta.protocol import MetaTestReport, ProgressReporter
 
@@ -44,6 +47,87 @@ def unit_seed(*words: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class LossMetaTestSettings(StrictModel):
+    """What every loss meta-test takes: ``seeds`` independent units per task (a count, or the seed
+    values), ``epochs`` of SGD, the ``baselines`` (registry loss names), one ``lr_grid`` for every
+    candidate (default: around the meta-training lr), the fixed protocol's ``recipe_lr`` (default:
+    the meta-training lr) and the ``protocol`` the gate decides on."""
+
+    seeds: int | list[int] = 5
+    epochs: int = Field(12, ge=1)
+    baselines: list[str] = ["ce"]
+    lr_grid: list[float] | None = Field(None, min_length=1)
+    recipe_lr: float | None = Field(None, gt=0.0)
+    protocol: Literal["early-stop", "tuned", "fixed"] = "early-stop"
+    batch_size: int | None = Field(None, ge=1)
+
+    @property
+    def seed_values(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def training(self, lr: float, momentum: float, batch_size: int) -> dict:
+        """The settings :func:`compare_learned_loss` takes, around the meta-training ``lr``."""
+        return {"seeds": self.seed_values, "epochs": self.epochs, "momentum": momentum, "lr_grid": self.lr_grid or lr_grid_around(lr),
+                "recipe_lr": self.recipe_lr or lr, "batch_size": self.batch_size or batch_size, "gate_protocol": self.protocol}  # fmt: skip
+
+
+class MetaTestTask(StrictModel):
+    """One meta-test task: a dataset (at ``image_size`` pixels; digits' native size is 8) and an architecture."""
+
+    source: str = "digits"
+    model: ModelName = "mlp2"
+    image_size: int | None = Field(None, ge=4, le=512)
+    max_examples: int | None = Field(None, ge=1)
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}{self.image_size or ''} · {self.model}"
+
+
+class TaskMetaTestSettings(LossMetaTestSettings):
+    """A loss meta-test over ``tasks`` (dataset x architecture), each unit its own split of the
+    dataset into train / selection (``select_fraction`` of the training split, with its labels as
+    given: noisy under label noise) / test (``test_fraction``, clean labels)."""
+
+    tasks: list[MetaTestTask] = Field(min_length=1)
+    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    select_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+
+
+def task_specs(settings: TaskMetaTestSettings, base_seed: int, noise: Mapping[str, Any], meta_train_sources: set[str]) -> list[DataSpec]:
+    """One dataset per unit (task x seed, in that order), each its own split and noise draw; a
+    source meta-training also reads gives the meta-test only its meta-test part."""
+    specs = []
+    for t, task in enumerate(settings.tasks):
+        for seed in settings.seed_values:
+            doc = {"source": task.source, "max_examples": task.max_examples, "image_size": task.image_size, "noise": dict(noise),
+                   "seed": unit_seed(base_seed, t, seed), "val_fraction": settings.test_fraction,
+                   "part": "meta-test" if task.source in meta_train_sources else "all"}  # fmt: skip
+            specs.append(validate(DataSpec, doc, source=f"meta_test.tasks[{t}]"))
+    return specs
+
+
+def task_units(settings: TaskMetaTestSettings, base_seed: int, datasets: Sequence[Any]) -> list[Unit]:
+    """The units of :func:`task_specs`' prepared datasets: their noisy train split cut into the
+    training and selection parts, their clean val split the test set."""
+    from metaopt_core import evaluate
+
+    units, prepared = [], iter(datasets)
+    for t, task in enumerate(settings.tasks):
+        for seed in settings.seed_values:
+            split = evaluate.noise_task(next(prepared), settings.select_fraction)
+            units.append(Unit(f"{task.label} · {split.condition}", seed, split.train, split.select, split.test, task.model,
+                              unit_seed(base_seed, t, seed, 1), unit_seed(base_seed, t, seed, 2)))  # fmt: skip
+    return units
+
+
+def task_manifest(manifest: Any, datasets: Sequence[Any]) -> Any:
+    """The meta-test phases of :func:`task_units`, one unit per dataset."""
+    for unit, dataset in enumerate(datasets):
+        manifest.add("meta_test_training", dataset, ["train"], unit).add("lr_selection", dataset, ["train"], unit).add("meta_test", dataset, ["val"], unit)
+    return manifest
 
 
 def _summary_rows(training: Training, labels: Sequence[str], protocol: str, recipe_lr: float) -> dict[str, dict]:
@@ -134,7 +218,8 @@ def _markdown(title: str, training: Training, tables: dict[str, dict[str, dict]]
     if deployment:
         low, high = deployment["lr_scale_range"]
         lines += ["", f"lr scale of the learned loss (its chosen lr over {deployment['lr_scale_reference']}'s, geometric mean over units): "
-                  f"**{deployment['lr_scale']:.3g}** (per unit {low:.3g} … {high:.3g}); the registered loss is multiplied by it."]  # fmt: skip
+                  f"**{deployment['lr_scale']:.3g}** (per unit {low:.3g} … {high:.3g}); the registered loss is multiplied by it, so it "
+                  f"trains at the lr a user tuned for {deployment['lr_scale_reference']}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +266,8 @@ def compare_learned_loss(
     labels = list(losses)
     tables = {protocol: _summary_rows(trained, labels, protocol, recipe_lr) for protocol in PROTOCOLS}
     quality = selection_quality(trained, labels, gate)
-    deployment = lr_scale(trained, gate)
+    measured = lr_scale(trained, gate)
+    deployment = {"lr_scale": measured["lr_scale"]} if measured else {}  # what the registry bakes into the artifact
     paired = {label: [row["test"] for row in tables[gate][label]["per_unit"]] for label in labels}
     unit_rows = [unit.describe() for unit in units]
     settings = {"gate_protocol": gate, "protocols": {p: PROTOCOL_TEXT[p] for p in PROTOCOLS}, "lr_grid": grid, "recipe_lr": recipe_lr,
@@ -189,7 +275,7 @@ def compare_learned_loss(
                 "seeds": list(training.get("seeds") or sorted({u.seed for u in units})), "replicates": len(units),
                 "tasks": sorted({u.task for u in units}), "candidates": labels, "baselines": list(baselines),
                 "chosen_lr": {label: [row["lr"] for row in tables[gate][label]["per_unit"]] for label in labels},
-                "selection": quality, "seconds": trained.seconds}  # fmt: skip
+                "selection": quality, "lr_scale": measured, "seconds": trained.seconds}  # fmt: skip
     scores: dict[str, float] = {}
     for label in labels:
         prefix = "meta_test_" if label == LEARNED else f"{label}." if label == CHAMPION else f"baseline.{label}."
@@ -198,9 +284,26 @@ def compare_learned_loss(
             scores[f"{prefix}accuracy_{protocol.replace('-', '_')}"] = tables[protocol][label]["mean"]
     if deployment:
         scores["meta_test_lr_scale"] = deployment["lr_scale"]
-    details = {"tables": tables, "selection": quality, "settings": settings, "paired": paired, "units": unit_rows, "deployment": deployment}
-    return MetaTestReport(_markdown(title, trained, tables, quality, settings, deployment), scores, "meta_test_accuracy", True, details,
+    details = {"tables": tables, "selection": quality, "settings": settings, "paired": paired, "units": unit_rows, "deployment": deployment,
+               "lr_scale": measured}  # fmt: skip
+    return MetaTestReport(_markdown(title, trained, tables, quality, settings, measured), scores, "meta_test_accuracy", True, details,
                           paired=paired, units=unit_rows, settings=settings, deployment=deployment)  # fmt: skip
 
 
-__all__ = ["CHAMPION", "GATE_PROTOCOL", "LEARNED", "LR_GRID_FACTORS", "compare_learned_loss", "lr_grid_around", "lr_scale", "selection_quality", "unit_seed"]
+__all__ = [
+    "CHAMPION",
+    "GATE_PROTOCOL",
+    "LEARNED",
+    "LR_GRID_FACTORS",
+    "LossMetaTestSettings",
+    "MetaTestTask",
+    "TaskMetaTestSettings",
+    "compare_learned_loss",
+    "lr_grid_around",
+    "lr_scale",
+    "selection_quality",
+    "task_manifest",
+    "task_specs",
+    "task_units",
+    "unit_seed",
+]

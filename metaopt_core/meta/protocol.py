@@ -2,28 +2,25 @@
 
 An outer step is *ask* (what must be evaluated: ARL's candidates × pool entries, ITL's
 leave-one-out domains, MetaMD's tasks), *evaluate* (the inner trainings of one shard of that work:
-what a pipeline fans out), *tell* (merge the shards' parts and take the outer step)::
+what a pipeline fans out), *tell* (merge the shards' parts and take the outer step). One driver
+(:mod:`metaopt_core.meta.driver`) runs that loop everywhere: in process, per pipeline block and
+under torch.distributed::
 
     learner = registry.get("itl")
-    state = learner.init(config, inputs)
-    while not learner.done(state):
-        work = learner.ask(state, inputs)
-        parts = [learner.evaluate(state, work, (i, k), inputs) for i in range(k)]   # anywhere
-        state = learner.tell(state, parts, inputs)
-        learner.save_state(state, "ckpt")                                           # resumable
-    learner.export(state, inputs, "learned")        # the white-box loss or divergence
-    report = learner.meta_test(config, read_result("learned"), inputs, settings, champion=production)
+    state = driver.run(learner, config, inputs, "ckpt", on_event=print_line)   # resumable
+    runner.export(learner, state, inputs, "learned")     # the artifact, as its export kind's files
+    report = learner.meta_test(config, Path("learned"), inputs, settings, champion_dir=production_dir)
 
 Work and parts are JSON-able dicts, so they cross process and machine boundaries unchanged.
-:class:`LearnerBase` implements the parts that do not depend on the algorithm (configuration,
-data preparation, checkpoints, an in-process loop over ask/evaluate/tell); a learner fills in the
-rest. The glue (``runner``, components, pipelines, CLI) only ever calls these methods: nothing
+A learner's state is its own object with the :class:`LearnerState` contract (``save``/``load``,
+``finished``, ``history``, ``config``, ``step``). :class:`LearnerBase` implements what does not
+depend on the algorithm (configuration, data preparation); a learner fills in the rest. The glue
+(``driver``, ``runner``, components, pipelines, CLI) only ever calls these methods: nothing
 outside a learner's package branches on its name.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence, runtime_checkable
@@ -37,7 +34,6 @@ from metaopt_core.meta.inputs import PreparedInputs, combine_fingerprints, integ
 Work = dict  # one outer step's jobs (JSON-able)
 Part = dict  # the evaluations of one shard of the work (JSON-able)
 ProgressReporter = Callable[[str], None]
-MetricsCallback = Callable[[dict], None]
 FINISHED = "finished"  # key of a work document when the run has nothing left to ask
 
 
@@ -73,42 +69,69 @@ class MetaTestReport:
                 "units": self.units, "settings": self.settings}  # fmt: skip
 
 
+STATE_FILE = "state.json"  # what every checkpoint folder holds (a LearnerState writes it)
+
+
+@runtime_checkable
+class LearnerState(Protocol):
+    """What the driver needs from a learner's state (the learner's own class, ``state_class``).
+
+    ``config``: the run configuration as JSON; the driver replaces it on a compatible resume (more
+    steps, another device), so ``finished`` must read its step budget from it. ``step``: outer
+    steps completed. ``history``: one dict of that step's numbers per completed step.
+    ``save(directory)`` writes a crash-safe checkpoint whose ``state.json`` marks it complete;
+    ``load(directory)`` (a classmethod) reads it back. Nothing is pickled."""
+
+    config: dict
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def history(self) -> list[dict]: ...
+
+    def save(self, directory: str | Path) -> Path: ...
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LearnerState: ...
+
+
 @runtime_checkable
 class MetaLearner(Protocol):
-    """What the pipelines, components and CLI call. See :class:`LearnerBase` for the defaults."""
+    """What the driver, pipelines, components and CLI call. A learner *implements* the algorithm
+    (``init`` ... ``meta_test``) and *declares* the class attributes; :class:`LearnerBase`
+    provides configuration and data handling from those declarations."""
 
     name: str  # the registry name, and the default registered-model name
-    kind: Literal["loss", "optimizer"]  # which registry call takes the export
+    kind: Literal["loss", "optimizer"]  # what it learns (the registry's load_loss / load_optimizer)
     description: str
     config_class: type[BaseModel]
     meta_test_class: type[BaseModel]
+    state_class: type  # a LearnerState
 
-    def resolve_config(self, doc: Mapping[str, Any] | BaseModel, source: str = "config") -> BaseModel: ...
-    def resolve_meta_test(self, settings: Mapping[str, Any] | BaseModel | None, source: str = "meta_test") -> BaseModel: ...
-    def config_of(self, state: Any) -> BaseModel: ...
-    def with_device(self, config: BaseModel, device: str | None) -> BaseModel: ...
-    def total_steps(self, config: BaseModel) -> int: ...
-    def with_total_steps(self, config: BaseModel, steps: int) -> BaseModel: ...
-    def prepare(self, config: BaseModel, meta_test: Mapping[str, Any] | BaseModel | None = None,
-                progress: ProgressReporter | None = None) -> PreparedInputs: ...  # fmt: skip
-
+    # the algorithm
     def init(self, config: BaseModel, data: PreparedInputs) -> Any: ...
     def ask(self, state: Any, data: PreparedInputs) -> Work: ...
     def evaluate(self, state: Any, work: Work, shard: tuple[int, int], data: PreparedInputs) -> Part: ...
     def tell(self, state: Any, parts: Sequence[Part], data: PreparedInputs) -> Any: ...
     def done(self, state: Any) -> bool: ...
-    def step(self, state: Any) -> int: ...
     def metrics(self, state: Any) -> dict: ...
-    def run(self, config: BaseModel, data: PreparedInputs, checkpoint_dir: str | Path, *,
-            progress: ProgressReporter | None = None, callback: MetricsCallback | None = None) -> Any: ...  # fmt: skip
+    def export(self, state: Any, data: PreparedInputs) -> tuple[str, Any]: ...  # (export kind name, artifact)
+    def meta_test(self, config: BaseModel, artifact_dir: Path, data: PreparedInputs, settings: BaseModel, *,
+                  champion_dir: Path | None = None, progress: ProgressReporter | None = None) -> MetaTestReport: ...  # fmt: skip
 
-    def export(self, state: Any, data: PreparedInputs, directory: str | Path) -> dict[str, Path]: ...
-    def meta_test(self, config: BaseModel, exported: Mapping[str, Any], data: PreparedInputs, settings: BaseModel, *,
-                  champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport: ...  # fmt: skip
-
-    def save_state(self, state: Any, directory: str | Path) -> Path: ...
-    def load_state(self, directory: str | Path) -> Any: ...
-    def has_state(self, directory: str | Path) -> bool: ...
+    # configuration and data (LearnerBase)
+    def resolve_config(self, doc: Mapping[str, Any] | BaseModel, source: str = "config") -> BaseModel: ...
+    def resolve_meta_test(self, settings: Mapping[str, Any] | BaseModel | None, source: str = "meta_test") -> BaseModel: ...
+    def total_steps(self, config: BaseModel) -> int: ...
+    def with_total_steps(self, config: BaseModel, steps: int) -> BaseModel: ...
+    def with_device(self, config: BaseModel, device: str | None) -> BaseModel: ...
+    def resumable_fields(self) -> tuple[str, ...]: ...
+    def prepare(self, config: BaseModel, meta_test: Mapping[str, Any] | BaseModel | None = None,
+                progress: ProgressReporter | None = None) -> PreparedInputs: ...  # fmt: skip
 
 
 def shard_slice(count: int, index: int, shards: int) -> range:
@@ -124,10 +147,18 @@ class LearnerBase:
     """Defaults for everything that does not depend on the algorithm.
 
     A learner sets the class attributes and implements ``init``, ``ask``, ``evaluate``, ``tell``,
-    ``export`` and ``meta_test``; it overrides ``data_specs`` when it reads datasets, and ``run``
-    when it has a faster in-process loop than ask → evaluate (one shard) → tell (the results must
-    be the same). The state is the learner's own object with ``save(directory)``, a ``load``
-    classmethod (``state_class``), ``finished``, ``history`` (one dict per outer step) and ``config``.
+    ``export`` and ``meta_test``; it overrides ``data_specs`` (and ``meta_test_specs``,
+    ``split_manifest``) when it reads datasets. Its state is a :class:`LearnerState`
+    (``state_class``). The driver runs the loop; there is no learner-specific loop.
+
+    Declarations: ``steps_field`` (dot path of the outer-step count in the config), ``resumable``
+    (config fields besides that count and ``device`` that may change when a checkpoint is resumed,
+    because they do not change what the run computes), ``demo_configs`` (files under configs/, the
+    first that exists is the pipeline's default), ``default_meta_test``, ``history_keys`` (the
+    curves worth plotting) and ``presets``: named dot-path overrides of the demo configuration.
+    Every learner must have a ``"quick"`` preset, a shorter run that `make run` (``metaopt run
+    all --local``) takes on 2 CPU cores within minutes (tests/test_pipelines_compile.py holds
+    every registered learner to it).
     """
 
     name: ClassVar[str]
@@ -137,7 +168,7 @@ class LearnerBase:
     meta_test_class: ClassVar[type[BaseModel]]
     state_class: ClassVar[type]
     steps_field: ClassVar[str] = "outer.steps"  # dot path of the outer-step count in the config
-    step_attribute: ClassVar[str] = "step"  # the state's completed-steps attribute
+    resumable: ClassVar[tuple[str, ...]] = ()  # further config fields a resume may change (dot paths)
     # For the pipeline front end: demo configuration files (configs/<file>, first that exists),
     # meta-test settings a pipeline defaults to, named overrides ("quick": for `make run`),
     # and the meta-training curves worth plotting.
@@ -258,6 +289,12 @@ class LearnerBase:
         if wanted != have:
             raise ValueError(f"inputs: prepared from data specs {have}; the config reads {wanted} (prepare the data again)")
 
+    def resumable_fields(self) -> tuple[str, ...]:
+        """Config fields (dot paths) that may differ between a checkpoint and the config resuming
+        it: the step budget, the device and the learner's ``resumable``. Every other field would
+        change what the run computes, so a resume under it is refused (naming the field)."""
+        return (self.steps_field, "device", *self.resumable)
+
     # ---------------------------------------------------------------- state
 
     def config_of(self, state: Any) -> BaseModel:
@@ -265,9 +302,6 @@ class LearnerBase:
 
     def done(self, state: Any) -> bool:
         return bool(state.finished)
-
-    def step(self, state: Any) -> int:
-        return int(getattr(state, self.step_attribute))
 
     def metrics(self, state: Any) -> dict:
         """The scalar metrics of the last outer step, with its step number."""
@@ -277,45 +311,16 @@ class LearnerBase:
         return {key: value for key, value in row.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
                 or key == "step"}  # fmt: skip
 
-    def save_state(self, state: Any, directory: str | Path) -> Path:
-        return state.save(directory)
-
-    def load_state(self, directory: str | Path) -> Any:
-        return self.state_class.load(directory)
-
-    def has_state(self, directory: str | Path) -> bool:
-        return (Path(directory) / "state.json").exists()
-
-    # ---------------------------------------------------------------- the loop
-
-    def run(self, config: BaseModel, data: PreparedInputs, checkpoint_dir: str | Path, *,
-            progress: ProgressReporter | None = None, callback: MetricsCallback | None = None) -> Any:  # fmt: skip
-        """Outer steps up to ``total_steps(config)`` in this process, resuming the checkpoint in
-        ``checkpoint_dir`` when there is one and saving after every step."""
-        until = self.total_steps(config)
-        checkpoint = Path(checkpoint_dir)
-        state = self.load_state(checkpoint) if self.has_state(checkpoint) else self.init(config, data)
-        while not self.done(state) and self.step(state) < until:
-            work = self.ask(state, data)
-            state = self.tell(state, [self.evaluate(state, work, (0, 1), data)], data)
-            self.save_state(state, checkpoint)
-            row = self.metrics(state)
-            if progress:
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step" and math.isfinite(float(v)))
-                progress(f"{self.name}: outer step {self.step(state)}/{until}: {shown}")
-            if callback:
-                callback(row)
-        return state
-
 
 __all__ = [
     "FINISHED",
     "LearnerBase",
+    "LearnerState",
     "MetaLearner",
     "MetaTestReport",
-    "MetricsCallback",
     "Part",
     "ProgressReporter",
+    "STATE_FILE",
     "Work",
     "shard_slice",
 ]

@@ -1,6 +1,6 @@
 """The learner registry: a name -> the :class:`~metaopt_core.meta.protocol.MetaLearner` that runs it.
 
-The three built-in learners are imported on first use (each pulls in torch-heavy modules). Other
+The built-in learners (:data:`BUILTIN`, one line each) are imported on first use (each pulls in torch-heavy modules). Other
 packages add theirs with the ``metaopt.learners`` entry point group or :func:`register`. A learner
 can also be named by its import reference, ``"package.module:LearnerClass"``: that is what a
 pipeline hands its steps for a learner that is not built in (see :func:`reference`), because each
@@ -20,6 +20,7 @@ BUILTIN = {
     "arl": "metaopt_core.meta.arl.learner:ARLLearner",
     "itl": "metaopt_core.meta.itl.learner:ITLLearner",
     "metamd": "metaopt_core.meta.metamd.learner:MetaMDLearner",
+    "ml3": "metaopt_core.meta.ml3.learner:ML3Learner",
 }
 ENTRY_POINT_GROUP = "metaopt.learners"
 

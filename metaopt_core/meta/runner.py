@@ -4,11 +4,11 @@ step through checkpoint folders, or one outer step fanned out over shards throug
     learner = registry.get(name)
     config = learner.resolve_config(doc)
     inputs = learner.prepare(config)                       # datasets + one fingerprint
-    learner.save_state(learner.init(config, inputs), "ckpt")
-    for b in range(blocks):                                # in process, checkpoint every step
+    driver.save_state(learner.init(config, inputs), "ckpt")
+    for b in range(blocks):                                # the driver, checkpoint every step
         state = run_block(learner, config, inputs, "ckpt", block_target(total, b, blocks))
-    export(learner, state, inputs, "learned")              # loss.json | divergence/, history.json
-    report = meta_test(learner, config, "learned", inputs, settings)
+    export(learner, state, inputs, "learned")              # the export kind's files, history.json
+    report = meta_test(learner, config, "learned", inputs, settings, champion_dir=production)
 
 With shards, one outer step is :func:`write_work` (ask) → :func:`write_part` × shards (evaluate) →
 :func:`tell_parts` (tell). A part does not depend on how the jobs were split, so both routes reach
@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel
 
+from metaopt_core.meta import driver
 from metaopt_core.meta.inputs import PreparedInputs
-from metaopt_core.meta.protocol import FINISHED, MetaLearner, MetaTestReport, MetricsCallback, ProgressReporter, Work
+from metaopt_core.meta.protocol import FINISHED, MetaLearner, MetaTestReport, ProgressReporter, Work
 
 WORK_FORMAT = "metaopt.pipeline.work/1"
 PART_FORMAT = "metaopt.pipeline.part/1"
@@ -45,13 +45,6 @@ def block_target(total: int, block_index: int, blocks: int) -> int:
     return max(1, math.ceil(total * (block_index + 1) / blocks))
 
 
-def _total_in_progress(line: str, until: int, total: int) -> str:
-    """'generation 3/3' -> 'generation 3/8': a block runs to its own target, the reader wants the run's."""
-    if until == total:
-        return line
-    return re.sub(rf"\b(\d+)/{until}\b", rf"\g<1>/{total}", line, count=1)
-
-
 def run_block(
     learner: MetaLearner,
     config: BaseModel,
@@ -60,17 +53,28 @@ def run_block(
     until: int,
     *,
     total: int | None = None,
-    progress: ProgressReporter | None = None,
-    callback: MetricsCallback | None = None,
+    on_event: driver.EventHook | None = None,
 ) -> Any:
     """Resume the state in ``checkpoint_dir`` and run outer steps up to step ``until`` (fewer when
     the learner stops by itself), checkpointing after every step. Returns the state reached.
-    ``total`` (the run's full length) only makes progress lines read 'step k/total'."""
-    if not learner.has_state(checkpoint_dir):
+    ``total`` (the run's full length) only makes events read 'step k/total'."""
+    if not driver.has_state(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint_dir: no state at {checkpoint_dir} (save the learner's initial state there first)")
-    total = total or learner.total_steps(config)
-    report = (lambda line: progress(_total_in_progress(line, until, total))) if progress else None
-    return learner.run(learner.with_total_steps(config, until), inputs, checkpoint_dir, progress=report, callback=callback)
+    return driver.run(learner, config, inputs, checkpoint_dir, until=until, total=total, on_event=on_event)
+
+
+def train(
+    learner: MetaLearner,
+    config: BaseModel,
+    checkpoint_dir: str | Path | None = None,
+    *,
+    inputs: PreparedInputs | None = None,
+    on_event: driver.EventHook | None = None,
+) -> tuple[Any, PreparedInputs]:
+    """Meta-train in this process (scripts, notebooks): prepare the inputs unless given, then the
+    driver from scratch or from the checkpoint in ``checkpoint_dir``. Returns (state, inputs)."""
+    inputs = inputs if inputs is not None else learner.prepare(config)
+    return driver.run(learner, config, inputs, checkpoint_dir, on_event=on_event), inputs
 
 
 # ----------------------------------------------------------------------------- one outer step, sharded
@@ -98,7 +102,7 @@ def write_work(learner: MetaLearner, state: Any, inputs: PreparedInputs, directo
     """Ask: the next outer step's jobs as ``work.json`` in ``directory`` (``finished`` when the run
     has stopped, so later shards and the merge pass the state on)."""
     work = {FINISHED: True} if learner.done(state) else learner.ask(state, inputs)
-    _write_json(Path(directory) / "work.json", {"format": WORK_FORMAT, "learner": learner.name, "step": learner.step(state), "work": work})
+    _write_json(Path(directory) / "work.json", {"format": WORK_FORMAT, "learner": learner.name, "step": state.step, "work": work})
     return work
 
 
@@ -127,26 +131,33 @@ def tell_parts(learner: MetaLearner, state: Any, part_paths: Sequence[str | Path
 
 
 def export(learner: MetaLearner, state: Any, inputs: PreparedInputs, directory: str | Path) -> dict:
-    """Write what the registry takes (``loss.json`` or ``divergence/``) and ``history.json``, plus
-    ``result.json`` (learner, kind, steps, fingerprint). Returns the ``result.json`` document."""
+    """Write what was learned as its export kind (:mod:`metaopt_core.exports`: the kind's files and
+    ``export.json``), ``history.json`` and ``result.json`` (learner, role, export kind, steps,
+    fingerprint). Returns the ``result.json`` document."""
+    from metaopt_core import exports
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = learner.export(state, inputs, directory)
+    kind_name, artifact = learner.export(state, inputs)
+    kind = exports.get(kind_name)
+    if kind.role != learner.kind:
+        raise ValueError(f"{learner.name}: exported a {kind.role} ({kind.name}); the learner's kind is {learner.kind!r}")
+    exports.save(directory, kind_name, artifact, state.history)
     doc = {
         "format": RESULT_FORMAT,
         "learner": learner.name,
-        "kind": learner.kind,
-        "steps": learner.step(state),
+        "kind": kind.role,
+        "export_kind": kind.name,
+        "steps": state.step,
         "fingerprint": inputs.fingerprint,
-        "files": {key: str(Path(path).relative_to(directory)) for key, path in paths.items()},
+        "files": list(kind.files),
     }
     _write_json(directory / "result.json", doc)
     return doc
 
 
 def read_result(directory: str | Path) -> dict:
-    """``result.json`` of an exported result, plus ``history`` and ``loss`` (a loss's document) or
-    ``divergence_dir`` (an optimiser's folder)."""
+    """``result.json`` of an exported result, plus its ``history``. The artifact itself is read
+    from the folder through its kind (``metaopt_core.exports.read(directory)``)."""
     directory = Path(directory)
     path = directory / "result.json"
     if not path.exists():
@@ -155,10 +166,10 @@ def read_result(directory: str | Path) -> dict:
     if doc.get("format") != RESULT_FORMAT:
         raise ValueError(f"result {path}: format {doc.get('format')!r}; expected {RESULT_FORMAT!r}")
     doc["history"] = json.loads((directory / "history.json").read_text()) if (directory / "history.json").exists() else []
-    if doc["kind"] == "loss":
-        doc["loss"] = json.loads((directory / "loss.json").read_text())
-    else:
-        doc["divergence_dir"] = str(directory / "divergence")
+    if "export_kind" not in doc:  # exported before export kinds: the folder says
+        from metaopt_core import exports
+
+        doc["export_kind"] = exports.kind_of(directory, doc.get("kind")).name
     return doc
 
 
@@ -169,19 +180,20 @@ def meta_test(
     inputs: PreparedInputs,
     settings: Mapping[str, Any] | BaseModel | None = None,
     *,
-    champion: Mapping[str, Any] | None = None,
+    champion_dir: str | Path | None = None,
     progress: ProgressReporter | None = None,
 ) -> MetaTestReport:
     """Meta-test an exported result with the learner's protocol (its ``meta_test_class`` settings).
-    ``champion``: the production version (shaped like :func:`read_result`'s document: ``kind`` and
-    ``loss`` or ``divergence_dir``), re-evaluated in the same run on the same units; None if none."""
+    ``champion_dir``: the production version's export folder (``registry.load_champion``),
+    re-evaluated in the same run on the same units; None if there is none."""
+    from metaopt_core import exports
+
     exported = read_result(learned_dir)
     if exported["learner"] != learner.name:
         raise ValueError(f"learned_dir: holds a {exported['learner']!r} result; the config is {learner.name!r}")
-    if champion is not None and champion.get("kind") != learner.kind:
-        raise ValueError(f"champion: a {champion.get('kind')!r} result; this learner exports a {learner.kind!r}")
-    extra = {} if champion is None else {"champion": champion}  # learners written before the gate take no champion
-    return learner.meta_test(config, exported, inputs, learner.resolve_meta_test(settings), progress=progress, **extra)
+    if champion_dir is not None:
+        exports.kind_of(champion_dir, learner.kind)  # a champion of the learner's role, or an error naming it
+    return learner.meta_test(config, Path(learned_dir), inputs, learner.resolve_meta_test(settings), champion_dir=champion_dir, progress=progress)
 
 
 __all__ = [
@@ -195,6 +207,7 @@ __all__ = [
     "read_work",
     "run_block",
     "tell_parts",
+    "train",
     "write_part",
     "write_work",
 ]

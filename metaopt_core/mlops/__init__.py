@@ -1,8 +1,8 @@
 """MLOps: the only part of metaopt_core that imports mlflow and boto3.
 
 - ``tracking``: ``Tracker`` (one MLflow run: config params, per-step metrics, plots, tables) and
-  its ``callback()`` that the meta-learners call once per outer step;
-- ``registry``: ``register_loss``, ``register_optimizer``, ``promote``, ``load_loss``,
+  its ``log_step`` for the driver's step events;
+- ``registry``: ``register_export``, ``register_loss``, ``register_optimizer``, ``promote``, ``load_loss``,
   ``load_optimizer`` (white-box artifacts, never unpickled);
 - ``pyfunc``: the model code logged with every registered version (``mlflow.pyfunc.load_model``);
 - ``storage``: bytes at local paths, ``file://`` and ``s3://`` URIs.
@@ -19,6 +19,7 @@ _EXPORTS = {
     "Tracker": "tracking",
     "TrackingServerUnreachable": "tracking",
     "start_run": "tracking",
+    "register_export": "registry",
     "register_loss": "registry",
     "register_optimizer": "registry",
     "promote": "registry",

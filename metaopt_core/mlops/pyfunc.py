@@ -1,11 +1,11 @@
 """The pyfunc flavour of a registered metaopt loss or optimiser ("models from code": no pickle).
 
-``register_loss`` / ``register_optimizer`` log *this file* as the model's code
+``register_export`` logs *this file* as the model's code
 (``mlflow.pyfunc.log_model(python_model=<path of this file>, artifacts=...)``). MLflow copies it
 into the model and, on ``mlflow.pyfunc.load_model(uri)``, executes it and takes the object given
 to ``mlflow.models.set_model`` below. Nothing is unpickled: the model's state is the white-box
-artifact (``loss.json``, or ``divergence.safetensors`` + ``manifest.json``), read in
-``load_context``. It therefore needs ``metaopt_core`` importable where it is loaded (the ``metaopt-core`` distribution, which
+export (``export.json`` naming its kind, and the kind's files: ``loss.json``, or
+``divergence/divergence.safetensors`` + ``manifest.json``, ...), read in ``load_context``. It therefore needs ``metaopt_core`` importable where it is loaded (the ``metaopt-core`` distribution, which
 its logged requirements pin), like any code model.
 
 Inputs and outputs (also recorded as the model signature):
@@ -23,7 +23,6 @@ Keep this file importable on its own (absolute imports only): MLflow loads it as
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -32,33 +31,25 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-LOSS_ARTIFACT = "loss"
-DIVERGENCE_ARTIFACT = "divergence"
-
 
 class MetaoptPyfuncModel(mlflow.pyfunc.PythonModel):
-    """Evaluates a registered metaopt loss (per-example values) or optimiser (step directions)."""
+    """Evaluates a registered metaopt loss (per-example values) or optimiser (step directions).
+    The model's artifacts are an export folder (``export.json`` and the export kind's files,
+    ``metaopt_core.exports``): its kind reads them, so any registered kind serves."""
 
     def load_context(self, context: Any) -> None:
+        from metaopt_core import exports
+
         artifacts = dict(context.artifacts or {})
-        if LOSS_ARTIFACT in artifacts:
-            from metaopt_core.mlops.registry import loss_from_doc, validate_loss_doc
-
-            path = Path(artifacts[LOSS_ARTIFACT])
-            try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{path}: not a readable JSON loss document ({exc})") from None
-            self.kind = "loss"
-            self.doc = validate_loss_doc(doc, source=str(path))
-            self.loss = loss_from_doc(self.doc, reduction="none")
-        elif DIVERGENCE_ARTIFACT in artifacts:
-            from metaopt_core.optim.io import load_divergence
-
-            self.kind = "optimizer"
-            self.divergence, self.manifest = load_divergence(artifacts[DIVERGENCE_ARTIFACT])
+        if exports.EXPORT_FILE not in artifacts:
+            raise ValueError(f"model artifacts: got {sorted(artifacts)}; a metaopt model has {exports.EXPORT_FILE!r} and its export kind's files")
+        folder = Path(artifacts[exports.EXPORT_FILE]).parent
+        kind = exports.kind_of(folder)
+        self.kind = kind.role
+        if kind.role == "loss":
+            self.loss = kind.build(folder, reduction="none")
         else:
-            raise ValueError(f"model artifacts: got {sorted(artifacts)}; a metaopt model has {LOSS_ARTIFACT!r} or {DIVERGENCE_ARTIFACT!r}")
+            self.divergence, self.manifest = kind.read(folder)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

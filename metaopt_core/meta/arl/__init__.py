@@ -13,8 +13,9 @@ them as separate components and fan the evaluation out over machines::
     parts = [evaluate(candidates, pool, shard=(i, k)) for i in range(k)]   # any machines
     state = tell(state, Fitness.merge(parts))        # CMA-ES update, best-so-far, history
 
-:func:`run` chains them, checkpoints after every generation and resumes from a checkpoint; a run
-killed at any point and resumed ends exactly as an uninterrupted one (CPU).
+The driver (:mod:`metaopt_core.meta.driver`) chains them through :class:`ARLLearner`, checkpoints
+after every generation and resumes from a checkpoint; a run killed at any point and resumed ends
+exactly as an uninterrupted one (CPU).
 
 Read the modules in this order:
 
@@ -24,13 +25,14 @@ Read the modules in this order:
 - :mod:`.state` — :class:`ARLState` (``state.json``), :func:`ask` and :func:`tell`;
 - :mod:`.fitness` — :func:`evaluate` (inner training via :mod:`metaopt_core.population`) and
   :class:`Fitness`;
-- :mod:`.loop` — :func:`run` and :class:`ARLResult`.
+- :mod:`.result` — :func:`result_of` and :class:`ARLResult` (the export);
+- :mod:`.learner` — :class:`ARLLearner`, the protocol on top of the above.
 """
 
 from metaopt_core.meta.arl.config import ARLConfig, InnerTraining, ModelSpec, PoolSpec
 from metaopt_core.meta.arl.fitness import FITNESS_CONVENTION, WORST_FITNESS, Fitness, evaluate, member_seeds, shard_jobs
-from metaopt_core.meta.arl.loop import RESUMABLE_CHANGES, ARLResult, MetricsCallback, ProgressReporter, result_of, run
 from metaopt_core.meta.arl.pool import Pool, PoolEntry, build_pool
+from metaopt_core.meta.arl.result import ARLResult, result_of
 from metaopt_core.meta.arl.search import CMASearch, replay
 from metaopt_core.meta.arl.state import STATE_FILE, STATE_FORMAT, ARLState, Candidates, ask, search_of, tell
 
@@ -43,13 +45,10 @@ __all__ = [
     "FITNESS_CONVENTION",
     "Fitness",
     "InnerTraining",
-    "MetricsCallback",
     "ModelSpec",
     "Pool",
     "PoolEntry",
     "PoolSpec",
-    "ProgressReporter",
-    "RESUMABLE_CHANGES",
     "STATE_FILE",
     "STATE_FORMAT",
     "WORST_FITNESS",
@@ -59,7 +58,6 @@ __all__ = [
     "member_seeds",
     "replay",
     "result_of",
-    "run",
     "search_of",
     "shard_jobs",
     "tell",

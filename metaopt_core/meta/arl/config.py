@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from metaopt_core.config import DataSpec, DeviceName, ModelName, NoiseSpec, StrictModel
+from metaopt_core.losses.parametric import TaylorFamily
 from metaopt_core.losses.taylor import ORDERS, PRESETS, num_params
-from metaopt_core.population import Schedule, TaylorFamily
+from metaopt_core.population import Schedule
 
 
 class ModelSpec(StrictModel):
@@ -158,7 +159,7 @@ class ARLConfig(StrictModel):
         return list(self.fitness.lr_grid) if self.fitness.lr_grid else [float(f"{self.train.lr * f:.6g}") for f in (1 / 3, 1.0, 3.0)]
 
     def family(self) -> TaylorFamily:
-        return TaylorFamily(self.order, self.form, self.normalise, self.eta)
+        return TaylorFamily(order=self.order, form=self.form, normalise=self.normalise, eta=self.eta)
 
     def dataset_specs(self) -> list[DataSpec]:
         """The pool's datasets with the run's label noise applied: what ``prepare`` should build."""

@@ -22,11 +22,9 @@ torch RNG, so any shard computes the same numbers.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -119,15 +117,6 @@ class Fitness:
             int(doc["generation"]), np.asarray(doc["candidates"], dtype=np.float64), list(doc["entries"]), accuracy,
             np.asarray(doc["diverged"], dtype=bool), np.asarray(doc["evaluated"], dtype=bool), float(doc.get("seconds", 0.0)), chosen,
         )  # fmt: skip
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Fitness:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def member_seeds(seed: int, generation: int, entry: int, candidate: int, common_random_numbers: bool) -> tuple[int, int]:

@@ -5,34 +5,25 @@ the fitness of one shard of those jobs; tell merges the shards and takes the CMA
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from metaopt_core.config import DataSpec, ModelName, StrictModel, validate
+from metaopt_core.config import DataSpec
 from metaopt_core.data.manifest import SplitManifest
 from metaopt_core.meta import arl
 from metaopt_core.meta.inputs import PreparedInputs
-from metaopt_core.meta.loss_meta_test import compare_learned_loss, lr_grid_around, unit_seed
+from metaopt_core.meta.loss_meta_test import MetaTestTask, TaskMetaTestSettings, compare_learned_loss, task_manifest, task_specs, task_units
 from metaopt_core.meta.protocol import LearnerBase, MetaTestReport, Part, ProgressReporter, Work
 
-
-class ARLMetaTestTask(StrictModel):
-    """One meta-test task: a dataset (at ``image_size`` pixels; digits' native size is 8) and an
-    architecture, at least one of them beyond the meta-training pool."""
-
-    source: str = "digits"
-    model: ModelName = "mlp2"
-    image_size: int | None = Field(None, ge=4, le=512)
-    max_examples: int | None = Field(None, ge=1)
-
-    @property
-    def label(self) -> str:
-        return f"{self.source}{self.image_size or ''} · {self.model}"
+# digits at its native 8x8 (a dataset beyond the pool) with both pool MLPs, and the unseen part of
+# the pool's source at another resolution: 3 tasks x 5 seeds = 15 units
+DEFAULT_TASKS = ({"source": "digits", "image_size": 8, "model": "mlp2"}, {"source": "digits", "image_size": 8, "model": "mlp3"},
+                 {"source": "mnist5k", "image_size": 14, "model": "mlp2"})  # fmt: skip
 
 
-class ARLMetaTest(StrictModel):
+class ARLMetaTest(TaskMetaTestSettings):
     """ARL meta-test: the learned loss, the production version (when there is one) and baselines
     (CE, GCE, SCE, as in the thesis's tables) on ``tasks`` beyond the meta-training pool, with the
     run's label noise. Each task has ``seeds`` independent units (every unit its own split into
@@ -41,26 +32,8 @@ class ARLMetaTest(StrictModel):
     under the three protocols (``early-stop``: lr and epoch chosen on the noisy selection split,
     the gate's default; ``tuned``; ``fixed``: ``recipe_lr`` for all, default the meta-training lr)."""
 
-    tasks: list[ARLMetaTestTask] = Field(default_factory=lambda: [ARLMetaTestTask(**t) for t in DEFAULT_TASKS], min_length=1)
-    seeds: int | list[int] = 5  # independent units per task (a count, or the seed values)
-    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
-    select_fraction: float = Field(0.3, gt=0.0, lt=1.0)  # of the noisy training split
-    epochs: int = Field(12, ge=1)
+    tasks: list[MetaTestTask] = Field(default_factory=lambda: [MetaTestTask(**t) for t in DEFAULT_TASKS], min_length=1)
     baselines: list[str] = ["ce", "gce", "sce"]
-    lr_grid: list[float] | None = Field(None, min_length=1)
-    recipe_lr: float | None = Field(None, gt=0.0)
-    protocol: Literal["early-stop", "tuned", "fixed"] = "early-stop"
-    batch_size: int | None = Field(None, ge=1)
-
-    @property
-    def seed_values(self) -> list[int]:
-        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
-
-
-# digits at its native 8x8 (a dataset beyond the pool) with both pool MLPs, and the unseen part of
-# the pool's source at another resolution: 3 tasks x 5 seeds = 15 units
-DEFAULT_TASKS = ({"source": "digits", "image_size": 8, "model": "mlp2"}, {"source": "digits", "image_size": 8, "model": "mlp3"},
-                 {"source": "mnist5k", "image_size": 14, "model": "mlp2"})  # fmt: skip
 
 
 class ARLLearner(LearnerBase):
@@ -71,7 +44,7 @@ class ARLLearner(LearnerBase):
     meta_test_class = ARLMetaTest
     state_class = arl.ARLState
     steps_field = "generations"
-    step_attribute = "generation"
+    resumable = ("max_batch", "batched")  # the batched and sequential paths agree up to float reassociation
     demo_configs = ("arl-demo.yaml",)
     # 3 tasks x 5 seeds = 15 independent units x 5 grid points (factor ~3 apart, so no candidate's
     # best lr sits on an edge) x (learned, champion, ce, gce, sce) x 12 epochs, batched per candidate
@@ -86,17 +59,7 @@ class ARLLearner(LearnerBase):
         return [spec.model_copy(update={"part": "meta-train"}) if spec.source in tested else spec for spec in config.dataset_specs()]
 
     def meta_test_specs(self, config: BaseModel, meta_test: ARLMetaTest) -> list[DataSpec]:
-        """One prepared dataset per unit (task x seed), each its own split and noise draw; a source the
-        pool also reads gives the meta-test only its meta-test part."""
-        pool_sources = {spec.source for spec in config.dataset_specs()}
-        specs = []
-        for t, task in enumerate(meta_test.tasks):
-            for seed in meta_test.seed_values:
-                doc = {"source": task.source, "max_examples": task.max_examples, "image_size": task.image_size, "noise": config.noise.model_dump(),
-                       "seed": unit_seed(config.seed, t, seed), "val_fraction": meta_test.test_fraction,
-                       "part": "meta-test" if task.source in pool_sources else "all"}  # fmt: skip
-                specs.append(validate(DataSpec, doc, source=f"meta_test.tasks[{t}]"))
-        return specs
+        return task_specs(meta_test, config.seed, config.noise.model_dump(), {spec.source for spec in config.dataset_specs()})
 
     def split_manifest(self, config: BaseModel, meta_test: ARLMetaTest, data: PreparedInputs) -> SplitManifest:
         """The search trains candidates on parts of the pool's noisy train splits and scores them on
@@ -107,9 +70,7 @@ class ARLLearner(LearnerBase):
         manifest = SplitManifest()
         for dataset in data.datasets:
             manifest.add("inner_training", dataset, ["train"]).add("outer_objective", dataset, ["train", "val"])
-        for unit, dataset in enumerate(data.meta_test):
-            manifest.add("meta_test_training", dataset, ["train"], unit).add("lr_selection", dataset, ["train"], unit).add("meta_test", dataset, ["val"], unit)
-        return manifest
+        return task_manifest(manifest, data.meta_test)
 
     def _pool(self, config: BaseModel, data: PreparedInputs) -> arl.Pool:
         self.check_inputs(config, data)
@@ -139,11 +100,7 @@ class ARLLearner(LearnerBase):
     def tell(self, state: arl.ARLState, parts: Sequence[Part], data: PreparedInputs) -> arl.ARLState:
         return arl.tell(state, arl.Fitness.merge([arl.Fitness.from_dict(part["fitness"]) for part in parts]))
 
-    def run(self, config, data, checkpoint_dir, *, progress=None, callback=None) -> arl.ARLState:
-        # arl.run trains each generation's population batched (the same fitness as one shard)
-        return arl.run(config, checkpoint_dir, progress, callback, pool=self._pool(config, data)).state
-
-    def export(self, state: arl.ARLState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
+    def export(self, state: arl.ARLState, data: PreparedInputs) -> tuple[str, dict]:
         """The loss the re-scoring on held-back validation chose among the search's best (not simply
         the best of many candidates scored once: the winner's curse)."""
         import copy
@@ -158,25 +115,17 @@ class ARLLearner(LearnerBase):
         result = arl.result_of(chosen, pool.names, [entry.fingerprint for entry in pool.entries])
         result.document["meta"]["rescored"] = rescored
         result.document["meta"]["held_back_accuracy"] = rescored["chosen"]["held_back_accuracy"]
-        return result.save(directory)
+        return result.export_kind, result.document
 
-    def meta_test(self, config, exported: Mapping[str, Any], data: PreparedInputs, settings: ARLMetaTest, *,
-                  champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
-        from metaopt_core import evaluate
-        from metaopt_core.evaluate.units import Unit
+    def meta_test(self, config, artifact_dir: Path, data: PreparedInputs, settings: ARLMetaTest, *,
+                  champion_dir: Path | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
+        from metaopt_core import exports
 
-        datasets = iter(data.meta_test)
-        units = []
-        for t, task in enumerate(settings.tasks):
-            for seed in settings.seed_values:
-                split = evaluate.noise_task(next(datasets), settings.select_fraction)
-                units.append(Unit(f"{task.label} · {split.condition}", seed, split.train, split.select, split.test, task.model,
-                                  unit_seed(config.seed, t, seed, 1), unit_seed(config.seed, t, seed, 2)))  # fmt: skip
-        training = {"seeds": settings.seed_values, "epochs": settings.epochs, "momentum": config.train.momentum,
-                    "lr_grid": settings.lr_grid or lr_grid_around(config.train.lr), "recipe_lr": settings.recipe_lr or config.train.lr,
-                    "batch_size": settings.batch_size or config.train.batch_size, "gate_protocol": settings.protocol}  # fmt: skip
-        return compare_learned_loss("ARL meta-test", exported["loss"], settings.baselines, units, training,
-                                    champion=(champion or {}).get("loss"), device=config.device, progress=progress)  # fmt: skip
+        units = task_units(settings, config.seed, data.meta_test)
+        training = settings.training(config.train.lr, config.train.momentum, config.train.batch_size)
+        champion = exports.read(champion_dir) if champion_dir is not None else None
+        return compare_learned_loss("ARL meta-test", exports.read(artifact_dir), settings.baselines, units, training,
+                                    champion=champion, device=config.device, progress=progress)  # fmt: skip
 
 
-__all__ = ["ARLLearner", "ARLMetaTest", "ARLMetaTestTask"]
+__all__ = ["ARLLearner", "ARLMetaTest"]

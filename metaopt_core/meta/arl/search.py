@@ -13,7 +13,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Sequence
 
-import cma
 import numpy as np
 
 from metaopt_core.meta.arl.config import ARLConfig
@@ -37,10 +36,6 @@ def rng_to_json(state: tuple) -> dict:
     return {"name": name, "keys": [int(k) for k in keys], "pos": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
 
 
-def rng_from_json(doc: dict) -> tuple:
-    return (doc["name"], np.asarray(doc["keys"], dtype=np.uint32), doc["pos"], doc["has_gauss"], doc["cached_gaussian"])
-
-
 class CMASearch:
     """A ``CMAEvolutionStrategy`` plus the NumPy RNG state it owns."""
 
@@ -61,6 +56,8 @@ class CMASearch:
         }
         if config.bounds is not None:
             options["bounds"] = [config.bounds[0], config.bounds[1]]
+        import cma  # here: importing pycma (and the matplotlib it pulls in) costs ~2 s of CPU
+
         self.box: dict = {"rng": None}
         with numpy_rng(self.box):
             self.es = cma.CMAEvolutionStrategy(config.initial_mean(), config.sigma0, options)

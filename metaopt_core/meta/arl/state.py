@@ -57,6 +57,11 @@ class ARLState:
         return [record["metrics"] for record in self.records]
 
     @property
+    def step(self) -> int:
+        """Completed outer steps (generations): the driver's name for them."""
+        return self.generation
+
+    @property
     def finished(self) -> bool:
         return self.generation >= self.config["generations"] or bool(self.stop_reasons)
 
@@ -118,15 +123,6 @@ class Candidates:
     @classmethod
     def from_dict(cls, doc: dict) -> Candidates:
         return cls(int(doc["generation"]), np.asarray(doc["params"], dtype=np.float64), doc["config"])
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Candidates:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def __len__(self) -> int:
         return len(self.params)

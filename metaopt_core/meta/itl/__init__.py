@@ -1,6 +1,6 @@
 """ITL — Implicit Taylor Loss (thesis chapter 4, Algorithms 7 and 8).
 
-A parametric loss L_ω (:mod:`metaopt_core.meta.loss_families`: the Taylor polynomial of any order,
+A parametric loss L_ω (a family of :mod:`metaopt_core.losses.families`: the Taylor polynomial of any order,
 or iSCE) is meta-learned for domain generalisation by gradient descent on ω:
 
     outer:  min_ω  M(θ*(ω)) = cross-entropy of θ*(ω) on a held-out domain
@@ -36,10 +36,11 @@ Read the modules in this order:
 - :mod:`.hypergrad` — the IFT hypergradient of one held-out domain and :class:`Hypergradient`;
 - :mod:`.state` — :class:`ITLState` and its checkpoint;
 - :mod:`.outer_step` — :func:`inner_hypergrads`, :func:`aggregate`, :func:`outer_update`;
-- :mod:`.loop` — :func:`run`, :class:`ITLResult` and :data:`SCALAR_METRICS`.
+- :mod:`.result` — :func:`result_of`, :class:`ITLResult` and :data:`SCALAR_METRICS` (the export);
+- :mod:`.learner` — :class:`ITLLearner`, the protocol on top of the above (the driver runs it).
 """
 
-from metaopt_core.meta.itl.config import FamilyConfig, HypergradConfig, InnerConfig, ITLConfig, OuterConfig, as_config
+from metaopt_core.meta.itl.config import FamilyConfig, HypergradConfig, InnerConfig, ITLConfig, OuterConfig
 from metaopt_core.meta.itl.domains import DomainSet, InnerJob, domain_set, job_seeds, make_job
 from metaopt_core.meta.itl.hypergrad import HYPERGRAD_FORMAT, Hypergradient, hypergradient_of
 from metaopt_core.meta.itl.inner import (
@@ -50,16 +51,8 @@ from metaopt_core.meta.itl.inner import (
     train_job_sequential,
     train_jobs_batched,
 )
-from metaopt_core.meta.itl.loop import (
-    RESUMABLE_CHANGES,
-    SCALAR_METRICS,
-    ITLResult,
-    MetricsCallback,
-    ProgressReporter,
-    result_of,
-    run,
-)
 from metaopt_core.meta.itl.outer_step import aggregate, inner_hypergrad, inner_hypergrads, optimizer_step, outer_update, with_domains
+from metaopt_core.meta.itl.result import SCALAR_METRICS, ITLResult, result_of
 from metaopt_core.meta.itl.state import STATE_FORMAT, ITLState
 
 __all__ = [
@@ -73,15 +66,11 @@ __all__ = [
     "ITLState",
     "InnerConfig",
     "InnerJob",
-    "MetricsCallback",
     "OuterConfig",
-    "ProgressReporter",
-    "RESUMABLE_CHANGES",
     "SCALAR_METRICS",
     "STATE_FORMAT",
     "TrainedModel",
     "aggregate",
-    "as_config",
     "build_inner_model",
     "can_batch",
     "domain_set",
@@ -93,7 +82,6 @@ __all__ = [
     "optimizer_step",
     "outer_update",
     "result_of",
-    "run",
     "train_inner",
     "train_job_sequential",
     "train_jobs_batched",

@@ -3,31 +3,42 @@ training, the implicit hypergradient and the outer optimiser on ω."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from metaopt_core.config import Betas, DataSpec, DeviceName, ModelName, StrictModel, validate
+from metaopt_core.config import Betas, DataSpec, DeviceName, ModelName, StrictModel
 from metaopt_core.data.folders import is_folder_source
+from metaopt_core.losses import families
+from metaopt_core.losses.families import LossFamily
 from metaopt_core.losses.taylor import ORDERS
-from metaopt_core.meta.loss_families import ISCEFamily, TaylorFamily
 from metaopt_core.population import Schedule
 
 
 class FamilyConfig(StrictModel):
-    """The loss family whose parameters ω are meta-learned.
+    """The loss family whose parameters ω are meta-learned: a name of the representation table
+    (:mod:`metaopt_core.losses.families`) and its options.
 
     ``taylor``: ``order`` 2–5, ``form`` "monomial" (ITL, eq B.1) or "taylor" (ARL's factors,
     eq 3.5); ``ce_centre`` is the expansion point of the ``"ce-like"`` start. ``isce``: SCE's
-    (α, β) = softplus(ω), ``log_zero`` = RCE's A.
+    (α, β) = softplus(ω), ``log_zero`` = RCE's A. ``options``: further options of the family
+    (those it has beyond these fields). A family takes the fields that are its options.
     """
 
-    kind: Literal["taylor", "isce"] = "taylor"
+    kind: str = "taylor"
     order: int = 4
     form: Literal["taylor", "monomial"] = "monomial"
     ce_centre: float = Field(0.5, gt=0.0, le=1.0)
     log_zero: float = Field(-4.0, lt=0.0)
+    options: dict[str, Any] = {}
+
+    @field_validator("kind")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if not families.has_family(value):
+            raise ValueError(f"unknown loss family {value!r}; allowed: {families.names()}")
+        return value
 
     @field_validator("order")
     @classmethod
@@ -36,10 +47,10 @@ class FamilyConfig(StrictModel):
             raise ValueError(f"order {value!r} is not supported; allowed: {list(ORDERS)}")
         return value
 
-    def build(self) -> TaylorFamily | ISCEFamily:
-        if self.kind == "taylor":
-            return TaylorFamily(order=self.order, form=self.form, ce_centre=self.ce_centre)
-        return ISCEFamily(log_zero=self.log_zero)
+    def build(self) -> LossFamily:
+        accepted = families.options_of(self.kind)
+        fields = {name: getattr(self, name) for name in ("order", "form", "ce_centre", "log_zero") if name in accepted}
+        return families.build_family(self.kind, **fields, **self.options)
 
 
 class InnerConfig(StrictModel):
@@ -148,13 +159,8 @@ class ITLConfig(StrictModel):
             raise ValueError(str(error)) from None
         return self
 
-    def loss_family(self) -> TaylorFamily | ISCEFamily:
+    def loss_family(self) -> LossFamily:
         return self.family.build()
 
     def initial_omega(self) -> Tensor:
         return self.loss_family().init(self.init)
-
-
-def as_config(config: ITLConfig | Mapping[str, Any], source: str = "config") -> ITLConfig:
-    """``config`` itself, or the mapping validated as an :class:`ITLConfig` (errors name ``source``)."""
-    return config if isinstance(config, ITLConfig) else validate(ITLConfig, dict(config), source=source)  # type: ignore[return-value]

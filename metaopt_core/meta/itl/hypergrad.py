@@ -12,11 +12,9 @@ Which data each number uses (for domain d held out):
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -59,15 +57,6 @@ class Hypergradient:
             raise ValueError(f"hypergradient: format {doc.get('format')!r}; expected {HYPERGRAD_FORMAT!r}")
         return cls(int(doc["step"]), str(doc["domain"]), [float(v) for v in doc["omega"]],
                    [float(v) for v in doc["grad"]], bool(doc["diverged"]), dict(doc["metrics"]))  # fmt: skip
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Hypergradient:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 @torch.no_grad()

@@ -5,21 +5,21 @@ is the hypergradients of one shard of them; tell aggregates (PCGrad or mean) and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Sequence
 
 from pydantic import BaseModel, Field
 
-from metaopt_core.config import ConfigError, DataSpec, ModelName, StrictModel
+from metaopt_core.config import ConfigError, DataSpec, ModelName
 from metaopt_core.data.manifest import SplitManifest
 from metaopt_core.data.prepare import domain_matches
 from metaopt_core.meta import itl
 from metaopt_core.meta.hypergradient_learner import HypergradientLearner
 from metaopt_core.meta.inputs import PreparedInputs
-from metaopt_core.meta.loss_meta_test import compare_learned_loss, lr_grid_around, unit_seed
+from metaopt_core.meta.loss_meta_test import LossMetaTestSettings, compare_learned_loss, unit_seed
 from metaopt_core.meta.protocol import MetaTestReport, ProgressReporter
 
 
-class ITLMetaTest(StrictModel):
+class ITLMetaTest(LossMetaTestSettings):
     """ITL meta-test: leave-one-domain-out on the meta-test part of the run's source, the learned
     loss, the production version (when there is one) and baselines, accuracy on every image of each
     ``held_out`` domain (suffixes like ``rot75``; meta-training never sees them). ``seeds``
@@ -34,15 +34,6 @@ class ITLMetaTest(StrictModel):
     model: ModelName = "mlp2"
     epochs: int = Field(6, ge=1)
     seeds: int | list[int] = 8
-    baselines: list[str] = ["ce"]
-    lr_grid: list[float] | None = Field(None, min_length=1)
-    recipe_lr: float | None = Field(None, gt=0.0)
-    protocol: Literal["early-stop", "tuned", "fixed"] = "early-stop"
-    batch_size: int | None = Field(None, ge=1)
-
-    @property
-    def seed_values(self) -> list[int]:
-        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
 
 class ITLLearner(HypergradientLearner):
@@ -54,6 +45,7 @@ class ITLLearner(HypergradientLearner):
     state_class = itl.ITLState
     hypergradient_class = itl.Hypergradient
     scalar_metrics = itl.SCALAR_METRICS
+    resumable = ("max_batch", "batched")  # the batched and sequential paths agree up to float reassociation
     demo_configs = ("itl-demo.yaml",)
     # 2 held-out domains (the extremes) x 8 seeds = 16 independent units x 6 grid points (factor ~3
     # apart; up to 0.3 because tuned CE once chose the top of a grid ending at 0.1) x (learned,
@@ -108,17 +100,13 @@ class ITLLearner(HypergradientLearner):
     def outer_update(self, state: itl.ITLState, hypergradients: Sequence[itl.Hypergradient], data: PreparedInputs) -> itl.ITLState:
         return itl.outer_update(state, hypergradients)
 
-    def run(self, config, data, checkpoint_dir, *, progress=None, callback=None) -> itl.ITLState:
-        # itl.run trains the leave-one-out models of a step batched (the same hypergradients as one shard)
-        self.check_inputs(config, data)
-        return itl.run(config, checkpoint_dir, progress, callback, data=self.dataset(data)).state
+    def export(self, state: itl.ITLState, data: PreparedInputs) -> tuple[str, dict]:
+        result = itl.result_of(state, data.fingerprint)
+        return result.export_kind, result.document
 
-    def export(self, state: itl.ITLState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
-        return itl.result_of(state, data.fingerprint).save(directory)
-
-    def meta_test(self, config, exported: Mapping[str, Any], data: PreparedInputs, settings: ITLMetaTest, *,
-                  champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
-        from metaopt_core import evaluate
+    def meta_test(self, config, artifact_dir: Path, data: PreparedInputs, settings: ITLMetaTest, *,
+                  champion_dir: Path | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
+        from metaopt_core import evaluate, exports
         from metaopt_core.evaluate.units import Unit
 
         self.check_inputs(config, data)
@@ -127,11 +115,10 @@ class ITLLearner(HypergradientLearner):
             for h, task in enumerate(evaluate.domain_tasks(dataset, _held_out(settings), whole_domain=True)):
                 units.append(Unit(f"{task.dataset} · {task.condition} · {settings.model}", seed, task.train, task.select, task.test, settings.model,
                                   unit_seed(config.seed, h, seed, 1), unit_seed(config.seed, h, seed, 2)))  # fmt: skip
-        training = {"seeds": settings.seed_values, "epochs": settings.epochs, "momentum": config.inner.momentum,
-                    "lr_grid": settings.lr_grid or lr_grid_around(config.inner.lr), "recipe_lr": settings.recipe_lr or config.inner.lr,
-                    "batch_size": settings.batch_size or config.inner.batch_size, "gate_protocol": settings.protocol}  # fmt: skip
-        return compare_learned_loss("ITL meta-test", exported["loss"], settings.baselines, units, training,
-                                    champion=(champion or {}).get("loss"), device=config.device, progress=progress)  # fmt: skip
+        training = settings.training(config.inner.lr, config.inner.momentum, config.inner.batch_size)
+        champion = exports.read(champion_dir) if champion_dir is not None else None
+        return compare_learned_loss("ITL meta-test", exports.read(artifact_dir), settings.baselines, units, training,
+                                    champion=champion, device=config.device, progress=progress)  # fmt: skip
 
 
 def _held_out(meta_test: ITLMetaTest) -> list[str]:

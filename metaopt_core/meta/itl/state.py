@@ -10,14 +10,15 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from metaopt_core.config import coerce
 from metaopt_core.meta.checkpoint import load_checkpoint, omega_tensors, save_checkpoint
-from metaopt_core.meta.itl.config import ITLConfig, as_config
+from metaopt_core.meta.itl.config import ITLConfig
 
 STATE_FORMAT = "metaopt.itl.state/1"
 
 
 def _config_of(state: ITLState) -> ITLConfig:
-    return as_config(state.config, source="state.config")
+    return coerce(ITLConfig, state.config, source="state.config")
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ITLState:
 
     @classmethod
     def initial(cls, config: ITLConfig | Mapping[str, Any]) -> ITLState:
-        config = as_config(config)
+        config = coerce(ITLConfig, config)
         return cls(config=config.model_dump(mode="json"), omega=config.initial_omega().to(torch.float32))
 
     @property

@@ -40,9 +40,9 @@ The outer loop has the shape of ITL's, over a serialisable :class:`MetaMDState`:
     grads = [inner_hypergrad(state, task) for task in tasks]   # any machines
     state = outer_update(state, grads)                     # per-task clipping, mean, Adam/SGD on ω
 
-:func:`run` chains them, checkpoints after every outer step (``state.json`` + safetensors) and
-resumes from a checkpoint; a run killed at any point and resumed ends exactly as an uninterrupted
-one (CPU). The result holds the learned divergence, saved with
+The driver (:mod:`metaopt_core.meta.driver`) chains them through :class:`MetaMDLearner`,
+checkpoints after every outer step (``state.json`` + safetensors) and resumes from a checkpoint; a
+run killed at any point and resumed ends exactly as an uninterrupted one (CPU). The result holds the learned divergence, saved with
 :func:`~metaopt_core.optim.save_divergence` (safetensors + JSON manifest, with the lr η).
 ``inner.lr_start`` / ``inner.lr_warmup_steps`` ramp η across outer steps (a Kronecker M ≥ I can only
 shorten SGD's steps, so it pays only at an η where plain SGD is unstable; see ``InnerConfig``).
@@ -64,7 +64,8 @@ in :mod:`metaopt_core.meta.metamd.analysis`, which nothing here imports):
 - ``quadratic`` / ``network``: the hypergradients of one task of each family.
 - ``state``: :class:`MetaMDState` and :class:`Hypergradient` (serialisable).
 - ``step``: one outer step (:func:`inner_hypergrads`, :func:`outer_update`, held-out evaluation).
-- ``loop``: :func:`run`, :func:`result_of`, :class:`MetaMDResult`.
+- ``result``: :func:`result_of`, :class:`MetaMDResult` (the export).
+- ``learner``: :class:`MetaMDLearner`, the protocol on top of the above.
 - ``analysis``: bound terms of Prop 2, hypergradients by every method and their agreement.
 """
 
@@ -87,13 +88,13 @@ from metaopt_core.meta.metamd.divergence import (
     divergence_at,
     initial_omega,
 )
-from metaopt_core.meta.metamd.loop import SCALAR_METRICS, MetaMDResult, result_of, run
 from metaopt_core.meta.metamd.network import network_hypergradient, train_with_mirror_descent
 from metaopt_core.meta.metamd.quadratic import (
     quadratic_forward_hypergradients,
     quadratic_hypergradient,
     quadratic_mirror_descent,
 )
+from metaopt_core.meta.metamd.result import SCALAR_METRICS, MetaMDResult, result_of
 from metaopt_core.meta.metamd.state import Hypergradient, MetaMDState
 from metaopt_core.meta.metamd.step import evaluate_monitoring, inner_hypergrad, inner_hypergrads, outer_update
 from metaopt_core.meta.metamd.tasks import (
@@ -148,7 +149,6 @@ __all__ = [
     "quadratic_mirror_descent",
     "resolve_domain",
     "result_of",
-    "run",
     "task_set",
     "tasks_for_step",
     "train_with_mirror_descent",

@@ -11,9 +11,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from metaopt_core.config import coerce
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.hypergrad import HypergradResult
-from metaopt_core.meta.metamd.config import MetaMDConfig, as_config
+from metaopt_core.meta.metamd.config import MetaMDConfig
 from metaopt_core.meta.metamd.divergence import divergence_at, flatten_grads
 from metaopt_core.meta.metamd.network import network_implicit
 from metaopt_core.meta.metamd.quadratic import quadratic_forward_hypergradients, quadratic_implicit
@@ -148,7 +149,7 @@ def hypergradients_by_method(
     fixed), ``implicit_indirect`` and ``implicit_thesis_literal`` (eq 5.28 as printed,
     +(∂E/∂θ)(∂²B/∂θ²)⁻¹(∂²B/∂θ∂ω) = −indirect); ``implicit_mu=<μ>`` for each ``constraint_weights``.
     """
-    config = as_config(config)
+    config = coerce(MetaMDConfig, config)
     tasks = task_set(config, data)
     device = torch.device(config.device) if config.tasks.family != "quadratic" else torch.device("cpu")
     out: dict[str, Tensor] = {}

@@ -3,12 +3,12 @@ schedule across outer steps (:func:`config_at`) and the run's dtype."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from metaopt_core.config import Betas, DataSpec, DeviceName, ModelName, StrictModel, validate
+from metaopt_core.config import Betas, DataSpec, DeviceName, ModelName, StrictModel
 from metaopt_core.data.folders import is_folder_source
 from metaopt_core.meta.metamd.quadratics import QuadraticFamily
 
@@ -166,12 +166,6 @@ class MetaMDConfig(StrictModel):
         return self
 
 
-def as_config(config: MetaMDConfig | Mapping[str, Any], source: str = "config") -> MetaMDConfig:
-    """``config`` itself, or the mapping validated into a :class:`MetaMDConfig` (a
-    :class:`~metaopt_core.config.ConfigError` naming ``source`` when invalid)."""
-    return config if isinstance(config, MetaMDConfig) else validate(MetaMDConfig, dict(config), source=source)  # type: ignore[return-value]
-
-
 def config_at(config: MetaMDConfig, step: int) -> MetaMDConfig:
     """The config with ``inner.lr`` set to the η of outer step ``step`` (see ``InnerConfig``)."""
     lr = config.inner.lr_at(step)
@@ -196,7 +190,6 @@ __all__ = [
     "ObjectiveConfig",
     "OuterConfig",
     "TaskConfig",
-    "as_config",
     "config_at",
     "run_dtype",
 ]

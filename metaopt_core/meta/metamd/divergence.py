@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from metaopt_core.config import coerce
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.hypergrad import HypergradResult, implicit_hypergradient
-from metaopt_core.meta.metamd.config import MetaMDConfig, as_config, run_dtype
+from metaopt_core.meta.metamd.config import MetaMDConfig, run_dtype
 from metaopt_core.meta.metamd.tasks import DomainTasks, TaskSet, base_model, seed_sequence, task_set
 from metaopt_core.optim import DenseBregman, DiagonalBregman, Divergence, KroneckerBregman
 
@@ -29,7 +30,7 @@ DIVERGENCE_CLASSES: dict[str, type[Divergence]] = {
 def build_divergence(config: MetaMDConfig, data: TaskSet | PreparedData | None = None) -> Divergence:
     """A divergence with M = I for the config's parameter shapes (2-D θ, or the base network's
     parameters), in the run's dtype, on CPU."""
-    config = as_config(config)
+    config = coerce(MetaMDConfig, config)
     kind = config.divergence.kind
     cls = DIVERGENCE_CLASSES[kind]
     options: dict[str, Any] = {"dtype": run_dtype(config)}
@@ -45,7 +46,7 @@ def build_divergence(config: MetaMDConfig, data: TaskSet | PreparedData | None =
 
 def initial_omega(config: MetaMDConfig, data: TaskSet | PreparedData | None = None) -> Tensor:
     """ω at the start: M = I, except the Kronecker factors, Gaussian of norm ≈ ``init_scale`` (seeded)."""
-    config = as_config(config)
+    config = coerce(MetaMDConfig, config)
     div = build_divergence(config, data)
     if config.divergence.kind == "kronecker" and config.divergence.init_scale > 0:
         generator = torch.Generator().manual_seed(int(seed_sequence(config.seed, 0x1417).generate_state(1)[0]))

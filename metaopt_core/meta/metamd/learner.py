@@ -56,6 +56,7 @@ class MetaMDLearner(HypergradientLearner):
     state_class = metamd.MetaMDState
     hypergradient_class = metamd.Hypergradient
     scalar_metrics = metamd.SCALAR_METRICS
+    resumable = ("evaluation.every",)  # held-out monitoring only: logged curves, not the trajectory of ω
     demo_configs = ("metamd-demo.yaml", "metamd-quadratic.yaml")
     default_meta_test = {"seeds": 16, "horizons": [1, 4]}
     # MetaMD's demo ramps the inner lr from 1.0 to 2.5 over 20 outer steps (only a well-learned M is
@@ -132,22 +133,19 @@ class MetaMDLearner(HypergradientLearner):
     def outer_update(self, state, hypergradients: Sequence[metamd.Hypergradient], data: PreparedInputs) -> metamd.MetaMDState:
         return metamd.outer_update(state, hypergradients, data=self.dataset(data))
 
-    def run(self, config, data, checkpoint_dir, *, progress=None, callback=None) -> metamd.MetaMDState:
-        self.check_inputs(config, data)
-        return metamd.run(config, checkpoint_dir, progress, callback, data=self.dataset(data)).state
+    def export(self, state: metamd.MetaMDState, data: PreparedInputs) -> tuple[str, Any]:
+        result = metamd.result_of(state, self.dataset(data))
+        return result.export_kind, result.artifact
 
-    def export(self, state: metamd.MetaMDState, data: PreparedInputs, directory: str | Path) -> dict[str, Path]:
-        return metamd.result_of(state, self.dataset(data)).save(directory)
+    def meta_test(self, config, artifact_dir: Path, data: PreparedInputs, settings: MetaMDMetaTest, *,
+                  champion_dir: Path | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
+        from metaopt_core import exports
 
-    def meta_test(self, config, exported: Mapping[str, Any], data: PreparedInputs, settings: MetaMDMetaTest, *,
-                  champion: Mapping[str, Any] | None = None, progress: ProgressReporter | None = None) -> MetaTestReport:  # fmt: skip
-        from metaopt_core.optim import load_divergence
-
-        learned, manifest = load_divergence(exported["divergence_dir"])
+        learned, manifest = exports.read(artifact_dir)
         lr = float(manifest.get("lr") or config.inner.lr)
         candidates = {meta_test.LEARNED: learned}
-        if champion is not None:
-            candidates[meta_test.CHAMPION] = load_divergence(champion["divergence_dir"])[0]
+        if champion_dir is not None:
+            candidates[meta_test.CHAMPION] = exports.read(champion_dir)[0]
         tasks = metamd.task_set(config, self.dataset(data))
         if isinstance(tasks, metamd.QuadraticTasks):
             return _quadratic_meta_test(config, tasks, candidates, settings)

@@ -163,7 +163,7 @@ def network_meta_test(
         if label != LEARNED:
             prefix = f"{label}." if label == CHAMPION else f"baseline.{label}."
             scores[prefix + "accuracy"] = float(np.mean(paired[label]))
-    deployment = {"lr": chosen[LEARNED][first], "lr_by_horizon": dict(chosen[LEARNED])}
+    deployment = {"lr": chosen[LEARNED][first]}  # the registered divergence's lr: chosen at the meta-training horizon (settings: every horizon's)
     details = {"runs": rows, "tables": tables, "meta_test_settings": settings, "paired": paired, "units": units, "deployment": deployment}
     return MetaTestReport("\n".join(lines) + "\n", scores, "meta_test_accuracy", True, details, paired=paired, units=units, settings=settings,
                           deployment=deployment)  # fmt: skip

@@ -4,7 +4,6 @@ the unit the pipeline's fan-out ships between machines)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,9 +11,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from metaopt_core.config import coerce
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.meta.checkpoint import load_checkpoint, omega_tensors, save_checkpoint
-from metaopt_core.meta.metamd.config import MetaMDConfig, as_config
+from metaopt_core.meta.metamd.config import MetaMDConfig
 from metaopt_core.meta.metamd.divergence import divergence_at, initial_omega, omega_digest
 from metaopt_core.meta.metamd.tasks import Task, TaskSet
 from metaopt_core.optim import Divergence
@@ -53,16 +53,6 @@ class Hypergradient:
         return cls(int(doc["step"]), Task.from_dict(doc["task"]), str(doc["omega_sha256"]), torch.tensor(doc["grad"], dtype=dtype),
                    float(doc["value"]), bool(doc["diverged"]), dict(doc["metrics"]))  # fmt: skip
 
-    def save(self, path: str | Path) -> Path:
-        """One JSON file (floats written with Python's round-trip repr: exact)."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Hypergradient:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
 
 @dataclass
 class MetaMDState:
@@ -78,12 +68,12 @@ class MetaMDState:
 
     @classmethod
     def initial(cls, config: MetaMDConfig | Mapping[str, Any], data: TaskSet | PreparedData | None = None) -> MetaMDState:
-        config = as_config(config)
+        config = coerce(MetaMDConfig, config)
         return cls(config=config.model_dump(mode="json"), omega=initial_omega(config, data))
 
     @property
     def metamd_config(self) -> MetaMDConfig:
-        return as_config(self.config, source="state.config")
+        return coerce(MetaMDConfig, self.config, source="state.config")
 
     @property
     def finished(self) -> bool:

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metaopt_core.config import ConfigError
+from metaopt_core.config import ConfigError, coerce
 from metaopt_core.data.prepare import PreparedData, prepare
 from metaopt_core.meta.metamd import quadratics
-from metaopt_core.meta.metamd.config import MetaMDConfig, as_config
+from metaopt_core.meta.metamd.config import MetaMDConfig
 from metaopt_core.meta.metamd.quadratics import QuadraticProblems
 from metaopt_core.models import build_model
 
@@ -92,7 +92,7 @@ _PREPARED_CACHE: dict[str, PreparedData] = {}
 def task_set(config: MetaMDConfig, data: PreparedData | DomainTasks | QuadraticTasks | None = None) -> TaskSet:
     """The config's tasks: quadratic problems, or the prepared domains (``data`` if given — the
     pipeline passes the prepared artifact —, else prepared here, cached per spec in the process)."""
-    config = as_config(config)
+    config = coerce(MetaMDConfig, config)
     if isinstance(data, (DomainTasks, QuadraticTasks)):
         return data
     if config.tasks.family == "quadratic":

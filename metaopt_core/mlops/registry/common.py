@@ -17,17 +17,16 @@ from metaopt_core.losses.document import LossDocumentError, loss_from_document, 
 from metaopt_core.mlops.tracking import flatten
 
 PYFUNC_CODE = Path(__file__).resolve().parent.parent / "pyfunc.py"
-LOSS_FILE = "loss.json"
-DIVERGENCE_DIR = "divergence"
-DIVERGENCE_FILES = ("divergence.safetensors", "manifest.json")
 
 ALIAS = "production"
 STAGE = "Production"
 LOCK_SUFFIX = ".promotion-lock"
 DEFAULT_METRIC = "meta_test_accuracy"
 
-TAG_KIND = "metaopt.kind"  # "loss" | "optimizer" | "lock"
+TAG_KIND = "metaopt.kind"  # the role: "loss" | "optimizer" | "lock"
+TAG_EXPORT_KIND = "metaopt.export_kind"  # metaopt_core.exports: which files the version holds
 TAG_FAMILY = "metaopt.family"
+DEPLOY_PREFIX = "metaopt.deploy."  # deployment settings the meta-test measured, baked into the files
 TAG_CONFIG = "metaopt.config"
 TAG_SCORES = "metaopt.scores"
 SCORE_PREFIX = "metaopt.score."
@@ -151,12 +150,10 @@ __all__ = [
     "ALIAS",
     "ArtifactValidationError",
     "DEFAULT_METRIC",
-    "DIVERGENCE_DIR",
-    "DIVERGENCE_FILES",
+    "DEPLOY_PREFIX",
     "LOCK_EXPIRES",
     "LOCK_OWNER",
     "LOCK_SUFFIX",
-    "LOSS_FILE",
     "MAX_VERSION_TAG",
     "ModelNotFoundError",
     "NoProductionVersionError",
@@ -168,6 +165,7 @@ __all__ = [
     "SHA_PREFIX",
     "STAGE",
     "TAG_CONFIG",
+    "TAG_EXPORT_KIND",
     "TAG_FAMILY",
     "TAG_KIND",
     "TAG_SCORES",

@@ -10,15 +10,12 @@ from __future__ import annotations
 import datetime as _dt
 import getpass
 import json
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from metaopt_core.mlops.registry.common import (
-    DIVERGENCE_DIR,
-    DIVERGENCE_FILES,
     PROMOTION_PREFIX,
     TAG_KIND,
     ModelNotFoundError,
@@ -31,11 +28,11 @@ GATE_PREFIX = "metaopt.gate."
 GATE_FILE = "gate.json"
 
 
-def load_champion(name: str, directory: str | Path, *, tracking_uri: str | None = None) -> tuple[str | None, dict | None]:
-    """(production version, its result document shaped like ``runner.read_result``: ``{"kind":
-    "loss", "loss": doc}`` or ``{"kind": "optimizer", "divergence_dir": path}`` with the files under
-    ``directory``), or (None, None) when ``name`` is not registered or has no production version."""
-    from metaopt_core.mlops.registry.load import download_files, load_loss_doc
+def load_champion(name: str, directory: str | Path, *, tracking_uri: str | None = None) -> tuple[str | None, Path | None]:
+    """(production version, its export folder under ``directory``: the version's files, verified
+    against their registered sha256, as ``metaopt_core.exports`` reads them), or (None, None) when
+    ``name`` is not registered or has no production version."""
+    from metaopt_core.mlops.registry.load import fetch_export
 
     try:
         client = existing_store(tracking_uri)
@@ -45,17 +42,9 @@ def load_champion(name: str, directory: str | Path, *, tracking_uri: str | None 
     version = current_production(client, name)
     if version is None:
         return None, None
-    uri = f"models:/{name}/{version}"
-    kind = model.tags.get(TAG_KIND) or client.get_model_version(name, version).tags.get(TAG_KIND)
-    if kind == "loss":
-        return version, {"kind": "loss", "loss": load_loss_doc(uri, tracking_uri=tracking_uri), "version": version}
-    target = Path(directory) / "divergence"
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths, _ = download_files(uri, "optimizer", [f"{DIVERGENCE_DIR}/{f}" for f in DIVERGENCE_FILES], Path(tmp), tracking_uri)
-        for rel, path in paths.items():
-            shutil.copyfile(path, target / Path(rel).name)
-    return version, {"kind": "optimizer", "divergence_dir": str(target), "version": version}
+    role = model.tags.get(TAG_KIND) or client.get_model_version(name, version).tags.get(TAG_KIND)
+    _, folder, _ = fetch_export(f"models:/{name}/{version}", role, Path(directory), tracking_uri)
+    return version, folder
 
 
 def gate_tags(gate: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as _dt
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from metaopt_core.mlops.registry.common import (
@@ -15,7 +17,7 @@ from metaopt_core.mlops.registry.common import (
     score_tag,
 )
 from metaopt_core.mlops.registry.gate import GATE_PREFIX
-from metaopt_core.mlops.registry.load import load_loss_doc
+from metaopt_core.mlops.registry.load import ROLES, fetch_export
 from metaopt_core.mlops.registry.promotion import current_production
 from metaopt_core.mlops.registry.resolve import ModelRef, existing_store, list_versions, registered_model, resolve_version
 
@@ -94,8 +96,10 @@ def describe_version(name: str, version: int | str, *, tracking_uri: str | None 
         "description": mv.description,
         "tags": dict(sorted(mv.tags.items())),
     }
-    if mv.tags.get(TAG_KIND) == "loss":
-        out["loss"] = load_loss_doc(f"models:/{name}/{mv.version}", tracking_uri=tracking_uri)
+    if mv.tags.get(TAG_KIND) in ROLES:
+        with tempfile.TemporaryDirectory() as tmp:
+            kind, folder, _ = fetch_export(f"models:/{name}/{mv.version}", mv.tags[TAG_KIND], Path(tmp), tracking_uri)
+            out["artifact"] = kind.describe(folder)  # what the export kind shows: family, parameters, deployment
     return out
 
 

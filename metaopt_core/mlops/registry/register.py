@@ -1,13 +1,14 @@
-"""Registering learned losses and optimisers: log an MLflow model (pyfunc flavour, white-box
-artifacts, logged from code so nothing is pickled) and create a registered version whose tags hold
-the kind, family, artifact sha256s, provenance (config, data fingerprint, git commit) and scores."""
+"""Registering learned losses and optimisers: an export folder (``metaopt_core.exports``: the export
+kind's files and ``export.json``) becomes an MLflow model (pyfunc flavour, white-box artifacts, logged
+from code so nothing is pickled) and a registered version whose tags hold the role, the export kind,
+the family, every artifact file's sha256, the deployment settings baked in (``metaopt.deploy.<key>``),
+provenance (config, data fingerprint, git commit) and scores. Nothing here knows a kind's files."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -20,27 +21,23 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from metaopt_core.mlops.registry.common import (
-    DIVERGENCE_DIR,
-    DIVERGENCE_FILES,
+    DEPLOY_PREFIX,
     LOCK_SUFFIX,
-    LOSS_FILE,
-    MAX_VERSION_TAG,
     PYFUNC_CODE,
     SCORE_PREFIX,
     SHA_PREFIX,
     TAG_CONFIG,
+    TAG_EXPORT_KIND,
     TAG_FAMILY,
     TAG_KIND,
     TAG_SCORES,
     ArtifactValidationError,
     ModelNotFoundError,
     WrongModelKindError,
-    loss_from_doc,
     quiet,
     scores_of,
     sha256_file,
     truncate_tag,
-    validate_loss_doc,
 )
 from metaopt_core.mlops.tracking import (
     DEFAULT_EXPERIMENT,
@@ -60,48 +57,6 @@ _MODEL_DESCRIPTIONS = {
 }
 
 
-# where a meta-learning result keeps its loss: the document (with its "meta" provenance) first
-LOSS_DOC_KEYS = ("document", "best_loss", "loss_doc", "loss")
-
-
-def loss_doc_of(obj: Any) -> dict:
-    """A loss document from a document, a loss module, or a meta-learning result holding one."""
-    if isinstance(obj, Mapping):
-        if "family" in obj:
-            return dict(obj)
-        for key in LOSS_DOC_KEYS:
-            if key in obj:
-                return loss_doc_of(obj[key])
-    elif hasattr(obj, "to_dict") and callable(obj.to_dict) and hasattr(obj, "forward"):
-        return obj.to_dict()
-    else:
-        for key in LOSS_DOC_KEYS:
-            value = getattr(obj, key, None)
-            if value is not None:
-                return loss_doc_of(value)
-    raise TypeError(f"result_or_loss_doc: got {type(obj).__name__}; allowed: a loss JSON document (with 'family'), a TaylorLoss, or a result with 'best_loss'")
-
-
-def field_of(obj: Any, *names: str) -> Any:
-    """The first of ``names`` found on a result (key or attribute), else in its loss document's ``meta``."""
-    for name in names:
-        if isinstance(obj, Mapping) and name in obj:
-            return obj[name]
-        if not isinstance(obj, Mapping) and getattr(obj, name, None) is not None:
-            return getattr(obj, name)
-    try:
-        meta = loss_doc_of(obj).get("meta")
-    except TypeError:
-        return None
-    if isinstance(meta, Mapping):
-        for name in names:
-            if meta.get(name) is not None:
-                return meta[name]
-        if "fingerprint" in names and isinstance(meta.get("data_fingerprints"), list):
-            return ",".join(str(f) for f in meta["data_fingerprints"] if f) or None
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class RegisteredVersion:
     """What a registration produced."""
@@ -114,10 +69,11 @@ class RegisteredVersion:
     tags: dict[str, str]
 
 
-def register_loss(
-    result_or_loss_doc: Any,
-    name: str = "itl",
+def register_export(
+    artifact_dir: str | Path,
+    name: str,
     *,
+    deployment: Mapping[str, Any] | None = None,
     config: Any = None,
     fingerprint: str | None = None,
     scores: Mapping[str, Any] | None = None,
@@ -127,132 +83,78 @@ def register_loss(
     tracking_uri: str | None = None,
     experiment: str | None = None,
 ) -> RegisteredVersion:
-    """Log a learned loss as an MLflow model (pyfunc, white-box ``loss.json``) and register a version.
+    """Register the export in ``artifact_dir`` (any export kind) as a new version of ``name``.
 
-    ``result_or_loss_doc``: the loss JSON document (``TaylorLoss.to_dict()``), a ``TaylorLoss``, or a
-    meta-learning result with ``best_loss`` (its ``config``, ``fingerprint`` and ``scores`` fill the
-    keyword arguments not given). ``scores``: meta-test metrics ``{metric: value}`` (promotion
-    compares one of them). ``run_id`` (or ``MLFLOW_RUN_ID``): the meta-training run the model
-    belongs to; without one a short registration run is created.
-    """
-    doc = validate_loss_doc(loss_doc_of(result_or_loss_doc), source="result_or_loss_doc")
-    loss_from_doc(doc)  # the document must build (e.g. a baseline's keyword arguments)
-    config = config if config is not None else field_of(result_or_loss_doc, "config")
-    fingerprint = fingerprint or field_of(result_or_loss_doc, "fingerprint", "data_fingerprint")
-    if scores is None:
-        scores = field_of(result_or_loss_doc, "scores", "meta_test_scores", "meta_test")
-    from mlflow.models import ModelSignature
-    from mlflow.types import DataType
-    from mlflow.types.schema import Array, ColSpec, Schema
+    ``deployment``: what the meta-test measured for downstream use (``MetaTestReport.deployment``:
+    ``lr_scale`` for a loss, ``lr`` for an optimiser), baked into the registered files by the kind
+    (so ``load_loss`` / ``load_optimizer`` apply it; covered by the sha256 tags) and recorded as
+    tags ``metaopt.deploy.<key>``. The files are checked (they must build) before anything is
+    logged. ``scores``: meta-test metrics ``{metric: value}``. ``run_id`` (or ``MLFLOW_RUN_ID``):
+    the meta-training run the model belongs to; without one a short registration run is created."""
+    from metaopt_core import exports
 
-    signature = ModelSignature(
-        inputs=Schema([ColSpec(Array(DataType.double), "probabilities"), ColSpec(DataType.long, "label")]),
-        outputs=Schema([ColSpec(DataType.double, "loss")]),
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / LOSS_FILE
-        path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        return _register(
-            kind="loss",
-            name=name,
-            artifacts={"loss": path},
-            files={LOSS_FILE: path},
-            signature=signature,
-            family=doc["family"],
-            config=config,
-            fingerprint=fingerprint,
-            scores=scores,
-            run_id=run_id,
-            description=description or f"learned loss ({doc['family']}, white-box JSON)",
-            extra_tags=tags,
-            tracking_uri=tracking_uri,
-            experiment=experiment,
-        )
-
-
-def register_optimizer(
-    divergence_dir_or_result: Any,
-    name: str = "metamd",
-    *,
-    lr: float | None = None,
-    config: Any = None,
-    fingerprint: str | None = None,
-    scores: Mapping[str, Any] | None = None,
-    run_id: str | None = None,
-    description: str | None = None,
-    tags: Mapping[str, Any] | None = None,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-) -> RegisteredVersion:
-    """Log a learned MetaMD divergence as an MLflow model (safetensors + manifest) and register a version.
-
-    ``divergence_dir_or_result``: a directory written by ``save_divergence``, a ``Divergence``
-    (saved here with ``lr``), or a result with ``divergence_dir`` / ``divergence`` (and ``lr``).
-    The directory is validated with ``load_divergence`` before anything is logged.
-    """
-    from metaopt_core.optim.divergence import Divergence
-    from metaopt_core.optim.io import DivergenceFormatError, load_divergence, save_divergence
-
-    source = divergence_dir_or_result
-    if not isinstance(source, (str, os.PathLike, Divergence)):
-        config = config if config is not None else field_of(source, "config")
-        fingerprint = fingerprint or field_of(source, "fingerprint", "data_fingerprint")
-        if scores is None:
-            scores = field_of(source, "scores", "meta_test_scores", "meta_test")
-        lr = lr if lr is not None else field_of(source, "lr")
-        inner = field_of(source, "divergence_dir", "directory", "divergence")
-        if inner is None:
-            raise TypeError(
-                f"divergence_dir_or_result: got {type(source).__name__}; allowed: a directory from "
-                "save_divergence, a Divergence, or a result with 'divergence_dir' / 'divergence'"
-            )
-        source = inner
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp) / DIVERGENCE_DIR
-        if isinstance(source, Divergence):
-            save_divergence(source, directory, lr=lr)
-        else:
-            src = Path(source)
-            if not src.is_dir():
-                raise FileNotFoundError(f"divergence_dir_or_result: {str(src)!r} is not a directory")
-            directory.mkdir()
-            for file in DIVERGENCE_FILES:
-                if not (src / file).is_file():
-                    raise FileNotFoundError(f"divergence_dir_or_result: {src / file} is missing")
-                shutil.copyfile(src / file, directory / file)
+        staged = Path(tmp) / "export"
         try:
-            divergence, manifest = load_divergence(directory)
-        except DivergenceFormatError as exc:
-            raise ArtifactValidationError(f"divergence_dir_or_result: {exc}") from None
-        from mlflow.models import ModelSignature
-        from mlflow.types import DataType
-        from mlflow.types.schema import Array, ColSpec, Schema
-
-        signature = ModelSignature(
-            inputs=Schema([ColSpec(DataType.string, "parameter"), ColSpec(Array(DataType.double), "gradient")]),
-            outputs=Schema([ColSpec(Array(DataType.double), "direction")]),
-        )
-        extra = {
-            "metaopt.divergence.parameters": json.dumps(manifest["parameters"])[:MAX_VERSION_TAG],
-            "metaopt.divergence.lr": str(manifest.get("lr")),
-            **{str(k): str(v) for k, v in (tags or {}).items()},
-        }
+            kind = exports.copy(artifact_dir, staged)
+            baked = exports.bake(staged, deployment)
+            kind.check(staged)
+            described = kind.describe(staged)
+        except (FileNotFoundError, ValueError) as exc:  # ExportError, LossDocumentError, DivergenceFormatError
+            raise ArtifactValidationError(f"artifact_dir {str(artifact_dir)!r}: {exc}") from None
+        extra = {**{DEPLOY_PREFIX + key: repr(value) if isinstance(value, float) else str(value) for key, value in baked.items()},
+                 **{str(k): str(v) for k, v in (tags or {}).items()}}  # fmt: skip
+        family = str(described.get("family", kind.name))
         return _register(
-            kind="optimizer",
-            name=name,
-            artifacts={"divergence": directory},
-            files={f"{DIVERGENCE_DIR}/{f}": directory / f for f in DIVERGENCE_FILES},
-            signature=signature,
-            family=divergence.kind,
-            config=config,
-            fingerprint=fingerprint,
-            scores=scores,
-            run_id=run_id,
-            description=description or f"MetaMD mirror-descent optimiser ({divergence.kind} Bregman divergence)",
-            extra_tags=extra,
-            tracking_uri=tracking_uri,
+            kind=kind, name=name, directory=staged, family=family, config=config, fingerprint=fingerprint, scores=scores, run_id=run_id,
+            description=description or f"learned {kind.role} ({kind.name}, {family})", extra_tags=extra, tracking_uri=tracking_uri,
             experiment=experiment,
-        )
+        )  # fmt: skip
+
+
+def register_loss(loss: Any, name: str = "itl", **options: Any) -> RegisteredVersion:
+    """Register a loss given as a loss document (a dict) or a loss module (``TaylorLoss``, a named
+    loss, a learned family's module): written as its family's export kind, then
+    :func:`register_export` (``options`` are its keyword arguments)."""
+    from metaopt_core import exports
+    from metaopt_core.losses import families
+    from metaopt_core.losses.document import LossDocumentError, document_of_loss, validate_loss_document
+
+    try:
+        doc = validate_loss_document(loss, "loss") if isinstance(loss, Mapping) else document_of_loss(loss)
+    except (LossDocumentError, TypeError) as exc:
+        raise ArtifactValidationError(str(exc)) from None
+    family = families.document_family_name(doc)
+    kind = families.family_class(family).export_kind if families.has_family(family) else "loss-document"
+    with tempfile.TemporaryDirectory() as tmp:
+        exports.write(tmp, kind, doc)
+        return register_export(tmp, name, **options)
+
+
+def register_optimizer(divergence: Any, name: str = "metamd", *, lr: float | None = None, **options: Any) -> RegisteredVersion:
+    """Register a learned mirror-descent optimiser given as a ``Divergence`` (saved here with ``lr``)
+    or a folder ``save_divergence`` wrote, then :func:`register_export` (``options``)."""
+    from metaopt_core import exports
+    from metaopt_core.optim.divergence import Divergence
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(divergence, Divergence):
+            exports.write(tmp, "mirror-descent", exports.LearnedDivergence(divergence, lr))
+        else:
+            source = Path(divergence)
+            if not source.is_dir():
+                raise FileNotFoundError(f"divergence: {str(source)!r} is not a directory (allowed: a Divergence or a save_divergence folder)")
+            kind = exports.get("mirror-descent")
+            staged = Path(tmp) / "staged"
+            for relative in kind.files:
+                found = source / Path(relative).name
+                if not found.is_file():
+                    raise FileNotFoundError(f"divergence: {found} is missing")
+                (staged / relative).parent.mkdir(parents=True, exist_ok=True)
+                (staged / relative).write_bytes(found.read_bytes())
+            exports.mark(staged, kind)
+            return register_export(staged, name, **options)
+        return register_export(tmp, name, **options)
 
 
 # The distribution that holds metaopt_core (pyproject.toml). Not "metaopt": that name on the public
@@ -270,11 +172,9 @@ def pip_requirements() -> list[str]:
 
 def _register(
     *,
-    kind: str,
+    kind: Any,
     name: str,
-    artifacts: Mapping[str, Path],
-    files: Mapping[str, Path],
-    signature: Any,
+    directory: Path,
     family: str,
     config: Any,
     fingerprint: str | None,
@@ -285,16 +185,19 @@ def _register(
     tracking_uri: str | None,
     experiment: str | None,
 ) -> RegisteredVersion:
+    from metaopt_core.exports import EXPORT_FILE
+
+    role = kind.role
     _check_model_name(name)
     client = connect(tracking_uri)
-    _ensure_registered_model(client, name, kind)  # first: a kind mismatch must not leave a logged model behind
+    _ensure_registered_model(client, name, role)  # first: a kind mismatch must not leave a logged model behind
     score_values = scores_of(scores)
     config_plain = flatten(config) if config is not None else None
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
 
-    tags: dict[str, str] = {TAG_KIND: kind, TAG_FAMILY: family}
-    for rel, path in files.items():
-        tags[SHA_PREFIX + rel] = sha256_file(path)
+    tags: dict[str, str] = {TAG_KIND: role, TAG_EXPORT_KIND: kind.name, TAG_FAMILY: family}
+    for rel in kind.files:
+        tags[SHA_PREFIX + rel] = sha256_file(directory / rel)
     if config is not None:
         tags[TAG_CONFIG] = truncate_tag(json.dumps(to_jsonable(config)))
     if fingerprint:
@@ -306,6 +209,9 @@ def _register(
         tags[TAG_SCORES] = truncate_tag(json.dumps(score_values))
         tags.update({SCORE_PREFIX + k: repr(v) for k, v in score_values.items()})
     tags.update({str(k): truncate_tag(str(v)) for k, v in (extra_tags or {}).items()})
+    # the model's artifacts: export.json and the kind's files, each top-level entry one MLflow
+    # artifact, so they land at artifacts/<relative path> (what the loaders download and verify)
+    artifacts = {entry: str(directory / entry) for entry in sorted({rel.split("/")[0] for rel in kind.files} | {EXPORT_FILE})}
 
     own_run = run_id is None
     if own_run:
@@ -334,22 +240,22 @@ def _register(
     status = "FAILED"
     try:
         logged = mlflow.initialize_logged_model(
-            name=kind,
+            name=role,
             source_run_id=run_id,
             experiment_id=experiment_id,
-            tags={TAG_KIND: kind, TAG_FAMILY: family},
-            model_type=f"metaopt-{kind}",
+            tags={TAG_KIND: role, TAG_EXPORT_KIND: kind.name, TAG_FAMILY: family},
+            model_type=f"metaopt-{role}",
         )
         # "no input example": a signature is given; an example would make MLflow load and run the
         # model at logging time (+0.4 s per registration) for what the tests check anyway.
         with quiet(".*input example was not provided.*", UserWarning):
             mlflow.pyfunc.log_model(
-                name=kind,
+                name=role,
                 python_model=str(PYFUNC_CODE),
-                artifacts={key: str(path) for key, path in artifacts.items()},
-                signature=signature,
+                artifacts=artifacts,
+                signature=_signature(role),
                 pip_requirements=pip_requirements(),
-                metadata={"metaopt_kind": kind, "metaopt_family": family},
+                metadata={"metaopt_kind": role, "metaopt_export_kind": kind.name, "metaopt_family": family},
                 model_id=logged.model_id,
             )
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
@@ -373,6 +279,20 @@ def _register(
         model_id=logged.model_id,
         tags=tags,
     )
+
+
+def _signature(role: str) -> Any:
+    """The pyfunc model's signature: a loss takes (probabilities, label) rows and gives the loss;
+    an optimiser takes (parameter, gradient) rows and gives the step direction."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    if role == "loss":
+        return ModelSignature(inputs=Schema([ColSpec(Array(DataType.double), "probabilities"), ColSpec(DataType.long, "label")]),
+                              outputs=Schema([ColSpec(DataType.double, "loss")]))  # fmt: skip
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string, "parameter"), ColSpec(Array(DataType.double), "gradient")]),
+                          outputs=Schema([ColSpec(Array(DataType.double), "direction")]))  # fmt: skip
 
 
 def find_version(name: str, tag: str, value: str, *, tracking_uri: str | None = None) -> RegisteredVersion | None:
@@ -417,13 +337,11 @@ def _check_model_name(name: Any) -> None:
 
 
 __all__ = [
-    "LOSS_DOC_KEYS",
-    "RegisteredVersion",
-    "field_of",
-    "find_version",
-    "loss_doc_of",
     "DISTRIBUTION",
+    "RegisteredVersion",
+    "find_version",
     "pip_requirements",
+    "register_export",
     "register_loss",
     "register_optimizer",
 ]

@@ -262,6 +262,12 @@ class Tracker:
 
         return record
 
+    def log_step(self, event: Any) -> None:
+        """Log one outer step of the meta-training loop: a ``metaopt_core.meta.driver.StepEvent``
+        of kind ``step`` (its metrics at its step; other kinds carry no metrics)."""
+        if event.kind == "step":
+            self.log_metrics({key: value for key, value in event.metrics.items() if key not in STEP_KEYS}, step=int(event.step))
+
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """``[(step, value), ...]`` of one metric of this run, by step."""
         client, run_id = self._require_run()

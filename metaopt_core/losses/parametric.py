@@ -1,17 +1,5 @@
-"""Parametric loss families a meta-learner can learn through one interface.
-
-A *family* fixes the form of a loss; a flat float vector ω (the meta-parameters) picks one member.
-Every family offers
-
-- ``init(spec)``: the starting ω (a preset name, ``"ce-like"``, or explicit numbers);
-- ``functional(params, logits, target)``: the mean loss, differentiable in ω and in the logits,
-  free of data-dependent Python control flow (so it works under ``torch.func.vmap`` and inside
-  double backward for implicit hypergradients);
-- ``per_example(params, scale, logits, target)`` and ``scales(params, classes)``: the same loss in the
-  shape :mod:`metaopt_core.population` vmaps over (so CMA-ES can search any family too);
-- ``to_module(params)``: a drop-in ``nn.Module`` for ``nn.CrossEntropyLoss``;
-- ``to_dict(params)`` / :func:`family_from_dict`: the white-box JSON document the model registry
-  stores (schema and ``loss_from_document``: :mod:`metaopt_core.losses.document`).
+"""The built-in parametric loss families of the representation table
+(:mod:`metaopt_core.losses.families`): the Taylor polynomial and iSCE.
 
 Families:
 
@@ -36,13 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from metaopt_core.losses.document import loss_from_document, validate_loss_document
+from metaopt_core.losses.document import field_error, is_finite_number
+from metaopt_core.losses.families import CE_LIKE, InitSpec, as_vector, one_hot_if_indices, softplus_inverse
 from metaopt_core.losses.robust import SymmetricCrossEntropy, reverse_cross_entropy
 from metaopt_core.losses.taylor import (
     DEFAULT_CLASS_REDUCTION,
@@ -56,48 +45,9 @@ from metaopt_core.losses.taylor import (
     taylor_loss,
 )
 
-InitSpec = str | Sequence[float]
-CE_LIKE = "ce-like"
-FAMILY_KINDS = ("taylor", "isce")
-
-
-class LossFamily(Protocol):
-    """What a meta-learner needs from a parametric loss family (see the module docstring)."""
-
-    kind: str
-
-    @property
-    def num_params(self) -> int: ...
-
-    def init(self, spec: InitSpec) -> Tensor: ...
-
-    def functional(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor: ...
-
-    def scales(self, params: Tensor, classes: int) -> Tensor: ...
-
-    def per_example(self, params: Tensor, scale: Tensor, logits: Tensor, target: Tensor) -> Tensor: ...
-
-    def to_module(self, params: Tensor | Sequence[float]) -> nn.Module: ...
-
-    def to_dict(self, params: Tensor | Sequence[float]) -> dict: ...
-
-    def describe(self) -> dict: ...
-
-
-def _as_vector(params: Tensor | Sequence[float], length: int, name: str = "params") -> Tensor:
-    vector = params.detach() if isinstance(params, Tensor) else torch.as_tensor(list(params), dtype=torch.float64)
-    vector = vector.reshape(-1).to(torch.float32).clone()
-    if vector.numel() != length:
-        raise ValueError(f"{name}: got {vector.numel()} values; this family needs {length}")
-    if not torch.isfinite(vector).all():
-        raise ValueError(f"{name}: got non-finite values {vector.tolist()}; allowed: finite numbers")
-    return vector
-
-
-def _one_hot_if_indices(target: Tensor, logits: Tensor) -> Tensor:
-    if target.is_floating_point():
-        return target.to(logits.dtype)
-    return F.one_hot(target.long(), logits.shape[-1]).to(logits.dtype)
+TAYLOR_FORMS = ("taylor", "monomial")
+TAYLOR_SIGN = "negative-sum-over-classes"
+CLASS_REDUCTIONS = ("sum", "mean")
 
 
 # --------------------------------------------------------------------------------------------- Taylor
@@ -113,12 +63,13 @@ class TaylorFamily:
     """
 
     order: int = 4
-    form: Form = "monomial"
+    form: Form = "taylor"
     ce_centre: float = 0.5
     normalise: bool = False
     eta: float = 1.0
     class_reduction: Literal["sum", "mean"] = DEFAULT_CLASS_REDUCTION
     kind: str = "taylor"
+    export_kind: ClassVar[str] = "loss-document"
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -157,7 +108,7 @@ class TaylorFamily:
             if self.order != 4 or preset.form != self.form:
                 raise ValueError(f"init: preset {spec!r} is order 4, form {preset.form!r}; the family is order {self.order}, form {self.form!r}")
             return torch.tensor(preset.loss_params(), dtype=torch.float32)
-        return _as_vector(spec, self.num_params, "init")
+        return as_vector(spec, self.num_params, "init")
 
     def ce_like(self) -> Tensor:
         """The Taylor expansion of cross-entropy at (c0, c1) = (ce_centre, 0) (module docstring)."""
@@ -189,7 +140,7 @@ class TaylorFamily:
 
     def to_module(self, params: Tensor | Sequence[float]) -> TaylorLoss:
         return TaylorLoss(
-            _as_vector(params, self.num_params),
+            as_vector(params, self.num_params),
             order=self.order,
             form=self.form,
             normalise=self.normalise,
@@ -206,15 +157,53 @@ class TaylorFamily:
             described.update(normalise=self.normalise, eta=self.eta, class_reduction=self.class_reduction)
         return described
 
+    # ------------------------------------------------------------------ documents of family "taylor"
+
+    @classmethod
+    def validate_document(cls, doc: Mapping[str, Any], source: str) -> None:
+        """``order`` in ORDERS, ``form`` in TAYLOR_FORMS, ``params`` a list of ``order (order + 1)
+        / 2 + 2`` finite numbers; optional ``sign`` (only TAYLOR_SIGN), ``class_reduction``
+        (CLASS_REDUCTIONS, default sum), ``normalisation`` (``{enabled: bool, eta: number > 0}``
+        or null; default disabled, eta 1)."""
+        order = doc.get("order")
+        if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS:
+            raise field_error(source, "order", order, f"one of {list(ORDERS)}")
+        if doc.get("form") not in TAYLOR_FORMS:
+            raise field_error(source, "form", doc.get("form"), " or ".join(repr(f) for f in TAYLOR_FORMS))
+        params = doc.get("params")
+        n = num_params(order)
+        if not isinstance(params, list) or len(params) != n:
+            got = f"{len(params)} values" if isinstance(params, list) else params
+            raise field_error(source, "params", got, f"a list of {n} numbers (order {order})")
+        for k, value in enumerate(params):
+            if not is_finite_number(value):
+                raise field_error(source, f"params[{k}]", value, "a finite number")
+        if "sign" in doc and doc["sign"] != TAYLOR_SIGN:
+            raise field_error(source, "sign", doc["sign"], repr(TAYLOR_SIGN))
+        if doc.get("class_reduction", "sum") not in CLASS_REDUCTIONS:
+            raise field_error(source, "class_reduction", doc.get("class_reduction"), " or ".join(repr(r) for r in CLASS_REDUCTIONS))
+        norm = doc.get("normalisation", {"enabled": False, "eta": 1.0})
+        if norm is not None:
+            if not isinstance(norm, Mapping):
+                raise field_error(source, "normalisation", norm, "an object {enabled: bool, eta: number > 0}")
+            if not isinstance(norm.get("enabled", False), bool):
+                raise field_error(source, "normalisation.enabled", norm.get("enabled"), "true or false")
+            eta = norm.get("eta", 1.0)
+            if not is_finite_number(eta) or eta <= 0:
+                raise field_error(source, "normalisation.eta", eta, "a finite number > 0")
+
+    @classmethod
+    def module_from_document(cls, doc: Mapping[str, Any], reduction: str, source: str) -> TaylorLoss:
+        return TaylorLoss.from_dict(dict(doc), reduction=reduction)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> tuple[TaylorFamily, Tensor]:
+        taylor = TaylorLoss.from_dict(dict(doc))
+        rebuilt = cls(order=taylor.order, form=taylor.form, normalise=taylor.normalise, eta=taylor.eta, class_reduction=taylor.class_reduction)
+        return rebuilt, taylor.params.detach().clone()
+
 
 # --------------------------------------------------------------------------------------------- iSCE
-
-
-def softplus_inverse(value: float) -> float:
-    """x with softplus(x) = value (> 0), computed stably for large values."""
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise ValueError(f"softplus_inverse: got {value!r}; allowed: a finite number > 0")
-    return value + math.log(-math.expm1(-value))
 
 
 @dataclass(frozen=True)
@@ -229,6 +218,7 @@ class ISCEFamily:
 
     log_zero: float = -4.0
     kind: str = "isce"
+    export_kind: ClassVar[str] = "loss-document"
 
     def __post_init__(self):
         if not (isinstance(self.log_zero, (int, float)) and self.log_zero < 0 and math.isfinite(self.log_zero)):
@@ -257,7 +247,7 @@ class ISCEFamily:
         return positive[..., 0], positive[..., 1]
 
     def _per_example(self, params: Tensor, logits: Tensor, target: Tensor) -> Tensor:
-        y = _one_hot_if_indices(target, logits)
+        y = one_hot_if_indices(target, logits)
         alpha, beta = self.weights(params)
         ce = -(y * F.log_softmax(logits, dim=-1)).sum(-1)
         return alpha * ce + beta * reverse_cross_entropy(logits, y, self.log_zero)
@@ -272,7 +262,7 @@ class ISCEFamily:
         return self._per_example(params, logits, target) * scale
 
     def natural(self, params: Tensor | Sequence[float]) -> tuple[float, float]:
-        alpha, beta = self.weights(_as_vector(params, 2).double())
+        alpha, beta = self.weights(as_vector(params, 2).double())
         return float(alpha), float(beta)
 
     def to_module(self, params: Tensor | Sequence[float]) -> SymmetricCrossEntropy:
@@ -287,64 +277,23 @@ class ISCEFamily:
             "family": "sce",
             "params": {"alpha": alpha, "beta": beta, "log_zero": self.log_zero},
             "learned_as": {"family": "isce", "parameterisation": "(alpha, beta) = softplus(raw)",
-                           "raw": [float(v) for v in _as_vector(params, 2)]},
+                           "raw": [float(v) for v in as_vector(params, 2)]},
         }  # fmt: skip
 
     def describe(self) -> dict:
         return {"kind": "isce", "log_zero": self.log_zero}
 
+    # ------------------------------------------------------------------ documents (stored as "sce")
 
-# --------------------------------------------------------------------------------------------- lookup
-
-
-def build_family(kind: str, **options: Any) -> TaylorFamily | ISCEFamily:
-    """A family by kind: ``build_family("taylor", order=4, form="monomial")``, ``build_family("isce")``."""
-    if kind == "taylor":
-        allowed = {"order", "form", "ce_centre"}
-        factory = TaylorFamily
-    elif kind == "isce":
-        allowed = {"log_zero"}
-        factory = ISCEFamily
-    else:
-        raise ValueError(f"family kind: got {kind!r}; allowed: {list(FAMILY_KINDS)}")
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise TypeError(f"family {kind!r}: unknown option(s) {unknown}; accepted: {sorted(allowed)}")
-    return factory(**options)
-
-
-def family_from_dict(doc: Mapping[str, Any]) -> tuple[TaylorFamily | ISCEFamily, Tensor]:
-    """Inverse of ``to_dict``: the family and its ω from a white-box document
-    (schema: :mod:`metaopt_core.losses.document`; raises its ``LossDocumentError``, a ValueError)."""
-    doc = validate_loss_document(doc)
-    family = doc.get("family")
-    if family == "taylor":
-        taylor = loss_from_document(doc)  # a TaylorLoss: the family is "taylor"
-        rebuilt = TaylorFamily(
-            order=taylor.order,
-            form=taylor.form,
-            normalise=taylor.normalise,
-            eta=taylor.eta,
-            class_reduction=taylor.class_reduction,
-        )
-        return rebuilt, taylor.params.detach().clone()
-    if family == "sce":
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> tuple[ISCEFamily, Tensor]:
+        """An ``sce`` document with ``learned_as.raw`` (exact ω), else its natural (α, β)."""
         learned = doc.get("learned_as") or {}
         params = doc.get("params") or {}
-        isce = ISCEFamily(log_zero=float(params.get("log_zero", -4.0)))
-        if learned.get("family") == "isce" and "raw" in learned:
-            return isce, _as_vector(learned["raw"], 2, "learned_as.raw")
+        isce = cls(log_zero=float(params.get("log_zero", -4.0)))
+        if "raw" in learned:
+            return isce, as_vector(learned["raw"], 2, "learned_as.raw")
         return isce, isce.init([float(params.get("alpha", 0.1)), float(params.get("beta", 1.0))])
-    raise ValueError(f"family: got {family!r}; allowed: ['taylor', 'sce'] (iSCE documents are stored as 'sce')")
 
 
-__all__ = [
-    "CE_LIKE",
-    "FAMILY_KINDS",
-    "ISCEFamily",
-    "LossFamily",
-    "TaylorFamily",
-    "build_family",
-    "family_from_dict",
-    "softplus_inverse",
-]
+__all__ = ["CLASS_REDUCTIONS", "ISCEFamily", "TAYLOR_FORMS", "TAYLOR_SIGN", "TaylorFamily"]
