@@ -186,6 +186,16 @@ def preset_overrides(preset: str, name: str) -> dict[str, Any]:
     return {} if preset == "demo" else dict(learner_of(name).presets.get(preset, {}))
 
 
+def preset_meta_test(preset: str, name: str) -> dict[str, Any]:
+    """The meta-test settings of ``preset`` (the learner's ``default_meta_test`` with the preset's
+    changes), or {} when the preset changes nothing (the pipeline's default then applies)."""
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"preset: got {preset!r}; allowed: {list(PRESET_NAMES)}")
+    learner = learner_of(name)
+    changes = {} if preset == "demo" else dict(learner.meta_test_presets.get(preset, {}))
+    return {**dict(learner.default_meta_test), **changes} if changes else {}
+
+
 def _without_nulls(value: Any) -> tuple[Any, bool]:
     if isinstance(value, dict):
         out, dropped = {}, False

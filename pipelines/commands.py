@@ -162,16 +162,25 @@ def _meta_test_settings(items: list[str]) -> dict:
     return _key_values(items)
 
 
+def _preset(args: argparse.Namespace, *, local: bool) -> str:
+    preset = getattr(args, "preset", None)
+    return preset if preset is not None else "quick" if local and not args.config else "demo"
+
+
 def run_overrides(args: argparse.Namespace, algorithm: str, *, local: bool) -> dict:
     """The preset's overrides (quick by default for local runs of the demo configurations), then --set."""
     from pipelines.builder import preset_overrides
 
-    preset = getattr(args, "preset", None)
-    if preset is None:
-        preset = "quick" if local and not args.config else "demo"
-    overrides = preset_overrides(preset, algorithm)
+    overrides = preset_overrides(_preset(args, local=local), algorithm)
     overrides.update(_key_values(args.overrides, "--set", "outer.steps=5 or train.epochs=4"))
     return overrides
+
+
+def run_meta_test(args: argparse.Namespace, algorithm: str, *, local: bool) -> dict:
+    """The preset's meta-test settings (the learner's defaults with the preset's changes), then --meta-test."""
+    from pipelines.builder import preset_meta_test
+
+    return {**preset_meta_test(_preset(args, local=local), algorithm), **_meta_test_settings(args.meta_test)}
 
 
 def _algorithms(args: argparse.Namespace) -> list[str]:
@@ -208,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             summary = run_local(
                 algorithm, args.config, options=options, tracking_uri=args.tracking_uri, force_retrain=args.force_retrain,
-                model_name=args.model_name, meta_test_settings=settings or None, experiment=args.experiment or "metaopt",
+                model_name=args.model_name, meta_test_settings=run_meta_test(args, algorithm, local=True) or None, experiment=args.experiment or "metaopt",
                 promotion_margin=args.promotion_margin or 0.0, overrides=run_overrides(args, algorithm, local=True) or None,
             )  # fmt: skip
         except PipelineFailed as exc:
@@ -243,7 +252,7 @@ def _run_remote(args: argparse.Namespace, algorithms: list[str], settings: dict)
             config = read_config(config or default_config(algorithm), overrides, algorithm=algorithm)
         arguments = remote.pipeline_arguments(
             algorithm, config, config_uri=args.config_uri, force_retrain=args.force_retrain, model_name=args.model_name,
-            meta_test_settings=settings or None, experiment=args.experiment, promotion_margin=args.promotion_margin,
+            meta_test_settings=run_meta_test(args, algorithm, local=False) or None, experiment=args.experiment, promotion_margin=args.promotion_margin,
         )  # fmt: skip
         result = remote.submit(algorithm, connection_of(args), arguments, options=options, wait_s=args.wait)
         print(f"{algorithm}: submitted run {result['run_id']} ({result['state']}): {result['url']}")

@@ -158,7 +158,9 @@ class LearnerBase:
     curves worth plotting) and ``presets``: named dot-path overrides of the demo configuration.
     Every learner must have a ``"quick"`` preset, a shorter run that `make run` (``metaopt run
     all --local``) takes on 2 CPU cores within minutes (tests/test_pipelines_compile.py holds
-    every registered learner to it).
+    every registered learner to it). ``meta_test_presets``: per preset, changes to
+    ``default_meta_test`` (a cheaper meta-test for ``quick``: fewer epochs or lrs, never fewer
+    than the gate's units).
     """
 
     name: ClassVar[str]
@@ -175,6 +177,7 @@ class LearnerBase:
     demo_configs: ClassVar[tuple[str, ...]] = ()
     default_meta_test: ClassVar[Mapping[str, Any]] = {}
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    meta_test_presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     history_keys: ClassVar[tuple[str, ...]] = ()
 
     def __repr__(self) -> str:

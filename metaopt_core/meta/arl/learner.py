@@ -51,6 +51,7 @@ class ARLLearner(LearnerBase):
     default_meta_test = {"seeds": 5, "epochs": 12, "baselines": ["ce", "gce", "sce"], "lr_grid": [0.003, 0.01, 0.03, 0.1, 0.3]}
     # quick: `make run` on 2 cores (a generation of the demo takes ~140 s under load)
     presets = {"quick": {"generations": 3, "train.epochs": 6}}
+    meta_test_presets = {"quick": {"epochs": 6, "lr_grid": [0.01, 0.03, 0.1, 0.3]}}  # still 15 units
     history_keys = ("best_accuracy", "mean_accuracy", "sigma", "diverged")
 
     def data_specs(self, config: BaseModel, meta_test: ARLMetaTest) -> list[DataSpec]:

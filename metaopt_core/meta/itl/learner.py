@@ -53,6 +53,7 @@ class ITLLearner(HypergradientLearner):
     default_meta_test = {"held_out": ["rot0", "rot75"], "model": "mlp2", "epochs": 6, "seeds": 8, "baselines": ["ce"],
                          "lr_grid": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3]}  # fmt: skip
     presets = {"quick": {"outer.steps": 4}}  # `make run` on 2 cores (~25 s per demo outer step under load)
+    meta_test_presets = {"quick": {"epochs": 4, "lr_grid": [0.01, 0.03, 0.1, 0.3]}}  # still 16 units
     history_keys = ("heldout_ce", "heldout_acc", "source_acc", "hypergrad_norm")
 
     def data_specs(self, config: BaseModel, meta_test: ITLMetaTest) -> list[DataSpec]:

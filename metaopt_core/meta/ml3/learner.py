@@ -48,6 +48,7 @@ class ML3Learner(HypergradientLearner):
     default_meta_test = {"epochs": 10, "seeds": 8, "baselines": ["ce"], "lr_grid": [0.01, 0.03, 0.1, 0.3, 1.0]}
     # quick: `make run` on 2 cores (about a second per outer step of the demo)
     presets = {"quick": {"outer.steps": 20}}
+    meta_test_presets = {"quick": {"epochs": 6, "lr_grid": [0.03, 0.1, 0.3, 1.0]}}  # still 16 units
     history_keys = ("outer_ce", "outer_ce_with_ce", "advantage_over_ce", "hypergrad_norm")
 
     def data_specs(self, config: BaseModel, meta_test: ML3MetaTest) -> list[DataSpec]:
