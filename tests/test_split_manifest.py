@@ -85,9 +85,12 @@ def test_learners_prepare_disjoint_meta_training_and_meta_test(tmp_path):
 
     arl = registry.get("arl")  # a meta-test on the pool's own source gets the other part of it
     config = arl.resolve_config(yaml.safe_load((CONFIGS / "arl-tiny.yaml").read_text()))
-    inputs = arl.prepare(config, {"source": config.dataset_specs()[0].source})
-    assert inputs.datasets[0].spec["part"] == "meta-train" and inputs.meta_test[0].spec["part"] == "meta-test"
-    assert _ids(inputs.datasets[0]).isdisjoint(_ids(inputs.meta_test[0]))
+    inputs = arl.prepare(config, {"tasks": [{"source": config.dataset_specs()[0].source, "max_examples": 200}], "seeds": 2})
+    assert inputs.datasets[0].spec["part"] == "meta-train" and {d.spec["part"] for d in inputs.meta_test} == {"meta-test"}
+    assert all(_ids(inputs.datasets[0]).isdisjoint(_ids(unit)) for unit in inputs.meta_test)
+    # every unit its own split of the meta-test part: one unit's test examples may train another, never itself
+    first, second = inputs.meta_test
+    assert set(first.splits["val"].ids.tolist()) != set(second.splits["val"].ids.tolist())
 
 
 def test_every_example_is_identified_by_its_row_in_the_source():
