@@ -200,6 +200,12 @@ def decide_gate(
         "greater_is_better": bool(greater_is_better), "challenger_mean": float(challenger.mean()),
         "champion": CHAMPION in paired, "references": references,
     }  # fmt: skip
+    if baselines:
+        means = {b: float(_check(paired, b).mean()) for b in baselines}
+        numbers.update(baseline_means=means, best_baseline=max(means, key=lambda b: sign * means[b]))
+    if CHAMPION in paired:
+        champion_scores = _check(paired, CHAMPION)
+        numbers.update(champion_mean=float(champion_scores.mean()), mean_difference=float((sign * (challenger - champion_scores)).mean()))
     if not references:
         return GateDecision(False, "rejected", "rejected: the meta-test scored no baseline and no champion to compare with", numbers)
     smallest = min(len(rows) if rows is not None else units for rows in groups.values())
@@ -223,14 +229,9 @@ def decide_gate(
                 "p_value": p, "passed": bool(p <= alpha), "wins": int((gain > 0).sum()), "losses": int((gain < 0).sum()),
             }  # fmt: skip
     numbers["comparisons"] = comparisons
-    if baselines:
-        means = {b: float(np.mean(paired[b])) for b in baselines}
-        best = max(means, key=lambda b: sign * means[b])
-        numbers.update(baseline_means=means, best_baseline=best)
     if CHAMPION in paired:
-        gain = sign * (challenger - _check(paired, CHAMPION))
-        numbers.update(champion_mean=float(np.mean(paired[CHAMPION])), mean_difference=float(gain.mean()),
-                       lower_bound=min((row["lower_bound"] for row in comparisons.values() if row["reference"] == CHAMPION and row["lower_bound"] is not None), default=None))  # fmt: skip
+        bounds_ = [row["lower_bound"] for row in comparisons.values() if row["reference"] == CHAMPION and row["lower_bound"] is not None]
+        numbers["lower_bound"] = min(bounds_, default=None)
     failed = [key for key, row in comparisons.items() if not row["passed"]]
     promoted = not failed
     # the binding comparison: the failed one with the weakest evidence, else the closest pass

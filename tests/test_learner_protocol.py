@@ -105,11 +105,12 @@ class ToyLearner(LearnerBase):
 
         theta = exports.read(artifact_dir)["params"][-1]
         score = float(abs(theta - TARGET) < settings.tolerance)
-        paired = {"learned": [score] * 3, "constant": [0.0] * 3}  # 3 seeds (the gate's minimum), a baseline that scores 0
+        units = 12  # the gate needs >= 10 independent units; a baseline that scores 0 on each
+        paired = {"learned": [score] * units, "constant": [0.0] * units}
         if champion_dir is not None:
-            paired["champion"] = [float(abs(exports.read(champion_dir)["params"][-1] - TARGET) < settings.tolerance)] * 3
+            paired["champion"] = [float(abs(exports.read(champion_dir)["params"][-1] - TARGET) < settings.tolerance)] * units
         return MetaTestReport(f"toy: theta {theta:.4f}\n", {"meta_test_accuracy": score}, "meta_test_accuracy", True,
-                              paired=paired, units=[{"seed": seed} for seed in range(3)], settings={"seeds": [0, 1, 2]})  # fmt: skip
+                              paired=paired, units=[{"seed": seed} for seed in range(units)], settings={"seeds": list(range(units))})  # fmt: skip
 
 
 REFERENCE = f"{__name__}:ToyLearner"
