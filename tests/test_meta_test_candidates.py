@@ -180,3 +180,26 @@ def test_metamd_meta_test_tunes_each_optimiser_on_meta_training_domains_and_re_e
     assert {lr for per_horizon in report.settings["chosen_lr"].values() for lr in per_horizon.values()} <= {0.01, 0.1, 1.0}
     assert report.settings["replicates"] == 3 and report.greater_is_better
     assert report.deployment["lr"] == report.settings["chosen_lr"]["learned"]["3 steps"]
+
+
+def test_a_normalised_taylor_loss_meta_tests_in_a_fresh_process():
+    """The A.3 normalisation samples the simplex (a random operation vmap refuses) and caches it: the
+    engine computes it once outside vmap, so a pipeline's meta-test step (a fresh process, nothing
+    cached) trains a normalised loss batched. Failed before the warm-up with 'vmap: called random
+    operation while in randomness error mode'."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from metaopt_core import evaluate\n"
+        "from metaopt_core.evaluate.units import Unit, train_units\n"
+        "from metaopt_core.losses.taylor import TaylorLoss\n"
+        "t = evaluate.noise_task({'source': 'digits', 'image_size': 8, 'max_examples': 200, 'seed': 0}, 0.3)\n"
+        "unit = Unit('digits8', 0, t.train, t.select, t.test, 'mlp2', 1, 2)\n"
+        "loss = TaylorLoss([0.5, 0.1, *[0.3] * 10], order=4, form='taylor', normalise=True)\n"
+        "print(len(train_units({'l': loss}, [unit], [0.1], epochs=1, batch_size=64).curve('l', 0, 0.1).test))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "1"

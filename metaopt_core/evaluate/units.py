@@ -246,6 +246,7 @@ def train_units(
     members = [(u, lr) for u in range(len(units)) for lr in grid]
     for done, (label, loss) in enumerate(losses.items(), start=1):
         family = ModuleFamily(_per_example(loss).to(torch.device(device or "cpu")))
+        _warm_up(family.module, {unit.num_classes for unit in units}, device)
         curves = train_members(family, torch.zeros(len(members), 0), [units[u] for u, _ in members], [lr for _, lr in members], epochs=epochs,
                                batch_size=batch_size, momentum=momentum, device=device, max_batch=max_batch)  # fmt: skip
         for (u, lr), curve in zip(members, curves):
@@ -258,6 +259,14 @@ def train_units(
     training.sequential_members = len(units) * len(grid) * len(losses) - training.batched_members
     training.seconds = time.perf_counter() - started
     return training
+
+
+@torch.no_grad()
+def _warm_up(module: nn.Module, class_counts: set[int], device: str | torch.device | None) -> None:
+    """One call outside vmap per class count: what a loss computes once and caches (the A.3
+    normalisation of a fixed Taylor loss samples the simplex, a random operation vmap refuses)."""
+    for classes in sorted(class_counts):
+        module(torch.zeros(2, classes, device=device or "cpu"), torch.zeros(2, dtype=torch.long, device=device or "cpu"))
 
 
 def _train_batched(family: Any, params: Tensor, units: list[Unit], schedule: Any, device: torch.device) -> list[Curve]:
