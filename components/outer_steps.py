@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from components.runtime import copy_tree, learner_setup, log_kfp_metrics, numeric, say, tracked
+from components.runtime import config_doc, copy_tree, learner_setup, log_kfp_metrics, numeric, say, tracked
 
 
 def _hand_on(meta_learner: Any, new_state: Any, inputs: Any, state: Any, learned: Any, metrics: Any) -> int:
@@ -55,9 +55,21 @@ def run_block(
         if ": resumed from " not in line:  # every block resumes its predecessor's state by design
             say(line)
 
-    with tracked(run_id) as tracker:
-        reached = runner.run_block(meta_learner, resolved, inputs, state.path, until, total=total, progress=progress,
-                                   callback=tracker.callback() if tracker else None)  # fmt: skip
+    from components.resume import persistent_checkpoint
+    from metaopt_core.faults import fault_point
+    from metaopt_core.mlops.tracking import config_hash
+
+    with tracked(run_id) as tracker, persistent_checkpoint(meta_learner, inputs.fingerprint, config_hash(config_doc(config)), state.path, say) as kept:
+        log_step = tracker.callback() if tracker else None
+
+        def callback(row: Mapping[str, Any]) -> None:  # after the step's checkpoint is written
+            if log_step:
+                log_step(row)
+            fault_point(f"outer-step-{row.get('step', row.get('generation'))}")
+
+        reached = runner.run_block(meta_learner, resolved, inputs, kept or state.path, until, total=total, progress=progress, callback=callback)
+        if kept:
+            copy_tree(str(kept), state.path)
     return _hand_on(meta_learner, reached, inputs, state, learned, metrics)
 
 

@@ -94,11 +94,10 @@ def read_config(learner: str, config: Mapping[str, Any] | None, config_uri: str 
     """The validated run configuration: the YAML/JSON at ``config_uri`` (a path, ``file://`` or
     ``s3://`` URI) when given, else the ``config`` mapping (the pipeline parameter)."""
     if config_uri:
-        import yaml
-
+        from metaopt_core.config import parse_yaml
         from metaopt_core.mlops import storage
 
-        doc = yaml.safe_load(storage.read_text(config_uri)) or {}
+        doc = parse_yaml(storage.read_text(config_uri), config_uri) or {}
         return learner_of(learner).resolve_config(doc, source=config_uri)
     return learner_of(learner).resolve_config(dict(config or {}), source="config")
 
@@ -232,6 +231,9 @@ def meta_test(
 
     meta_learner, resolved, inputs = learner_setup(learner, config, data_path, device)
     chosen = meta_learner.resolve_meta_test(settings)
+    from metaopt_core.faults import fault_point
+
+    fault_point("meta-test")
     say(f"{meta_learner.name}: meta-test with settings {chosen.model_dump(mode='json')}")
     with tracked(run_id) as tracker, tempfile.TemporaryDirectory() as scratch:  # a failure marks the MLflow run FAILED
         champion_version, champion = load_champion(model_name, Path(scratch) / "champion")
@@ -302,9 +304,10 @@ def register_and_promote(
     report links the version, the MLflow run and the KFP run. Returns (version, decision,
     promoted, production version, summary JSON)."""
     from components.lineage import hand_on_registered, links_markdown, write_summary
+    from metaopt_core.faults import fault_point
     from metaopt_core.meta import runner
     from metaopt_core.mlops import registry
-    from metaopt_core.mlops.tracking import TAG_KFP_RUN_ID, kfp_run_url
+    from metaopt_core.mlops.tracking import TAG_CONFIG_HASH, TAG_KFP_RUN_ID, config_hash, kfp_run_url
 
     record: dict = {}
     if gate_inputs_path and Path(gate_inputs_path).exists():
@@ -316,12 +319,18 @@ def register_and_promote(
 
     name = learner_of(learner).name
     exported = runner.read_result(learned_path)
-    tags = {"metaopt.algorithm": name, "metaopt.steps": exported["steps"], **({TAG_KFP_RUN_ID: kfp_run_id} if kfp_run_id else {})}
+    digest = config_hash(config_doc(config))
+    tags = {"metaopt.algorithm": name, "metaopt.steps": exported["steps"], TAG_CONFIG_HASH: digest, **({TAG_KFP_RUN_ID: kfp_run_id} if kfp_run_id else {})}
     earlier = registry.find_version(model_name, TAG_KFP_RUN_ID, kfp_run_id) if kfp_run_id else None
+    killed = None if earlier is not None else registry.unfinished_registration(model_name, fingerprint, digest)
     with tracked(run_id) as tracker:
         if earlier is not None:
             version = earlier
             say(f"{version.model_uri} was registered by an earlier attempt of this step (KFP run {kfp_run_id}): reusing it")
+        elif killed is not None:
+            version = earlier = killed
+            say(f"{version.model_uri} was registered for this data and configuration by MLflow run {killed.run_id}, which did not finish: "
+                "reusing it instead of registering a duplicate")  # fmt: skip
         elif exported["kind"] == "loss":
             version = registry.register_loss(exported["loss"], model_name, config=config_doc(config), fingerprint=fingerprint,
                                              scores=dict(scores), run_id=run_id or None, tags=tags)  # fmt: skip
@@ -329,6 +338,7 @@ def register_and_promote(
             version = registry.register_optimizer(exported["divergence_dir"], model_name, config=config_doc(config), fingerprint=fingerprint,
                                                   scores=dict(scores), run_id=run_id or None, tags=tags)  # fmt: skip
         say(f"registered {version.model_uri}")
+        fault_point("register-version")
         decision = registry.recorded_decision(model_name, version.version) if earlier is not None else None
         decision = decision or registry.apply_gate(model_name, version.version, gate, record)
         say(f"promotion gate: {decision}")

@@ -129,6 +129,19 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
     return "\n".join(lines)
 
 
+def parse_yaml(text: str, source: str = "config") -> Any:
+    """``yaml.safe_load`` whose syntax errors are one :class:`ConfigError` naming ``source``, the
+    line and column and what YAML expected (not a traceback through the parser)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        context = getattr(exc, "context", None)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")) from None
+
+
 def validate(model_cls: type[BaseModel], data: Any, source: str = "config") -> BaseModel:
     try:
         return model_cls.model_validate(data)
@@ -161,7 +174,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> BaseModel:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     data.update(overrides or {})

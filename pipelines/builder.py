@@ -32,9 +32,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from components.images import default_images, validate_image
+from metaopt_core.config import parse_yaml
 from pipelines.resources import apply_resources, resources_for
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -164,7 +163,7 @@ def load_config_file(path: str | Path, algorithm: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
     if algorithm is not None and doc.setdefault("algorithm", algorithm) != algorithm:

@@ -12,7 +12,8 @@ appended to ``COMMAND_GROUPS``. Heavy imports (MLflow, torch) happen inside the 
 ``metaopt --help`` stays fast.
 
 Errors the user can fix (unknown model, no production version, unreachable tracking server,
-bad arguments) print one ``metaopt: error: ...`` line and exit with status 2; a promotion that is
+storage and S3 credential errors, configuration and YAML errors, bad arguments) print one
+``metaopt: error: ...`` line (the cause and what to do; never a secret) and exit with status 2; a promotion that is
 rejected by the champion/challenger rule is a normal outcome (exit 0, or 3 with
 ``--fail-if-rejected`` for scripts).
 """
@@ -243,15 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions reported as one line (the rest keep their traceback: they are bugs)."""
-    errors: list[type[BaseException]] = [CommandError, ValueError, LookupError, FileNotFoundError, ConnectionError]
-    try:
-        from mlflow.exceptions import MlflowException
-
-        errors.append(MlflowException)
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        pass
+    """Exceptions reported as one line (the rest keep their traceback: they are bugs). Storage
+    errors (``StorageError``: S3 credentials, endpoints, buckets, keys; messages already name the
+    URI and what to do, never a secret) and configuration errors (YAML syntax, fields) are the
+    user's to fix."""
+    errors: list[type[BaseException]] = [CommandError, ValueError, LookupError, FileNotFoundError, ConnectionError, TimeoutError]
+    for module, name in (("mlflow.exceptions", "MlflowException"), ("metaopt_core.mlops.storage.errors", "StorageError"), ("yaml", "YAMLError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except ImportError:  # pragma: no cover - dependencies of the project
+            pass
     return tuple(errors)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as the single line the CLI prints: its lines joined with '; ', spaces collapsed."""
+    lines = [" ".join(line.split()) for line in str(exc).strip().splitlines()]
+    return "; ".join(line for line in lines if line) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -261,9 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except _user_errors() as exc:
-        message = str(exc).strip() or type(exc).__name__
-        print(f"metaopt: error: {message}", file=sys.stderr)
+        print(f"metaopt: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("metaopt: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -227,6 +227,7 @@ class LearnerBase:
         """Prepare every dataset the run reads, meta-training's and the meta-test's (re-reading the
         sources, so new data shows up as a new fingerprint), and the split manifest; refuses an
         overlap between meta-training and meta-test (:class:`SplitOverlapError`) before any training."""
+        from metaopt_core.data.checks import check_prepared
         from metaopt_core.data.prepare import prepare
 
         settings = self.resolve_meta_test(meta_test)
@@ -246,7 +247,9 @@ class LearnerBase:
             inputs = self.generated_inputs(config)
         inputs.meta_test, inputs.meta_test_settings = held_out, settings.model_dump(mode="json")
         inputs.fingerprint = combine_fingerprints([*(d.fingerprint for d in datasets), *(d.fingerprint for d in held_out)] or [inputs.fingerprint])
-        inputs.manifest = self.split_manifest(config, settings, inputs).check().to_dict()
+        manifest = self.split_manifest(config, settings, inputs).check()
+        check_prepared([*datasets, *held_out], manifest)  # too few classes or examples: refused before any training
+        inputs.manifest = manifest.to_dict()
         return inputs
 
     def check_inputs(self, config: BaseModel, data: PreparedInputs) -> None:

@@ -64,6 +64,7 @@ from metaopt_core.mlops.registry.promotion import (
 )
 from metaopt_core.mlops.registry.register import DISTRIBUTION, RegisteredVersion, find_version, pip_requirements, register_loss, register_optimizer
 from metaopt_core.mlops.registry.resolve import ModelRef, parse_models_uri, resolve_version
+from metaopt_core.mlops.registry.reuse import unfinished_registration
 from metaopt_core.mlops.tracking import TrackingServerUnreachable, resolve_tracking_uri
 
 __all__ = [
@@ -121,5 +122,6 @@ __all__ = [
     "register_optimizer",
     "resolve_tracking_uri",
     "resolve_version",
+    "unfinished_registration",
     "validate_loss_doc",
 ]
