@@ -27,6 +27,32 @@ DOWNSTREAM = {
     "loss": ("from metaopt_core import load_loss", 'criterion = load_loss("models:/{name}/production")'),
     "optimizer": ("from metaopt_core import load_optimizer", 'optimizer = load_optimizer("models:/{name}/production", model)'),
 }
+# Nothing in production: how a job that accepts an unpromoted version opts in (never the default).
+FALLBACK = {
+    "loss": ("from metaopt_core import load_loss", 'criterion = load_loss("models:/{name}/production", fallback="models:/{name}/{version}")'),
+    "optimizer": ("from metaopt_core import load_optimizer",
+                  'optimizer = load_optimizer("models:/{name}/production", model, fallback="models:/{name}/{version}")'),
+}  # fmt: skip
+
+
+def usage(kind: str, model_name: str, production_version: str, version: str = "", fits: str = "") -> dict:
+    """What a summary tells a downstream job: ``downstream`` (the lines that load the production
+    version; none while nothing is in production), ``fallback`` (while nothing is: the explicit
+    opt-in to ``version``), ``fits`` (an optimiser: the architecture the model must have)."""
+    if production_version:
+        return {"downstream": [line.format(name=model_name) for line in DOWNSTREAM[kind]], "fallback": [], "fits": fits}
+    lines = [line.format(name=model_name, version=version) for line in FALLBACK[kind]] if version else []
+    return {"downstream": [], "fallback": lines, "fits": fits}
+
+
+def exported_fits(exported: Mapping[str, Any]) -> str:
+    """The architecture an exported optimiser fits, in words ("" for a loss)."""
+    if exported.get("kind") != "optimizer":
+        return ""
+    from metaopt_core.optim.fit import describe_architecture
+
+    manifest = json.loads((Path(exported["divergence_dir"]) / "manifest.json").read_text())
+    return describe_architecture((p["name"], p["shape"]) for p in manifest["parameters"])
 
 
 def learner_of(learner: str) -> Any:
@@ -371,8 +397,12 @@ def register_and_promote(
         "kfp_run_id": kfp_run_id,
         "kfp_run_url": kfp_run_url(kfp_run_id),
         "fingerprint": fingerprint,
-        "downstream": [line.format(name=model_name) for line in DOWNSTREAM[exported["kind"]]],
+        "config_hash": digest,
     }
+    production = summary["production_version"]
+    same = production == version.version
+    fits = exported_fits(exported) if same or not production else (registry.production_fits(model_name) if exported["kind"] == "optimizer" else "")
+    summary.update(usage(exported["kind"], model_name, production, version.version, fits))
     links = {"model_uri": version.model_uri, "registered_model": model_name, "version": version.version, "decision": decision.decision,
              "promoted": bool(decision.promoted), "mlflow_run_id": run_id, "mlflow_run_url": run_url, "kfp_run_id": kfp_run_id}  # fmt: skip
     hand_on_registered(learned_path, registered, {**links, "kind": exported["kind"], "steps": exported["steps"], "fingerprint": fingerprint})
@@ -380,7 +410,11 @@ def register_and_promote(
              "| score | value |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in summary["scores"].items()]  # fmt: skip
     lines += ["", f"Production version: {summary['production_version'] or 'none'}", ""]
     lines += links_markdown(version.model_uri, run_id, run_url, tracking_uri, summary["kfp_run_url"])
-    lines += ["```python", *summary["downstream"], "```", ""]
+    if summary["downstream"]:
+        lines += ["```python", *summary["downstream"], "```", ""]
+    else:
+        lines += [f"Nothing is in production, so `models:/{model_name}/production` does not load. A job that accepts this unpromoted version "
+                  "opts in explicitly:", "", "```python", *summary["fallback"], "```", ""]  # fmt: skip
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text("\n".join(lines))
     report.metadata.update({key: value for key, value in links.items() if value not in (None, "")})
@@ -401,12 +435,18 @@ def report_skipped(learner: str, model_name: str, production_version: str, finge
         "production_version": production_version,
         "reason": reason,
         "fingerprint": fingerprint,
-        "downstream": [line.format(name=model_name) for line in DOWNSTREAM[kind]],
     }
+    fits = ""
+    if production_version and kind == "optimizer":
+        from metaopt_core.mlops import registry
+
+        fits = registry.production_fits(model_name)
+    summary.update(usage(kind, model_name, production_version, fits=fits))
     text = f"### {model_name}: meta-training skipped\n\n{reason}\n\nProduction version: {production_version or 'none'}\n"
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text(text)
-    say(f"{model_name}: meta-training skipped; production stays at version {production_version}")
+    stays = f"production stays at version {production_version}" if production_version else "no version is in production (none passed the gate)"
+    say(f"{model_name}: meta-training skipped; {stays}")
     from components.lineage import write_summary
 
     write_summary(summary)

@@ -127,6 +127,10 @@ def _models_show(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=2))
             return EXIT_OK
         print(f"{info['name']} ({info['kind'] or 'unknown kind'}): production version {info['production'] or 'none'}")
+        if info.get("fits"):
+            print(f"production version {info['production']} fits {info['fits']}: load_optimizer takes a model of that shape")
+        if not info["production"] and info["versions"]:
+            print(f"nothing is in production: models:/{name}/production does not load (no version passed the gate; the reasons are below)")
         if info["description"]:
             print(info["description"])
         rows = [{k: v for k, v in row.items() if k != "reason"} for row in info["versions"]]
@@ -143,6 +147,8 @@ def _models_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{name} version {info['version']}: stage {info['stage']}, aliases {info['aliases'] or 'none'}")
     print(f"created {info['created']} by run {info['run_id']}; source {info['source']}")
+    if info.get("fits"):
+        print(f"fits {info['fits']}: load_optimizer takes a model of that shape (partial=True: the layers that match)")
     if info.get("description"):
         print(info["description"])
     print("tags:")

@@ -252,7 +252,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(summaries) > 1:
         print(f"all pipelines done in {time.monotonic() - started:.0f} s:")
         for s in summaries:
-            production = f"models:/{s['model_name']}/{s['production_version']}" if s.get("production_version") else "none"
+            production = f"models:/{s['model_name']}/{s['production_version']}" if s.get("production_version") else "none (nothing to load yet)"
             print(f"  {s['algorithm']:7s} {s['status']:8s} {s.get('decision', '-'):9s} production {production}")
     return EXIT_OK
 

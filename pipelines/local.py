@@ -268,14 +268,16 @@ def describe_overrides(doc: Mapping[str, Any], overrides: Mapping[str, Any] | No
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """What the end of a run prints: the MLflow run, the version, the decision, how to use it."""
+    """What the end of a run prints: the MLflow run, the version, whether the gate promoted it and
+    why, what is in production, and how a job uses it: "use it" only for a production version
+    (while there is none, the explicit opt-in to this version, labelled as such)."""
     name, algorithm = summary["model_name"], summary["algorithm"]
     uri = summary.get("tracking_uri", "")
+    production = summary.get("production_version") or ""
     lines = []
     if summary["status"] == "skipped":
         lines.append(f"{algorithm}: meta-training skipped ({summary['seconds']:.0f} s): {summary['reason']}")
-        if summary.get("production_version"):
-            lines.append(f"  production       models:/{name}/{summary['production_version']}")
+        lines.append(f"  production       {f'models:/{name}/{production}' if production else f'none: no version of {name} has passed the gate'}")
     else:
         lines.append(f"{algorithm}: meta-trained, meta-tested and registered in {summary['seconds']:.0f} s")
         where = f" (experiment {summary['experiment_id']})" if summary.get("experiment_id") else ""
@@ -294,9 +296,20 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append(f"  registered       {summary['model_uri']}")
         reason = str(summary["reason"])  # the gate's reasons already start with the decision
         lines.append(f"  promotion        {reason if reason.startswith(summary['decision']) else summary['decision'] + ': ' + reason}")
-        lines.append(f"  production       models:/{name}/{summary['production_version'] or '-'}")
-    lines.append("  use it:")
-    lines += [f"    {line}" for line in summary["downstream"]]
+        if production == summary.get("version"):
+            lines.append(f"  production       models:/{name}/{production} (this version)")
+        elif production:
+            lines.append(f"  production       models:/{name}/{production} (unchanged: version {summary.get('version')} was not promoted)")
+        else:
+            lines.append(f"  production       none: no version of {name} has passed the gate, so models:/{name}/production does not load")
+    if summary.get("fits"):
+        lines.append(f"  fits             {summary['fits']}")
+    if summary.get("downstream"):
+        lines.append("  use it:")
+        lines += [f"    {line}" for line in summary["downstream"]]
+    elif summary.get("fallback"):
+        lines.append("  use it           nothing yet. A job that accepts this unpromoted version opts in explicitly (README: a rejected model):")
+        lines += [f"    {line}" for line in summary["fallback"]]
     lines.append(f"  log              {summary['log']}")
     return "\n".join(lines)
 

@@ -95,3 +95,56 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+# ---------------------------------------------------------------------------------------- integrity on the pyfunc path
+
+
+def _stored(server, model_id: str, rel: str) -> Path:
+    [path] = Path(server.artifacts_destination).rglob(f"{model_id}/artifacts/artifacts/{rel}")
+    return path
+
+
+def test_pyfunc_refuses_a_tampered_artifact_like_load_loss(mlflow_server, tmp_path, monkeypatch):
+    """``mlflow.pyfunc.load_model`` (what ``mlflow models serve`` runs) checks the registered sha256
+    tags before it serves: an edited loss.json or divergence manifest is refused with the error
+    load_loss and load_optimizer give, not evaluated."""
+    from metaopt_core.mlops.registry import ArtifactValidationError, load_loss, register_optimizer
+    from metaopt_core.optim import KroneckerBregman
+    from metaopt_core.optim.io import save_divergence
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(mlflow_server))
+    name = f"pyfunc-tamper-{uuid.uuid4().hex[:8]}"
+    registered = register_loss(TaylorLoss.from_preset("itl"), name, tracking_uri=mlflow_server)
+    uri = f"models:/{name}/{registered.version}"
+    rows = pd.DataFrame({"probabilities": [[0.7, 0.2, 0.1]], "label": [0]})
+    honest = float(mlflow.pyfunc.load_model(uri).predict(rows)["loss"][0])
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "copy")))  # an untouched copy, for later
+
+    stored = _stored(mlflow_server, registered.model_id, "loss.json")
+    doc = json.loads(stored.read_text())
+    doc["params"] = [-p for p in doc["params"]]  # still a valid loss document: only the hash can tell
+    stored.write_text(json.dumps(doc))
+    with pytest.raises(ArtifactValidationError, match="modified after registration") as served:
+        mlflow.pyfunc.load_model(uri)
+    with pytest.raises(ArtifactValidationError, match="modified after registration") as loaded:
+        load_loss(uri)
+    assert str(served.value).split(": artifacts/")[1] == str(loaded.value).split(": artifacts/")[1]  # the same error
+
+    # no registry reachable (a copied model folder): the hashes MLmodel recorded at registration
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'no-such-store.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'no-such-store.db'}")
+    assert float(mlflow.pyfunc.load_model(str(local)).predict(rows)["loss"][0]) == pytest.approx(honest)
+    (local / "artifacts" / "loss.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactValidationError, match="hashes recorded in MLmodel"):
+        mlflow.pyfunc.load_model(str(local))
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(mlflow_server))
+    mlflow.set_tracking_uri(str(mlflow_server))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    save_divergence(KroneckerBregman.for_model(model), tmp_path / "div", lr=0.1)
+    optimizer = register_optimizer(tmp_path / "div", f"{name}-md", tracking_uri=mlflow_server)
+    manifest = _stored(mlflow_server, optimizer.model_id, "divergence/manifest.json")
+    manifest.write_text(manifest.read_text().replace('"lr": 0.1', '"lr": 10.0'))
+    with pytest.raises(ArtifactValidationError, match="divergence/manifest.json has sha256"):
+        mlflow.pyfunc.load_model(optimizer.model_uri)

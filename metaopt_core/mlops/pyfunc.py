@@ -5,7 +5,8 @@
 into the model and, on ``mlflow.pyfunc.load_model(uri)``, executes it and takes the object given
 to ``mlflow.models.set_model`` below. Nothing is unpickled: the model's state is the white-box
 artifact (``loss.json``, or ``divergence.safetensors`` + ``manifest.json``), read in
-``load_context``. It therefore needs ``metaopt_core`` importable where it is loaded (the ``metaopt-core`` distribution, which
+``load_context``, after checking them against the registered version's sha256 tags (the same check
+and error as ``load_loss``; ``metaopt_core.mlops.registry.integrity``). It therefore needs ``metaopt_core`` importable where it is loaded (the ``metaopt-core`` distribution, which
 its logged requirements pin), like any code model.
 
 Inputs and outputs (also recorded as the model signature):
@@ -41,6 +42,7 @@ class MetaoptPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         artifacts = dict(context.artifacts or {})
+        _verify(artifacts)  # the sha256 tags of the registered version, as load_loss / load_optimizer check them
         if LOSS_ARTIFACT in artifacts:
             from metaopt_core.mlops.registry import loss_from_doc, validate_loss_doc
 
@@ -65,6 +67,16 @@ class MetaoptPyfuncModel(mlflow.pyfunc.PythonModel):
         if self.kind == "loss":
             return pd.DataFrame({"loss": loss_values(self.loss, frame)})
         return pd.DataFrame({"direction": step_directions(self.divergence, frame)})
+
+
+def _verify(artifacts: dict[str, str]) -> None:
+    """Refuse artifacts changed since registration (``metaopt_core.mlops.registry.integrity``)."""
+    from metaopt_core.mlops.registry.common import DIVERGENCE_DIR, DIVERGENCE_FILES, LOSS_FILE
+    from metaopt_core.mlops.registry.integrity import verify_model_dir
+
+    for name, files in ((LOSS_ARTIFACT, [LOSS_FILE]), (DIVERGENCE_ARTIFACT, [f"{DIVERGENCE_DIR}/{f}" for f in DIVERGENCE_FILES])):
+        if name in artifacts:  # <model>/artifacts/loss.json or <model>/artifacts/divergence
+            verify_model_dir(Path(artifacts[name]).parent.parent, files)
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:

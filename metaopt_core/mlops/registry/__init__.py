@@ -19,7 +19,9 @@ nothing is pickled; see ``metaopt_core.mlops.pyfunc``):
 
 Modules: ``common`` (tag names, errors, shared helpers), ``register`` (``register_loss``,
 ``register_optimizer``), ``resolve`` (``models:/`` URIs to versions), ``load`` (``load_loss``,
-``load_optimizer``: only the white-box files, sha256-checked, never unpickled), ``promotion``
+``load_optimizer``: only the white-box files, sha256-checked, never unpickled; ``integrity``: that
+check, shared with the pyfunc flavour; ``fallback``: the explicit opt-in for a job that accepts an
+unpromoted version), ``reuse`` (the version a killed run registered), ``promotion``
 (``promote``, its lock, and the pure ``decide_promotion``), ``gate`` (the champion for a meta-test, and
 recording the gate's decision: ``metaopt.gate.*`` tags, ``gate.json``) and ``listing`` (``metaopt models``).
 """
@@ -51,8 +53,9 @@ from metaopt_core.mlops.registry.common import (
     loss_from_doc,
     validate_loss_doc,
 )
+from metaopt_core.mlops.registry.fallback import UnpromotedVersionWarning
 from metaopt_core.mlops.registry.gate import GATE_FILE, GATE_PREFIX, apply_gate, gate_tags, load_champion, recorded_decision
-from metaopt_core.mlops.registry.listing import describe_model, describe_version, iter_versions, list_models
+from metaopt_core.mlops.registry.listing import architecture_of, describe_model, describe_version, iter_versions, list_models, production_fits
 from metaopt_core.mlops.registry.load import load_loss, load_loss_doc, load_optimizer
 from metaopt_core.mlops.registry.promotion import (
     PromotionDecision,
@@ -98,8 +101,10 @@ __all__ = [
     "TAG_KIND",
     "TAG_SCORES",
     "TrackingServerUnreachable",
+    "UnpromotedVersionWarning",
     "WrongModelKindError",
     "apply_gate",
+    "architecture_of",
     "decide_promotion",
     "describe_model",
     "describe_version",
@@ -113,6 +118,7 @@ __all__ = [
     "load_optimizer",
     "loss_from_doc",
     "parse_models_uri",
+    "production_fits",
     "production_version",
     "promote",
     "reconcile",

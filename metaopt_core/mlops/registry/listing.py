@@ -69,11 +69,13 @@ def describe_model(name: str, *, metric: str = DEFAULT_METRIC, tracking_uri: str
         }
         for v in list_versions(client, name)
     ]
+    production = current_production(client, name)
     return {
         "name": model.name,
         "kind": model.tags.get(TAG_KIND, ""),
         "description": model.description,
-        "production": current_production(client, name),
+        "production": production,
+        "fits": production_fits(name, tracking_uri=tracking_uri) if production and model.tags.get(TAG_KIND) == "optimizer" else "",
         "aliases": dict(model.aliases),
         "versions": versions,
     }
@@ -96,7 +98,40 @@ def describe_version(name: str, version: int | str, *, tracking_uri: str | None 
     }
     if mv.tags.get(TAG_KIND) == "loss":
         out["loss"] = load_loss_doc(f"models:/{name}/{mv.version}", tracking_uri=tracking_uri)
+    elif mv.tags.get(TAG_KIND) == "optimizer":
+        out["fits"] = architecture_of(mv, tracking_uri)
     return out
+
+
+def architecture_of(mv: Any, tracking_uri: str | None = None) -> str:
+    """What a registered optimiser version fits, in words (``an MLP 784-256-10 (parameters ...)``):
+    from its ``metaopt.divergence.parameters`` tag, or its manifest when the tag was cut short."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from metaopt_core.mlops.registry.common import DIVERGENCE_DIR
+    from metaopt_core.mlops.registry.load import download_files
+    from metaopt_core.optim.fit import describe_architecture
+
+    try:
+        parameters = json.loads(mv.tags.get("metaopt.divergence.parameters", ""))
+    except json.JSONDecodeError:  # a long list is truncated in the tag: the manifest holds all of it
+        with tempfile.TemporaryDirectory() as tmp:
+            rel = f"{DIVERGENCE_DIR}/manifest.json"
+            paths, _ = download_files(f"models:/{mv.name}/{mv.version}", "optimizer", [rel], Path(tmp), tracking_uri)
+            parameters = json.loads(paths[rel].read_text())["parameters"]
+    return describe_architecture((p["name"], p["shape"]) for p in parameters)
+
+
+def production_fits(name: str, *, tracking_uri: str | None = None) -> str:
+    """What the production version of optimiser ``name`` fits ("" for a loss or no production version)."""
+    client = existing_store(tracking_uri)
+    version = current_production(client, name)
+    if version is None:
+        return ""
+    mv = client.get_model_version(name, version)
+    return architecture_of(mv, tracking_uri) if mv.tags.get(TAG_KIND) == "optimizer" else ""
 
 
 def _timestamp(millis: int | None) -> str:
@@ -112,4 +147,4 @@ def iter_versions(name: str, *, tracking_uri: str | None = None) -> Iterator[Any
     yield from list_versions(client, name)
 
 
-__all__ = ["describe_model", "describe_version", "iter_versions", "list_models"]
+__all__ = ["architecture_of", "describe_model", "describe_version", "iter_versions", "list_models", "production_fits"]

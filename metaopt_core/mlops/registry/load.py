@@ -25,11 +25,13 @@ from metaopt_core.mlops.registry.common import (
     ModelNotFoundError,
     WrongModelKindError,
     loss_from_doc,
-    sha256_file,
     validate_loss_doc,
 )
+from metaopt_core.mlops.registry.fallback import with_fallback
+from metaopt_core.mlops.registry.integrity import check_sha256
 from metaopt_core.mlops.registry.resolve import existing_store, parse_models_uri, resolve_version
 from metaopt_core.mlops.tracking import connect
+from metaopt_core.optim.divergence import ShapeMismatchError
 
 
 def download_files(uri: str, kind: str, files: list[str], destination: Path, tracking_uri: str | None) -> tuple[dict[str, Path], str]:
@@ -57,21 +59,10 @@ def download_files(uri: str, kind: str, files: list[str], destination: Path, tra
         out = {}
         for rel in files:
             try:
-                path = Path(repo.download_artifacts(f"artifacts/{rel}", str(destination)))
+                out[rel] = Path(repo.download_artifacts(f"artifacts/{rel}", str(destination)))
             except (MlflowException, OSError) as exc:
                 raise ArtifactValidationError(f"{where}: artifact artifacts/{rel} could not be downloaded ({exc}); not a metaopt {kind} model?") from None
-            expected = version.tags.get(SHA_PREFIX + rel)
-            if expected is None:
-                raise ArtifactValidationError(
-                    f"{where}: version tag {SHA_PREFIX + rel} is missing, so the artifact cannot be verified; register it with metaopt_core.mlops.registry"
-                )
-            actual = sha256_file(path)
-            if actual != expected:
-                raise ArtifactValidationError(
-                    f"{where}: artifacts/{rel} has sha256 {actual}, but {expected} was registered: the artifact "
-                    "was modified after registration (tampered or corrupted); refusing to load it"
-                )
-            out[rel] = path
+        check_sha256(out, {k[len(SHA_PREFIX) :]: v for k, v in version.tags.items() if k.startswith(SHA_PREFIX)}, where)
         return out, where
     # runs:/, models:/m-<id>, s3://, mlflow-artifacts:/ ...: MLflow's generic download, no registry tags
     connect(tracking_uri)
@@ -111,39 +102,51 @@ def load_loss_doc(uri: str, *, tracking_uri: str | None = None) -> dict:
     return validate_loss_doc(doc, source=f"{where}: {LOSS_FILE}")
 
 
-def load_loss(uri: str, *, reduction: str = "mean", tracking_uri: str | None = None) -> Any:
+def load_loss(uri: str, *, reduction: str = "mean", tracking_uri: str | None = None, fallback: str | None = None) -> Any:
     """A ready loss module (``TaylorLoss`` or a named baseline) from a registered model.
 
     ``uri``: ``models:/itl/production``, ``models:/itl@production``, ``models:/itl/3``, ``runs:/...``,
     or a local ``loss.json`` / model directory. Reads only the JSON artifact (never unpickles),
     checks it against the sha256 recorded at registration and validates its schema.
+    ``fallback``: what to load instead when ``uri`` has no production version (an explicit opt-in
+    with a warning: ``metaopt_core.mlops.registry.fallback``); None: that is an error.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: got {reduction!r}; allowed: ['mean', 'sum', 'none']")
-    doc = load_loss_doc(uri, tracking_uri=tracking_uri)
-    return loss_from_doc(doc, reduction=reduction, source=f"{uri}: {LOSS_FILE}")
+    return with_fallback(lambda chosen: loss_from_doc(load_loss_doc(chosen, tracking_uri=tracking_uri), reduction=reduction,
+                                                      source=f"{chosen}: {LOSS_FILE}"), uri, fallback)  # fmt: skip
 
 
-def load_optimizer(uri: str, model: Any, lr: float | None = None, *, weight_decay: float = 0.0, tracking_uri: str | None = None) -> Any:
+def load_optimizer(uri: str, model: Any, lr: float | None = None, *, weight_decay: float = 0.0, tracking_uri: str | None = None,
+                   partial: bool = False, fallback: str | None = None) -> Any:  # fmt: skip
     """A ready ``MirrorDescent`` over ``model.parameters()`` from a registered MetaMD divergence.
 
     ``lr`` defaults to the learning rate recorded at meta-training. The model's parameter shapes
-    must match the meta-trained architecture (``ShapeMismatchError`` names the first mismatch).
+    must match the meta-trained architecture (``metaopt models show NAME/VERSION`` states it; a
+    ``ShapeMismatchError`` names the first mismatch and both architectures). ``partial=True``
+    applies the learned metric to the layers that match and plain mirror descent (the identity
+    metric) to the others (``optimizer.divergence.learned_parameters`` / ``identity_parameters``).
+    ``fallback``: as for :func:`load_loss`.
     """
     from metaopt_core.optim.io import DivergenceFormatError
     from metaopt_core.optim.mirror_descent import MirrorDescent
 
-    files = [f"{DIVERGENCE_DIR}/{f}" for f in DIVERGENCE_FILES]
-    with tempfile.TemporaryDirectory() as tmp:
-        paths, where = download_files(uri, "optimizer", files, Path(tmp), tracking_uri)
-        directory = Path(tmp) / "loaded"
-        directory.mkdir()
-        for rel, path in paths.items():
-            shutil.copyfile(path, directory / Path(rel).name)
-        try:
-            return MirrorDescent.from_pretrained(directory, model, lr=lr, weight_decay=weight_decay)
-        except DivergenceFormatError as exc:
-            raise ArtifactValidationError(f"{where}: {exc}") from None
+    def load(chosen: str) -> Any:
+        files = [f"{DIVERGENCE_DIR}/{f}" for f in DIVERGENCE_FILES]
+        with tempfile.TemporaryDirectory() as tmp:
+            paths, where = download_files(chosen, "optimizer", files, Path(tmp), tracking_uri)
+            directory = Path(tmp) / "loaded"
+            directory.mkdir()
+            for rel, path in paths.items():
+                shutil.copyfile(path, directory / Path(rel).name)
+            try:
+                return MirrorDescent.from_pretrained(directory, model, lr=lr, weight_decay=weight_decay, partial=partial)
+            except DivergenceFormatError as exc:
+                raise ArtifactValidationError(f"{where}: {exc}") from None
+            except ShapeMismatchError as exc:
+                raise ShapeMismatchError(f"{where}: {exc}") from None
+
+    return with_fallback(load, uri, fallback)
 
 
 __all__ = ["download_files", "load_loss", "load_loss_doc", "load_optimizer", "local_files"]

@@ -43,6 +43,7 @@ from metaopt_core.mlops.registry.common import (
     truncate_tag,
     validate_loss_doc,
 )
+from metaopt_core.mlops.registry.integrity import METADATA_SHA256
 from metaopt_core.mlops.tracking import (
     DEFAULT_EXPERIMENT,
     TAG_FINGERPRINT,
@@ -350,7 +351,7 @@ def _register(
                 artifacts={key: str(path) for key, path in artifacts.items()},
                 signature=signature,
                 pip_requirements=pip_requirements(),
-                metadata={"metaopt_kind": kind, "metaopt_family": family},
+                metadata={"metaopt_kind": kind, "metaopt_family": family, METADATA_SHA256: {rel: tags[SHA_PREFIX + rel] for rel in files}},  # fmt: skip
                 model_id=logged.model_id,
             )
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
