@@ -93,8 +93,8 @@ def add_pipeline_commands(subparsers: Any) -> None:
     _add_run_arguments(run)
     _add_shape(run)
     run.add_argument("--preset", choices=["quick", "demo"], default=None,
-                     help="quick: the demo configurations shortened so `run all --local` takes under 15 minutes on 2 cores "
-                          "(the default for local runs without --config); demo: the configuration as written")  # fmt: skip
+                     help="quick: the demo configurations shortened for a first local run (its measured time: docs/benchmarks.md; "
+                          "the default for local runs without --config); demo: the configuration as written")  # fmt: skip
     run.add_argument("--tracking-uri", default=None, help="local runs: MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     run.add_argument("--config-uri", default=None, metavar="URI", help="cluster runs: a configuration the cluster reads (s3://...)")
     run.add_argument("--wait", type=float, default=None, metavar="SECONDS", help="cluster runs: wait up to SECONDS for the run to finish")

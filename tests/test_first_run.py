@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 import warnings
 
@@ -148,3 +149,24 @@ def test_partial_application_by_kind():
     with pytest.raises(ShapeMismatchError, match="no layer of the model fits"):
         attach(diagonal, nn.Sequential(nn.Linear(7, 2)), partial=True)
     assert describe_architecture([("w", (3, 3, 5, 5)), ("b", (3,))]).startswith("a network of 2 parameter tensors (parameters w (3, 3, 5, 5), b (3,))")
+
+
+def test_wording_names_what_the_user_wrote(tmp_path, capsys):
+    import yaml
+
+    from components.runtime import report_skipped
+    from metaopt_core.config import ConfigError
+    from metaopt_core.meta import registry
+
+    itl = registry.get("itl")
+    with open("configs/itl-tiny.yaml") as handle:  # domains rot0, rot45, rot90; the default meta-test holds out rot75
+        config = itl.resolve_config(yaml.safe_load(handle))
+    with pytest.raises(ConfigError, match=r"meta_test: field 'held_out': got \['rot75'\]; \['rot75'\] are not domains") as error:
+        itl.prepare(config, itl.default_meta_test)
+    assert "exclude_domains" not in str(error.value)
+
+    class Report:
+        path, metadata = str(tmp_path / "report.md"), {}
+
+    summary = json.loads(report_skipped("itl", "itl", "", "f" * 64, "the data and configuration are unchanged", Report()))
+    assert "no version is in production" in capsys.readouterr().out and summary["downstream"] == []

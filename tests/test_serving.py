@@ -54,8 +54,20 @@ def test_registered_requirements_name_only_this_project(mlflow_server):
     assert f"metaopt-core=={library['version']}" in lines
 
 
+def readme_request_body() -> dict:
+    """The request body of the README's serving example (its ``curl ... -d '<json>'``), and a check
+    that the example serves from the activated environment, as this test does."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert "source .venv/bin/activate" in readme and "mlflow models serve -m models:/itl/production --env-manager local" in readme
+    return json.loads(re.search(r"-d '(\{.*?\})'", readme).group(1))
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(mlflow_server, tmp_path):
+    """Served as the README says (the environment's bin first on PATH, as activating it does), the
+    README's request body gets one loss per row."""
     name = f"serve-{uuid.uuid4().hex[:8]}"
     loss = TaylorLoss.from_preset("itl")
     registered = register_loss(loss, name, tracking_uri=mlflow_server)
@@ -78,16 +90,17 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "mlflow models serve did not answer /ping: " + (tmp_path / "serve.log").read_text()[-3000:]
                 time.sleep(0.5)
-        rows = [[[0.7, 0.2, 0.1], 0], [[0.1, 0.1, 0.8], 1], [[0.5, 0.5], 1]]
-        body = json.dumps({"dataframe_split": {"columns": ["probabilities", "label"], "data": rows}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            predictions = json.loads(response.read())["predictions"]
-        served = [row["loss"] for row in predictions]
-        with torch.no_grad():
-            expected = loss_values(TaylorLoss.from_preset("itl", reduction="none"), pd.DataFrame(rows, columns=["probabilities", "label"]))
-        assert served == pytest.approx(expected, rel=1e-6)
-        assert len(set(round(v, 6) for v in served)) == 3  # three different rows, three different losses
+        for body in (readme_request_body(), {"dataframe_split": {"columns": ["probabilities", "label"], "data": [[[0.5, 0.5], 1]]}}):
+            rows = body["dataframe_split"]["data"]
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(request, timeout=60) as response:
+                predictions = json.loads(response.read())["predictions"]
+            served = [row["loss"] for row in predictions]
+            with torch.no_grad():
+                expected = loss_values(TaylorLoss.from_preset("itl", reduction="none"), pd.DataFrame(rows, columns=["probabilities", "label"]))
+            assert served == pytest.approx(expected, rel=1e-6)
+            assert len(set(round(v, 6) for v in served)) == len(rows)  # different rows, different losses
     finally:
         server.terminate()
         try:

@@ -3,8 +3,10 @@ its version (before its MLflow run could end FINISHED) did not finish, so the ne
 data and configuration meta-trains (resuming its checkpoint) and registers again. It must not add
 a second version of the same thing: it reuses the one the killed run registered, found by the
 data fingerprint and configuration hash the version is tagged with, among versions whose MLflow
-run did not end FINISHED. (A finished run's version is not reused: a new run of the same data and
-configuration only happens when forced, and then the user asked for a new version.)"""
+run ended KILLED or FAILED (a local run whose runner died is ended KILLED before the next one
+starts: ``tracking.owners``). A finished run's version is not reused: a new run of the same data
+and configuration then only happens when forced, and the user asked for a new version; nor is a
+RUNNING run's (a run in progress owns its version)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def _quote(text: str) -> str:
 
 def unfinished_registration(name: str, fingerprint: str, config_digest: str, *, tracking_uri: str | None = None) -> RegisteredVersion | None:
     """The oldest version of ``name`` tagged with this data fingerprint and configuration hash whose
-    MLflow run did not end FINISHED (killed, failed, still marked RUNNING, or deleted); None if none."""
+    MLflow run ended KILLED or FAILED (or was deleted); None if none."""
     if not fingerprint or not config_digest:
         return None
     _check_model_name(name)
@@ -39,7 +41,7 @@ def unfinished_registration(name: str, fingerprint: str, config_digest: str, *, 
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             status = ""
-        if status != "FINISHED":
+        if status in ("KILLED", "FAILED", ""):
             return RegisteredVersion(name=name, version=str(version.version), model_uri=f"models:/{name}/{version.version}",
                                      run_id=version.run_id or "", model_id=getattr(version, "model_id", None) or "", tags=dict(version.tags or {}))  # fmt: skip
     return None
