@@ -278,8 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"metaopt: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("metaopt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"metaopt: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

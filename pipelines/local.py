@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping
 from components.lineage import SUMMARY_FILE_ENV
 from components.resume import CHECKPOINT_ROOT_ENV
 from pipelines.builder import PipelineOptions, apply_overrides, build_pipeline, default_config, default_config_path, learner_of, load_config_file
-from pipelines.local_runs import KEEP_RUNS, STATE_DIR, prune_runs, run_files
+from pipelines.local_runs import KEEP_RUNS, STATE_DIR, prune_runs, run_files, stop_steps_on_sigterm, store_first_use
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
@@ -186,7 +186,15 @@ def run_local(
     """
     from kfp import local
 
-    from metaopt_core.mlops.tracking import OWNER_ENV, default_tracking_uri, end_stale_runs, ensure_reachable, owner_token, resolve_tracking_uri
+    from metaopt_core.mlops.tracking import (
+        OWNER_ENV,
+        default_tracking_uri,
+        end_owned_runs,
+        end_stale_runs,
+        ensure_reachable,
+        owner_token,
+        resolve_tracking_uri,
+    )
 
     learner = learner_of(algorithm)
     doc, config_file = resolve_config_arg(algorithm, config)
@@ -221,11 +229,14 @@ def run_local(
         show(f"{algorithm}: running pipeline metaopt-{algorithm} locally ({options.describe()}); config {source}; MLflow {uri}")
         if changes:
             show(f"{algorithm}: overrides {changes}")
-        for stale in end_stale_runs(name, by=f"metaopt run {algorithm} (pid {os.getpid()})", tracking_uri=uri):
+        with store_first_use(uri):  # the first to open a new mlflow.db creates its tables
+            stale_runs = end_stale_runs(name, by=f"metaopt run {algorithm} (pid {os.getpid()})", tracking_uri=uri)
+        for stale in stale_runs:
             show(f"{algorithm}: MLflow run {stale['run_id']} was left RUNNING by a runner that is gone ({stale['owner']}): ended it KILLED, with a note")
         started = time.monotonic()
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(files.pipeline_root), raise_on_error=True)
-        steps_env = {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUMMARY_FILE_ENV: str(files.summary), OWNER_ENV: owner_token(),
+        owner = owner_token()
+        steps_env = {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUMMARY_FILE_ENV: str(files.summary), OWNER_ENV: owner,
                      CHECKPOINT_ROOT_ENV: str(files.checkpoints)}  # fmt: skip
         with open(files.log, "w", encoding="utf-8") as log:
             progress = _ProgressFilter(log, echo, _task_names(pipeline), sys.stdout)
@@ -235,8 +246,13 @@ def run_local(
                     warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
                     # display names, retries, accelerators: cluster settings kfp.local does not apply
                     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
-                    with contextlib.redirect_stdout(progress):
+                    with contextlib.redirect_stdout(progress), stop_steps_on_sigterm():
                         outcome = pipeline(**arguments)
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the steps are stopped; end this run's MLflow run too
+                reason = str(exc) or "interrupted (Ctrl-C)"
+                for ended in end_owned_runs(name, owner, reason, tracking_uri=uri):
+                    progress.echo(f"{algorithm}: {reason}: MLflow run {ended['run_id']} ended KILLED; the next run of this data and configuration resumes it")
+                raise
             except RuntimeError as exc:
                 step, lines = progress.failed or ("a step", [])
                 tail = "\n".join(f"      | {line}" for line in lines[-25:])

@@ -19,6 +19,8 @@ import dataclasses
 import fcntl
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -73,6 +75,72 @@ def prune_runs(state_dir: Path, algorithm: str, keep: int = KEEP_RUNS) -> list[P
     return removed
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """The local runner was stopped by a signal; the steps it started were stopped too."""
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux ``/proc``; elsewhere none are found)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@contextlib.contextmanager
+def stop_steps_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``, ``docker stop``, systemd) stops the step processes
+    this runner started, which would otherwise outlive it and keep writing to the run, and raises
+    :class:`RunInterrupted` so the runner can end its MLflow run. Only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        for pid in descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        raise RunInterrupted(f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def store_first_use(tracking_uri: str) -> Iterator[None]:
+    """Hold a lock beside a local SQLite store while the block opens it: two runs started at once on
+    a new ``mlflow.db`` would both create its tables, and MLflow's migrations race ("No such index")."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import urllib.parse
+
+    path = Path(urllib.parse.urlparse(tracking_uri).path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @contextlib.contextmanager
 def run_files(workdir: Path, algorithm: str) -> Iterator[RunFiles]:
     """Create this run's folder and hold its lock for the duration of the block."""
@@ -90,4 +158,5 @@ def run_files(workdir: Path, algorithm: str) -> Iterator[RunFiles]:
         yield files
 
 
-__all__ = ["KEEP_RUNS", "LOCK_FILE", "RunFiles", "STATE_DIR", "prune_runs", "run_files", "run_key"]
+__all__ = ["KEEP_RUNS", "LOCK_FILE", "RunFiles", "RunInterrupted", "STATE_DIR", "descendants", "prune_runs", "run_files", "run_key",
+           "stop_steps_on_sigterm", "store_first_use"]  # fmt: skip

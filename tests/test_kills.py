@@ -2,6 +2,7 @@
 
 - Two ``metaopt run`` started in the same second with different ``--set`` overrides each record
   (and so train with) their own configuration.
+- SIGTERM stops a run's steps with it and ends its MLflow run KILLED, with a note.
 - ``kill -9`` of a run (``METAOPT_FAULT``, :mod:`metaopt_core.faults`: SIGKILL of the whole run at a
   named point) in meta-training, in the meta-test and in registration: the next run of the same
   data and configuration ends the dead run's MLflow run KILLED with a note, resumes meta-training
@@ -16,17 +17,19 @@ each kfp.local step calls, without the per-step interpreter start-up.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from metaopt_core.mlops.tracking import OWNER_ENV
 from tests.fixtures_mlflow import mlflow_server  # noqa: F401  (the session server)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,50 +56,82 @@ def _env(uri: str, fault: str = "") -> dict:
     return env
 
 
-def _metaopt(args: list[str], cwd: Path, uri: str, fault: str = "", start_at: float | None = None) -> subprocess.Popen:
-    """``metaopt ARGS`` in its own session (a fault kills the run's process group, not pytest);
-    ``start_at``: the wall-clock time at which it starts, imports done (two runs in one second)."""
-    code = ("import sys, time\nimport kfp.local, pipelines.local\nfrom pipelines.cli import main\n"
-            "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\nsys.exit(main(sys.argv[2:]))\n")  # fmt: skip
-    return subprocess.Popen([sys.executable, "-c", code, str(start_at or 0), *args], cwd=cwd, env=_env(uri, fault), stdout=subprocess.PIPE,
+def _metaopt(args: list[str], cwd: Path, uri: str, fault: str = "", second: str = "") -> subprocess.Popen:
+    """``metaopt ARGS`` in its own session (a fault kills the run's process group, not pytest).
+    ``second``: the local runner's clock reads that second (``YYYYmmdd-HHMMSS``) whenever it asks,
+    so that two runs started together surely start "in the same second"."""
+    code = ("import sys, time\nsecond, strftime = sys.argv[1], time.strftime\n"
+            "time.strftime = lambda fmt, *at: second if second and fmt == '%Y%m%d-%H%M%S' else strftime(fmt, *at)\n"
+            "from pipelines.cli import main\nsys.exit(main(sys.argv[2:]))\n")  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", code, second, *args], cwd=cwd, env=_env(uri, fault), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
 
 
-def test_two_runs_started_in_the_same_second_record_their_own_config(mlflow_server, tmp_path):
-    model = f"twins-{uuid.uuid4().hex[:6]}"
-    args = ["run", "metamd", "--config", str(TINY), "--model-name", model, "--blocks", "1", *META_TEST]
-    start_at = math.floor(time.time()) + 10.2  # both interpreters are up by then; both runs name their files in that second
-    runs = [_metaopt([*args, "--set", f"outer.steps={steps}"], tmp_path, mlflow_server, "start-tracking", start_at) for steps in (1, 2)]
-    outputs = [run.communicate(timeout=600)[0] for run in runs]
-    assert [run.returncode for run in runs] == [-signal.SIGKILL] * 2, outputs  # both stopped once their MLflow run was recorded
+def _stop_when(run: subprocess.Popen, marker: str, lines: list[str]) -> threading.Thread:
+    """Collect ``run``'s output; send SIGTERM to the runner alone (not its steps) once ``marker`` shows."""
 
-    params = sorted(run.data.params["outer.steps"] for run in _runs(mlflow_server, model))
-    assert params == ["1", "2"], outputs
-    configs = sorted(json.loads(path.read_text())["outer"]["steps"] for path in (tmp_path / ".metaopt" / "runs").glob("metamd-*/config.json"))
-    assert configs == [1, 2] and len(list((tmp_path / ".metaopt" / "logs").glob("metamd-*.log"))) == 2
+    def follow() -> None:
+        for line in run.stdout:
+            lines.append(line)
+            if marker in line:
+                os.kill(run.pid, signal.SIGTERM)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    return thread
 
 
-def test_a_run_killed_in_meta_training_is_resumed_and_its_mlflow_run_ended(mlflow_server, tmp_path):
+def _processes_with(text: str) -> list[int]:
+    """Processes whose environment holds ``text``."""
+    found = []
+    for entry in (e for e in os.listdir("/proc") if e.isdigit()):
+        try:
+            if text.encode() in Path(f"/proc/{entry}/environ").read_bytes():
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_concurrent_runs_keep_their_config_and_a_killed_run_resumes(mlflow_server, tmp_path):
     model = f"killed-{uuid.uuid4().hex[:6]}"
     args = ["run", "metamd", "--config", str(TINY), "--model-name", model, "--blocks", "1", "--promotion-margin", "1.0", *META_TEST]
-    first = _metaopt(args, tmp_path, mlflow_server, fault="outer-step-1")
-    out = first.communicate(timeout=600)[0]
-    assert first.returncode == -signal.SIGKILL and "step 1/2" in out and "step 2/2" not in out, out
-    (dead,) = _runs(mlflow_server, model)
+    # two runs started in the same second with different overrides: one stopped by SIGTERM once it took
+    # its outer step, the other killed (kill -9) right after its first outer step
+    second = time.strftime("%Y%m%d-%H%M%S")
+    stopped = _metaopt([*args, "--set", "outer.steps=1"], tmp_path, mlflow_server, "", second)
+    killed = _metaopt([*args, "--set", "outer.steps=2"], tmp_path, mlflow_server, "outer-step-1", second)
+    lines: list[str] = []
+    follower = _stop_when(stopped, "step 1/1", lines)
+    out = killed.communicate(timeout=600)[0]
+    stopped.wait(timeout=600)
+    follower.join(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, out
+    assert stopped.returncode == 130 and "metaopt: stopped by SIGTERM" in "".join(lines), "".join(lines)
+    time.sleep(2)
+    assert not _processes_with(f"{OWNER_ENV}={socket.gethostname()}:{stopped.pid}:")  # no step outlives its runner
+
+    runs = {run.data.params["outer.steps"]: run for run in _runs(mlflow_server, model)}
+    assert sorted(runs) == ["1", "2"], out  # each recorded (and so trained with) its own configuration
+    configs = sorted(json.loads(path.read_text())["outer"]["steps"] for path in (tmp_path / ".metaopt" / "runs").glob("metamd-*/config.json"))
+    assert configs == [1, 2] and len(list((tmp_path / ".metaopt" / "logs").glob("metamd-*.log"))) == 2
+    assert runs["1"].info.status == "KILLED" and "was stopped (stopped by SIGTERM)" in runs["1"].data.tags["mlflow.note.content"]
+    dead = runs["2"]
     assert dead.info.status == "RUNNING"  # what a kill -9 used to leave for ever
     assert [m.step for m in _client(mlflow_server).get_metric_history(dead.info.run_id, "objective")] == [1]
 
-    second = _metaopt(args, tmp_path, mlflow_server)
-    out = second.communicate(timeout=600)[0]
-    assert second.returncode == 0, out
+    again = _metaopt([*args, "--set", "outer.steps=2"], tmp_path, mlflow_server)
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, out
     assert f"MLflow run {dead.info.run_id} was left RUNNING by a runner that is gone" in out
     assert "resuming meta-training at outer step 1" in out and "step 2/2" in out and "step 1/2" not in out
-    ended, finished = _runs(mlflow_server, model)
+    ended = _client(mlflow_server).get_run(dead.info.run_id)
     assert ended.info.status == "KILLED" and "the local runner that owned this run" in ended.data.tags["mlflow.note.content"]
+    (finished,) = [run for run in _runs(mlflow_server, model) if run.info.run_id not in {r.info.run_id for r in runs.values()}]
     assert finished.info.status == "FINISHED"
     assert [m.step for m in _client(mlflow_server).get_metric_history(finished.info.run_id, "objective")] == [2]  # no step taken twice
     assert [v.version for v in _client(mlflow_server).search_model_versions(f"name='{model}'")] == ["1"]
-    assert not any((tmp_path / ".metaopt" / "checkpoints").iterdir())  # a finished meta-training leaves no checkpoint behind
+    assert len(list((tmp_path / ".metaopt" / "checkpoints").glob("metamd-*.lock"))) == 1  # the finished one's checkpoint is gone
 
 
 # ----------------------------------------------------------------------------- the same steps, one process per run

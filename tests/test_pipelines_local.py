@@ -176,6 +176,7 @@ def test_metamd_pipeline_registers_a_loadable_optimizer(mlflow_server, tmp_path)
     assert summary["gate"]["units"] == 3 and summary["gate"]["best_baseline"] in ("sgd", "sgd-m", "adam")
     assert summary["downstream"] == ["from metaopt_core import load_optimizer",
                                      f'optimizer = load_optimizer("models:/{METAMD}/production", model)']  # fmt: skip
+    assert summary["fits"].startswith("an MLP 784-256-10 (parameters 1.weight (256, 784)")  # what `model` must be: mlp2 below
     _assert_tracked(mlflow_server, summary, "objective", 2, {"outer.steps": "2", "divergence.kind": "diagonal"})
     out = _fresh_process(
         "import json, torch\n"

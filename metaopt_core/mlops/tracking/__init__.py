@@ -44,7 +44,7 @@ from metaopt_core.mlops.tracking.lineage import (
     kfp_tags,
     mlflow_run_url,
 )
-from metaopt_core.mlops.tracking.owners import OWNER_ENV, TAG_OWNER, end_stale_runs, owner_state, owner_token
+from metaopt_core.mlops.tracking.owners import OWNER_ENV, TAG_OWNER, end_owned_runs, end_stale_runs, owner_state, owner_token
 from metaopt_core.mlops.tracking.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy, call_with_retries, is_transient
 from metaopt_core.mlops.tracking.server import (
     DB_FILE,
@@ -107,6 +107,7 @@ __all__ = [
     "config_hash",
     "connect",
     "default_tracking_uri",
+    "end_owned_runs",
     "end_stale_runs",
     "ensure_reachable",
     "find_pipeline_run",
