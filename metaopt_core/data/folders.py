@@ -97,7 +97,8 @@ class FolderContent:
         """The content manifest (JSON-able): what a run records as an artifact."""
         return {"format": CONTENT_FORMAT, "source": self.source, "layout": self.layout, "fingerprint": self.fingerprint,
                 "images": len(self.entries), "bytes": sum(e.size for e in self.entries), "classes": self.classes(),
-                "domains": self.domains(), "entries": [entry.to_dict() for entry in self.entries]}  # fmt: skip
+                "domains": self.domains(), "empty_folders": list(self.empty_folders),
+                "entries": [entry.to_dict() for entry in self.entries]}  # fmt: skip
 
 
 def empty_folders(keys: list[str], depth: int) -> list[str]:

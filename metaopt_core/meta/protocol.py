@@ -234,6 +234,8 @@ class LearnerBase:
 
         def prepared(spec: DataSpec) -> Any:
             data = prepare(spec)
+            if progress and (data.content or {}).get("empty_folders"):
+                progress(f"{spec.source}: folders without images (absent there): {', '.join(data.content['empty_folders'])}")
             if progress:
                 splits = sorted(data.splits)
                 progress(f"prepared {spec.source} ({spec.part}): splits {splits[:4]}{'...' if len(splits) > 4 else ''}, fingerprint {data.fingerprint[:12]}")
