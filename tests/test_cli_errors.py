@@ -4,6 +4,8 @@ wrong and what to do: no traceback, no secret. Against a moto S3 server with aut
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pipelines.cli import main
@@ -15,11 +17,17 @@ WRONG_SECRET = "wrong-secret-Vb81-must-never-be-printed"
 
 def _cli(*argv: str) -> int:
     """``metaopt ARGV`` as a fresh process would run it: S3 clients are cached per process, with the
-    credentials they were created with."""
+    credentials they were created with, and the root logger is at Python's default, WARNING (other
+    tests of the session may have left it lower, with handlers on streams that are gone)."""
     from metaopt_core.mlops.storage import clear_client_cache
 
     clear_client_cache()
-    return main(list(argv))
+    level = logging.root.level
+    logging.root.setLevel(logging.WARNING)
+    try:
+        return main(list(argv))
+    finally:
+        logging.root.setLevel(level)
 
 
 def _one_error_line(capsys, *secrets: str) -> str:
