@@ -37,7 +37,6 @@ def start_tracking(
     attempt of this step made for ``kfp_run_id``): config as params, data fingerprint, the KFP run's
     id, name and UI page (``$KFP_UI_URL``) as tags, the prepared inputs' manifest as an artifact.
     The run stays RUNNING: the pipeline's exit step ends it. Returns (run id, experiment id, tracking URI)."""
-    from metaopt_core.faults import fault_point
     from metaopt_core.mlops.tracking import OWNER_ENV, TAG_ALGORITHM, TAG_OWNER, Tracker, find_pipeline_run, kfp_tags
 
     tags = {TAG_ALGORITHM: learner_of(learner).name, "metaopt.model_name": model_name, **kfp_tags(kfp_run_id, pipeline_run)}
@@ -61,7 +60,6 @@ def start_tracking(
         tracker.end("FAILED")  # a run this step created (the exit step would say so too)
         raise
     say(f"MLflow run {tracker.run_id} (experiment {tracker.experiment_id}) at {tracker.tracking_uri}" + (f": {tracker.run_url}" if tracker.run_url else ""))
-    fault_point("start-tracking")
     return tracker.run_id, tracker.experiment_id, tracker.tracking_uri
 
 

@@ -55,12 +55,15 @@ def run_block(
         if ": resumed from " not in line:  # every block resumes its predecessor's state by design
             say(line)
 
-    from components.resume import persistent_checkpoint
+    from components.resume import adopted_rows, persistent_checkpoint
     from metaopt_core.faults import fault_point
     from metaopt_core.mlops.tracking import config_hash
 
+    start = meta_learner.step(meta_learner.load_state(state.path))
     with tracked(run_id) as tracker, persistent_checkpoint(meta_learner, inputs.fingerprint, config_hash(config_doc(config)), state.path, say) as kept:
         log_step = tracker.callback() if tracker else None
+        for row in adopted_rows(meta_learner, kept, start) if kept and log_step else []:
+            log_step(row)  # steps an earlier run took: recorded here too, not taken again
 
         def callback(row: Mapping[str, Any]) -> None:  # after the step's checkpoint is written
             if log_step:

@@ -6,7 +6,8 @@ local runner also points the blocks at a folder that outlives the run (``$METAOP
 ``.metaopt/checkpoints/``): a block checkpoints every outer step into
 ``<root>/<learner>-<data fingerprint>-<config hash>/`` (the same key as the new-data check's, so
 moving the data does not change it), and a later run of the same data and configuration adopts
-that state when it is further along than the block's input: no outer step is taken twice. The
+that state when it is further along than the block's input: no outer step is taken twice (the
+adopted steps' metrics are logged into the new MLflow run as well, so its curves are whole). The
 folder is removed when a pipeline run of that key finishes (FINISHED), so ``--force-retrain``
 after a finished run trains from the start. Unset root (a cluster): blocks work as before.
 """
@@ -70,6 +71,23 @@ def persistent_checkpoint(meta_learner: Any, fingerprint: str, config_digest: st
         yield directory
 
 
+STEP_KEYS = ("step", "generation")
+
+
+def adopted_rows(meta_learner: Any, directory: Path, after: int) -> list[dict]:
+    """The metric rows of the outer steps after step ``after`` that the checkpoint in ``directory``
+    holds (an earlier run took them): logged into this run too, so its curves are whole."""
+    state = meta_learner.load_state(directory)
+    wanted = set(getattr(meta_learner, "scalar_metrics", ()) or ())
+    rows = []
+    for row in getattr(state, "history", None) or []:
+        step = next((row[key] for key in STEP_KEYS if isinstance(row.get(key), int)), None)
+        if step is None or step <= after:
+            continue
+        rows.append({key: value for key, value in row.items() if key in STEP_KEYS or (key in wanted if wanted else isinstance(value, (int, float)))})
+    return rows
+
+
 def _saved_step(meta_learner: Any, directory: Path) -> int | None:
     if not meta_learner.has_state(directory):
         return None
@@ -89,4 +107,4 @@ def discard(learner_name: str, fingerprint: str, config_digest: str) -> Path | N
     return directory
 
 
-__all__ = ["CHECKPOINT_ROOT_ENV", "checkpoint_dir", "checkpoint_key", "discard", "persistent_checkpoint"]
+__all__ = ["CHECKPOINT_ROOT_ENV", "adopted_rows", "checkpoint_dir", "checkpoint_key", "discard", "persistent_checkpoint"]

@@ -7,7 +7,6 @@ the calling process's whole process group (the ``metaopt run`` process and the s
 so no ``finally``, exit handler or ``atexit`` runs. Tests start the run in a new session
 (``subprocess.Popen(..., start_new_session=True)``) so that only the run dies. The points:
 
-- ``start-tracking``: the pipeline's MLflow run exists (RUNNING), nothing trained yet;
 - ``outer-step-<k>``: outer step ``k`` is checkpointed and logged (meta-training);
 - ``meta-test``: the meta-test starts (meta-training is complete);
 - ``register-model``: the registered model exists, its version not yet;

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -148,6 +149,17 @@ def _environment(values: Mapping[str, str | None]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _forget_handlers_on(stream: Any, root_level: int) -> None:
+    """Remove logging handlers left writing to ``stream`` (the run's stdout stand-in, whose log file
+    closes with the run) and restore the root level: kfp.local logs a failed run's clean-up outside
+    its own logging context, and later log records would otherwise fail on the closed file."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in [h for h in logger.handlers if getattr(h, "stream", None) is stream]:
+            logger.removeHandler(handler)
+    logging.getLogger().setLevel(root_level)
+
+
 def resolve_config_arg(algorithm: str, config: str | Path | Mapping[str, Any] | None) -> tuple[dict, Path | None]:
     """(config dict, its file or None): a file, a mapping, or the pipeline's demo configuration."""
     if config is None:
@@ -238,6 +250,7 @@ def run_local(
         owner = owner_token()
         steps_env = {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUMMARY_FILE_ENV: str(files.summary), OWNER_ENV: owner,
                      CHECKPOINT_ROOT_ENV: str(files.checkpoints)}  # fmt: skip
+        root_level = logging.getLogger().level
         with open(files.log, "w", encoding="utf-8") as log:
             progress = _ProgressFilter(log, echo, _task_names(pipeline), sys.stdout)
             try:
@@ -260,6 +273,7 @@ def run_local(
                     progress.echo(tail)
                 raise PipelineFailed(f"{algorithm}: step '{step}' failed ({_ANSI.sub('', str(exc))}); full log: {files.log}") from None
             finally:
+                _forget_handlers_on(progress, root_level)
                 with contextlib.suppress(OSError):
                     prune_runs(workdir / STATE_DIR, algorithm, KEEP_RUNS)
         if not files.summary.exists():
