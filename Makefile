@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml app/pyproject.toml
 	touch $(STAMP)
 
 # The main job on the embedded default (local Kubeflow runner, local MLflow on ./mlflow.db):
-# all three pipelines end to end with the demo configs shortened to fit a few minutes on 2 cores
-# (`--preset demo` runs them as written: about 35 minutes here).
+# all three pipelines end to end with the demo configs shortened (`--preset quick`); how long that
+# takes on 2 cores is measured in docs/benchmarks.md (`--preset demo` runs them as written).
 run: $(STAMP)
 	$(BIN)/metaopt run all --local --preset quick
 

@@ -37,9 +37,11 @@ def start_tracking(
     attempt of this step made for ``kfp_run_id``): config as params, data fingerprint, the KFP run's
     id, name and UI page (``$KFP_UI_URL``) as tags, the prepared inputs' manifest as an artifact.
     The run stays RUNNING: the pipeline's exit step ends it. Returns (run id, experiment id, tracking URI)."""
-    from metaopt_core.mlops.tracking import TAG_ALGORITHM, Tracker, find_pipeline_run, kfp_tags
+    from metaopt_core.mlops.tracking import OWNER_ENV, TAG_ALGORITHM, TAG_OWNER, Tracker, find_pipeline_run, kfp_tags
 
     tags = {TAG_ALGORITHM: learner_of(learner).name, "metaopt.model_name": model_name, **kfp_tags(kfp_run_id, pipeline_run)}
+    if os.environ.get(OWNER_ENV):  # the local runner that started this pipeline: a later run ends this one if it dies
+        tags[TAG_OWNER] = os.environ[OWNER_ENV]
     earlier = None if os.environ.get("MLFLOW_RUN_ID") else find_pipeline_run(kfp_run_id)
     # an injected MLFLOW_EXPERIMENT_ID (KFP's MLflow integration) wins over the parameter
     name = None if os.environ.get("MLFLOW_EXPERIMENT_ID") else (experiment or None)
@@ -83,6 +85,12 @@ def finish_tracking(state: str, kfp_run_id: str, error: str = "") -> str:
         tags[TAG_KFP_RUN_URL] = lineage["kfp_run_url"]
     tracker.set_tags(tags)
     tracker.terminate(status)
+    if status == "FINISHED":  # its meta-training is registered: a later forced run starts over
+        from components.resume import discard
+        from metaopt_core.mlops.tracking import TAG_ALGORITHM, TAG_CONFIG_HASH, TAG_FINGERPRINT
+
+        run_tags = run.data.tags
+        discard(run_tags.get(TAG_ALGORITHM, ""), run_tags.get(TAG_FINGERPRINT, ""), run_tags.get(TAG_CONFIG_HASH, ""))
     lineage.update(
         mlflow_run_id=tracker.run_id, mlflow_status=status, mlflow_run_url=mlflow_run_url(tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from components.runtime import copy_tree, learner_setup, log_kfp_metrics, say, tracked
+from components.runtime import config_doc, copy_tree, learner_setup, log_kfp_metrics, say, tracked
 
 
 def _hand_on(meta_learner: Any, new_state: Any, inputs: Any, state: Any, learned: Any, metrics: Any) -> int:
@@ -53,15 +53,26 @@ def run_block(
     copy_tree(state_in_path, state.path)
     say(f"{meta_learner.name}: block {block_index + 1}/{blocks_count}: outer steps up to {until} of {total}")
 
-    with tracked(run_id) as tracker:
+    from components.resume import adopted_events, load_state, persistent_checkpoint
+    from metaopt_core.faults import fault_point
+    from metaopt_core.mlops.tracking import config_hash
 
-        def on_event(event: Any) -> None:
+    start = load_state(meta_learner, state.path).step
+    with tracked(run_id) as tracker, persistent_checkpoint(meta_learner, inputs.fingerprint, config_hash(config_doc(config)), state.path, say) as kept:
+        for event in adopted_events(meta_learner, kept, start, total) if kept and tracker else []:
+            tracker.log_step(event)  # steps an earlier run took: recorded here too, not taken again
+
+        def on_event(event: Any) -> None:  # a step's event comes after its checkpoint is written
             if event.kind != "resumed":  # every block resumes its predecessor's state by design
                 say(event.line())
             if tracker:
                 tracker.log_step(event)
+            if event.kind == "step":
+                fault_point(f"outer-step-{event.step}")
 
-        reached = runner.run_block(meta_learner, resolved, inputs, state.path, until, total=total, on_event=on_event)
+        reached = runner.run_block(meta_learner, resolved, inputs, kept or state.path, until, total=total, on_event=on_event)
+        if kept:
+            copy_tree(str(kept), state.path)
     return _hand_on(meta_learner, reached, inputs, state, learned, metrics)
 
 

@@ -27,6 +27,31 @@ DOWNSTREAM = {
     "loss": ("from metaopt_core import load_loss", 'criterion = load_loss("models:/{name}/production")'),
     "optimizer": ("from metaopt_core import load_optimizer", 'optimizer = load_optimizer("models:/{name}/production", model)'),
 }
+# Nothing in production: how a job that accepts an unpromoted version opts in (never the default).
+FALLBACK = {
+    "loss": ("from metaopt_core import load_loss", 'criterion = load_loss("models:/{name}/production", fallback="models:/{name}/{version}")'),
+    "optimizer": ("from metaopt_core import load_optimizer",
+                  'optimizer = load_optimizer("models:/{name}/production", model, fallback="models:/{name}/{version}")'),
+}  # fmt: skip
+
+
+def usage(kind: str, model_name: str, production_version: str, version: str = "", fits: str = "") -> dict:
+    """What a summary tells a downstream job: ``downstream`` (the lines that load the production
+    version; none while nothing is in production), ``fallback`` (while nothing is: the explicit
+    opt-in to ``version``), ``fits`` (an optimiser: the architecture the model must have)."""
+    if production_version:
+        return {"downstream": [line.format(name=model_name) for line in DOWNSTREAM[kind]], "fallback": [], "fits": fits}
+    lines = [line.format(name=model_name, version=version) for line in FALLBACK[kind]] if version else []
+    return {"downstream": [], "fallback": lines, "fits": fits}
+
+
+def exported_fits(learned_path: str | Path, exported: Mapping[str, Any]) -> str:
+    """The architecture an exported optimiser fits, in words ("" for a loss)."""
+    if exported.get("kind") != "optimizer":
+        return ""
+    from metaopt_core import exports
+
+    return str(exports.kind_of(learned_path, "optimizer").describe(Path(learned_path)).get("fits", ""))
 
 
 def learner_of(learner: str) -> Any:
@@ -219,6 +244,9 @@ def meta_test(
 
     meta_learner, resolved, inputs = learner_setup(learner, config, data_path, device)
     chosen = meta_learner.resolve_meta_test(settings)
+    from metaopt_core.faults import fault_point
+
+    fault_point("meta-test")
     say(f"{meta_learner.name}: meta-test with settings {chosen.model_dump(mode='json')}")
     with tracked(run_id) as tracker, tempfile.TemporaryDirectory() as scratch:  # a failure marks the MLflow run FAILED
         champion_version, champion = load_champion(model_name, Path(scratch) / "champion")
@@ -282,9 +310,10 @@ def register_and_promote(
     promoted, production version, summary JSON)."""
     from components.lineage import hand_on_registered, links_markdown, write_summary
     from metaopt_core import exports
+    from metaopt_core.faults import fault_point
     from metaopt_core.meta import runner
     from metaopt_core.mlops import registry
-    from metaopt_core.mlops.tracking import TAG_KFP_RUN_ID, kfp_run_url
+    from metaopt_core.mlops.tracking import TAG_CONFIG_HASH, TAG_KFP_RUN_ID, config_hash, kfp_run_url
 
     record: dict = {}
     if gate_inputs_path and Path(gate_inputs_path).exists():
@@ -297,16 +326,23 @@ def register_and_promote(
     name = learner_of(learner).name
     exported = runner.read_result(learned_path)
     deployment = dict(record.get("deployment") or {})
-    tags = {"metaopt.algorithm": name, "metaopt.steps": exported["steps"], **({TAG_KFP_RUN_ID: kfp_run_id} if kfp_run_id else {})}
+    digest = config_hash(config_doc(config))
+    tags = {"metaopt.algorithm": name, "metaopt.steps": exported["steps"], TAG_CONFIG_HASH: digest, **({TAG_KFP_RUN_ID: kfp_run_id} if kfp_run_id else {})}
     earlier = registry.find_version(model_name, TAG_KFP_RUN_ID, kfp_run_id) if kfp_run_id else None
+    killed = None if earlier is not None else registry.unfinished_registration(model_name, fingerprint, digest)
     with tracked(run_id) as tracker:
         if earlier is not None:
             version = earlier
             say(f"{version.model_uri} was registered by an earlier attempt of this step (KFP run {kfp_run_id}): reusing it")
+        elif killed is not None:
+            version = earlier = killed
+            say(f"{version.model_uri} was registered for this data and configuration by MLflow run {killed.run_id}, which did not finish: "
+                "reusing it instead of registering a duplicate")  # fmt: skip
         else:  # the export kind's files, with the deployment settings the meta-test measured baked in
             version = registry.register_export(learned_path, model_name, deployment=deployment, config=config_doc(config), fingerprint=fingerprint,
                                                scores=dict(scores), run_id=run_id or None, tags=tags)  # fmt: skip
         say(f"registered {version.model_uri}" + (f" with {deployment}" if deployment else ""))
+        fault_point("register-version")
         decision = registry.recorded_decision(model_name, version.version) if earlier is not None else None
         decision = decision or registry.apply_gate(model_name, version.version, gate, record)
         say(f"promotion gate: {decision}")
@@ -341,8 +377,14 @@ def register_and_promote(
         "kfp_run_id": kfp_run_id,
         "kfp_run_url": kfp_run_url(kfp_run_id),
         "fingerprint": fingerprint,
-        "downstream": [line.format(name=model_name) for line in DOWNSTREAM[exported["kind"]]],
+        "config_hash": digest,
     }
+    production = summary["production_version"]
+    same = production == version.version
+    fits = (
+        exported_fits(learned_path, exported) if same or not production else (registry.production_fits(model_name) if exported["kind"] == "optimizer" else "")
+    )
+    summary.update(usage(exported["kind"], model_name, production, version.version, fits))
     links = {"model_uri": version.model_uri, "registered_model": model_name, "version": version.version, "decision": decision.decision,
              "promoted": bool(decision.promoted), "mlflow_run_id": run_id, "mlflow_run_url": run_url, "kfp_run_id": kfp_run_id}  # fmt: skip
     hand_on_registered(learned_path, registered, {**links, "kind": exported["kind"], "steps": exported["steps"], "fingerprint": fingerprint})
@@ -355,7 +397,11 @@ def register_and_promote(
         lines += [f"Deployment (measured by the meta-test, baked into the registered {exported['export_kind']}): "
                   + ", ".join(f"{key} {value:g}" for key, value in deployment.items()), ""]  # fmt: skip
     lines += links_markdown(version.model_uri, run_id, run_url, tracking_uri, summary["kfp_run_url"])
-    lines += ["```python", *summary["downstream"], "```", ""]
+    if summary["downstream"]:
+        lines += ["```python", *summary["downstream"], "```", ""]
+    else:
+        lines += [f"Nothing is in production, so `models:/{model_name}/production` does not load. A job that accepts this unpromoted version "
+                  "opts in explicitly:", "", "```python", *summary["fallback"], "```", ""]  # fmt: skip
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text("\n".join(lines))
     report.metadata.update({key: value for key, value in links.items() if value not in (None, "")})
@@ -376,12 +422,18 @@ def report_skipped(learner: str, model_name: str, production_version: str, finge
         "production_version": production_version,
         "reason": reason,
         "fingerprint": fingerprint,
-        "downstream": [line.format(name=model_name) for line in DOWNSTREAM[kind]],
     }
+    fits = ""
+    if production_version and kind == "optimizer":
+        from metaopt_core.mlops import registry
+
+        fits = registry.production_fits(model_name)
+    summary.update(usage(kind, model_name, production_version, fits=fits))
     text = f"### {model_name}: meta-training skipped\n\n{reason}\n\nProduction version: {production_version or 'none'}\n"
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text(text)
-    say(f"{model_name}: meta-training skipped; production stays at version {production_version}")
+    stays = f"production stays at version {production_version}" if production_version else "no version is in production (none passed the gate)"
+    say(f"{model_name}: meta-training skipped; {stays}")
     from components.lineage import write_summary
 
     write_summary(summary)

@@ -122,6 +122,19 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
     return "\n".join(lines)
 
 
+def parse_yaml(text: str, source: str = "config") -> Any:
+    """``yaml.safe_load`` whose syntax errors are one :class:`ConfigError` naming ``source``, the
+    line and column and what YAML expected (not a traceback through the parser)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        context = getattr(exc, "context", None)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")) from None
+
+
 def validate(model_cls: type[BaseModel], data: Any, source: str = "config") -> BaseModel:
     try:
         return model_cls.model_validate(data)
@@ -184,7 +197,7 @@ def read_config(source: ConfigSource, overrides: Mapping[str, Any] | None = None
         doc = dict(source)
     else:
         where = str(source)
-        doc = yaml.safe_load(_read_text(where)) or {}
+        doc = parse_yaml(_read_text(where), where) or {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level, got {type(doc).__name__}")
     doc = apply_overrides(doc, overrides)

@@ -305,16 +305,19 @@ class MirrorDescentExport:
         return {"lr": float(lr)}
 
     def describe(self, directory: Path) -> dict[str, Any]:
+        from metaopt_core.optim.fit import describe_architecture
+
         divergence, manifest = self.read(directory)
         return {"kind": self.name, "family": divergence.kind, "lr": manifest.get("lr"), "parameters": len(manifest["parameters"]),
-                "shapes": json.dumps(manifest["parameters"])[:400]}  # fmt: skip
+                "fits": describe_architecture((p["name"], p["shape"]) for p in manifest["parameters"])}  # fmt: skip
 
-    def build(self, directory: Path, *, model: Any, lr: float | None = None, weight_decay: float = 0.0, source: str | None = None, **options: Any) -> Any:
+    def build(self, directory: Path, *, model: Any, lr: float | None = None, weight_decay: float = 0.0, partial: bool = False,
+              source: str | None = None, **options: Any) -> Any:  # fmt: skip
         from metaopt_core.optim.io import DivergenceFormatError
         from metaopt_core.optim.mirror_descent import MirrorDescent
 
         try:
-            return MirrorDescent.from_pretrained(directory / self.folder, model, lr=lr, weight_decay=weight_decay)
+            return MirrorDescent.from_pretrained(directory / self.folder, model, lr=lr, weight_decay=weight_decay, partial=partial)
         except DivergenceFormatError as exc:
             raise ExportError(f"{source or directory / self.folder}: {exc}") from None
 

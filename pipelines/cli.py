@@ -12,7 +12,8 @@ appended to ``COMMAND_GROUPS``. Heavy imports (MLflow, torch) happen inside the 
 ``metaopt --help`` stays fast.
 
 Errors the user can fix (unknown model, no production version, unreachable tracking server,
-bad arguments) print one ``metaopt: error: ...`` line and exit with status 2; a promotion that is
+storage and S3 credential errors, configuration and YAML errors, bad arguments) print one
+``metaopt: error: ...`` line (the cause and what to do; never a secret) and exit with status 2; a promotion that is
 rejected by the champion/challenger rule is a normal outcome (exit 0, or 3 with
 ``--fail-if-rejected`` for scripts).
 """
@@ -119,6 +120,10 @@ def _models_show(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=2))
             return EXIT_OK
         print(f"{info['name']} ({info['kind'] or 'unknown kind'}): production version {info['production'] or 'none'}")
+        if info.get("fits"):
+            print(f"production version {info['production']} fits {info['fits']}: load_optimizer takes a model of that shape")
+        if not info["production"] and info["versions"]:
+            print(f"nothing is in production: models:/{name}/production does not load (no version passed the gate; the reasons are below)")
         if info["description"]:
             print(info["description"])
         rows = [{k: v for k, v in row.items() if k != "reason"} for row in info["versions"]]
@@ -135,6 +140,8 @@ def _models_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{name} version {info['version']}: stage {info['stage']}, aliases {info['aliases'] or 'none'}")
     print(f"created {info['created']} by run {info['run_id']}; source {info['source']}")
+    if info.get("fits"):
+        print(f"fits {info['fits']}: load_optimizer takes a model of that shape (partial=True: the layers that match)")
     if info.get("description"):
         print(info["description"])
     print("tags:")
@@ -217,15 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions reported as one line (the rest keep their traceback: they are bugs)."""
-    errors: list[type[BaseException]] = [CommandError, ValueError, LookupError, FileNotFoundError, ConnectionError]
-    try:
-        from mlflow.exceptions import MlflowException
-
-        errors.append(MlflowException)
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        pass
+    """Exceptions reported as one line (the rest keep their traceback: they are bugs). Storage
+    errors (``StorageError``: S3 credentials, endpoints, buckets, keys; messages already name the
+    URI and what to do, never a secret) and configuration errors (YAML syntax, fields) are the
+    user's to fix."""
+    errors: list[type[BaseException]] = [CommandError, ValueError, LookupError, FileNotFoundError, ConnectionError, TimeoutError]
+    for module, name in (("mlflow.exceptions", "MlflowException"), ("metaopt_core.mlops.storage.errors", "StorageError"), ("yaml", "YAMLError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except ImportError:  # pragma: no cover - dependencies of the project
+            pass
     return tuple(errors)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as the single line the CLI prints: its lines joined with '; ', spaces collapsed."""
+    lines = [" ".join(line.split()) for line in str(exc).strip().splitlines()]
+    return "; ".join(line for line in lines if line) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -235,9 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except _user_errors() as exc:
-        message = str(exc).strip() or type(exc).__name__
-        print(f"metaopt: error: {message}", file=sys.stderr)
+        print(f"metaopt: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as exc:
+        print(f"metaopt: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,16 +36,33 @@ from pipelines.cluster_commands import (
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _at_least(minimum: int, flag: str, allowed: str) -> Any:
+    """An argparse type: an int >= ``minimum`` (argparse reports the error before any work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: an integer, {allowed}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"got {value}; allowed: {allowed}")
+        return value
+
+    parse.__name__ = flag  # what argparse names in "invalid <type> value"
+    return parse
+
+
 def _add_shape(parser: argparse.ArgumentParser, *, gpu: bool = True) -> None:
     parser.add_argument("--blocks", type=int, default=None, help="meta-training blocks in the DAG (default 3)")
     parser.add_argument("--shards", type=int, default=1,
                         help="fan each outer step out over K parallel tasks (K > 1: one outer step per block; default 1)")  # fmt: skip
     if gpu:
         parser.add_argument("--gpu", action="store_true", help="meta-training and meta-test steps request an NVIDIA GPU (cluster only)")
-    parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="meta-train with N torch.distributed workers: on a cluster one TrainJob step; with --local one torchrun "
-                             "on this machine (docs/pipelines.md)")  # fmt: skip
-    parser.add_argument("--nodes", type=int, default=1, metavar="M", help="cluster: spread the --workers over M nodes (default 1)")
+    parser.add_argument("--workers", type=_at_least(0, "--workers", "0 (the default: no torch.distributed workers) or more"), default=0, metavar="N",
+                        help="meta-train with N >= 1 torch.distributed workers: on a cluster one TrainJob step; with --local one torchrun "
+                             "on this machine (docs/pipelines.md); 0, the default, does not")  # fmt: skip
+    parser.add_argument("--nodes", type=_at_least(1, "--nodes", "1 or more"), default=1, metavar="M",
+                        help="cluster: spread the --workers over M nodes (default 1)")  # fmt: skip
     if gpu:  # cluster-only options, like --gpu
         parser.add_argument("--data-pvc", default="", metavar="CLAIM",
                             help="mount this PersistentVolumeClaim into the data step (data source: folder:<--data-mount>/...)")  # fmt: skip
@@ -76,8 +93,8 @@ def add_pipeline_commands(subparsers: Any) -> None:
     _add_run_arguments(run)
     _add_shape(run)
     run.add_argument("--preset", choices=["quick", "demo"], default=None,
-                     help="quick: the demo configurations shortened so `run all --local` takes under 15 minutes on 2 cores "
-                          "(the default for local runs without --config); demo: the configuration as written")  # fmt: skip
+                     help="quick: the demo configurations shortened for a first local run (its measured time: docs/benchmarks.md; "
+                          "the default for local runs without --config); demo: the configuration as written")  # fmt: skip
     run.add_argument("--tracking-uri", default=None, help="local runs: MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     run.add_argument("--config-uri", default=None, metavar="URI", help="cluster runs: a configuration the cluster reads (s3://...)")
     run.add_argument("--wait", type=float, default=None, metavar="SECONDS", help="cluster runs: wait up to SECONDS for the run to finish")
@@ -147,14 +164,14 @@ pipeline_options = _options  # public: the cluster commands build their options 
 
 
 def _key_values(items: list[str], flag: str = "--meta-test", example: str = "epochs=5 or seeds=[0,1]") -> dict:
-    import yaml
+    from metaopt_core.config import parse_yaml
 
     settings = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{flag}: got {item!r}; allowed: KEY=VALUE, e.g. {example}")
-        settings[key.strip()] = yaml.safe_load(value)
+        settings[key.strip()] = parse_yaml(value, f"{flag} {item!r}")
     return settings
 
 
@@ -167,6 +184,22 @@ def _preset(args: argparse.Namespace, *, local: bool) -> str:
     return preset if preset is not None else "quick" if local and not args.config else "demo"
 
 
+def meta_test_settings_for(args: argparse.Namespace, algorithm: str, *, local: bool) -> dict | None:
+    """The meta-test settings of one learner: the preset's (the learner's defaults with the
+    preset's changes), then ``--meta-test`` over the learner's defaults (what the pipeline's
+    ``meta_test_settings`` parameter holds when none are given), checked before any work; None
+    when neither changes anything."""
+    from pipelines.builder import learner_of, preset_meta_test
+
+    given = {**preset_meta_test(_preset(args, local=local), algorithm), **_meta_test_settings(args.meta_test)}
+    if not given:
+        return None
+    learner = learner_of(algorithm)
+    settings = {**learner.default_meta_test, **given}
+    learner.resolve_meta_test(settings, source="--meta-test")
+    return settings
+
+
 def run_overrides(args: argparse.Namespace, algorithm: str, *, local: bool) -> dict:
     """The preset's overrides (quick by default for local runs of the demo configurations), then --set."""
     from pipelines.builder import preset_overrides
@@ -174,13 +207,6 @@ def run_overrides(args: argparse.Namespace, algorithm: str, *, local: bool) -> d
     overrides = preset_overrides(_preset(args, local=local), algorithm)
     overrides.update(_key_values(args.overrides, "--set", "outer.steps=5 or train.epochs=4"))
     return overrides
-
-
-def run_meta_test(args: argparse.Namespace, algorithm: str, *, local: bool) -> dict:
-    """The preset's meta-test settings (the learner's defaults with the preset's changes), then --meta-test."""
-    from pipelines.builder import preset_meta_test
-
-    return {**preset_meta_test(_preset(args, local=local), algorithm), **_meta_test_settings(args.meta_test)}
 
 
 def _algorithms(args: argparse.Namespace) -> list[str]:
@@ -198,16 +224,16 @@ def _algorithms(args: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = _meta_test_settings(args.meta_test)
     algorithms = _algorithms(args)
+    settings_of = {algorithm: meta_test_settings_for(args, algorithm, local=not args.host) for algorithm in algorithms}
     if args.host:
-        return _run_remote(args, algorithms, settings)
+        return _run_remote(args, algorithms, settings_of)
     if args.config_uri or args.wait is not None or args.namespace or args.token_file or args.cookie_file:
         raise ValueError("--config-uri / --wait / --namespace / --token-file / --cookie-file: for cluster runs (--host); locally use --config FILE")
     if args.workers:
         from pipelines.distributed_local import run_workers
 
-        return run_workers(args, algorithms, overrides={a: run_overrides(args, a, local=True) for a in algorithms})
+        return run_workers(args, algorithms, overrides={a: run_overrides(args, a, local=True) for a in algorithms}, settings=settings_of)
     from pipelines.local import PipelineFailed, format_summary, run_local
 
     options = _options(args, local=True)
@@ -217,7 +243,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             summary = run_local(
                 algorithm, args.config, options=options, tracking_uri=args.tracking_uri, force_retrain=args.force_retrain,
-                model_name=args.model_name, meta_test_settings=run_meta_test(args, algorithm, local=True) or None, experiment=args.experiment or "metaopt",
+                model_name=args.model_name, meta_test_settings=settings_of[algorithm], experiment=args.experiment or "metaopt",
                 promotion_margin=args.promotion_margin or 0.0, overrides=run_overrides(args, algorithm, local=True) or None,
             )  # fmt: skip
         except PipelineFailed as exc:
@@ -229,12 +255,12 @@ def _run(args: argparse.Namespace) -> int:
     if len(summaries) > 1:
         print(f"all pipelines done in {time.monotonic() - started:.0f} s:")
         for s in summaries:
-            production = f"models:/{s['model_name']}/{s['production_version']}" if s.get("production_version") else "none"
+            production = f"models:/{s['model_name']}/{s['production_version']}" if s.get("production_version") else "none (nothing to load yet)"
             print(f"  {s['algorithm']:7s} {s['status']:8s} {s.get('decision', '-'):9s} production {production}")
     return EXIT_OK
 
 
-def _run_remote(args: argparse.Namespace, algorithms: list[str], settings: dict) -> int:
+def _run_remote(args: argparse.Namespace, algorithms: list[str], settings_of: dict[str, dict | None]) -> int:
     from pipelines import remote
 
     if args.tracking_uri:
@@ -252,7 +278,7 @@ def _run_remote(args: argparse.Namespace, algorithms: list[str], settings: dict)
             config = read_config(config or default_config(algorithm), overrides, algorithm=algorithm)
         arguments = remote.pipeline_arguments(
             algorithm, config, config_uri=args.config_uri, force_retrain=args.force_retrain, model_name=args.model_name,
-            meta_test_settings=run_meta_test(args, algorithm, local=False) or None, experiment=args.experiment, promotion_margin=args.promotion_margin,
+            meta_test_settings=settings_of[algorithm], experiment=args.experiment, promotion_margin=args.promotion_margin,
         )  # fmt: skip
         result = remote.submit(algorithm, connection_of(args), arguments, options=options, wait_s=args.wait)
         print(f"{algorithm}: submitted run {result['run_id']} ({result['state']}): {result['url']}")
@@ -285,7 +311,7 @@ def _schedule_create(args: argparse.Namespace) -> int:
         config = read_config(config or default_config(args.algorithm), overrides, algorithm=args.algorithm)
     arguments = remote.pipeline_arguments(
         args.algorithm, config, config_uri=args.config_uri, force_retrain=args.force_retrain, model_name=args.model_name,
-        meta_test_settings=_meta_test_settings(args.meta_test) or None, experiment=args.experiment,
+        meta_test_settings=meta_test_settings_for(args, args.algorithm, local=False), experiment=args.experiment,
         promotion_margin=args.promotion_margin,
     )  # fmt: skip
     created = remote.schedule_create(args.algorithm, connection_of(args), cron, arguments, options=_options(args, local=False), name=args.name,
@@ -318,4 +344,4 @@ def _schedule_delete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-__all__ = ["add_pipeline_commands", "pipeline_options", "run_overrides"]
+__all__ = ["add_pipeline_commands", "meta_test_settings_for", "pipeline_options", "run_overrides"]

@@ -28,14 +28,20 @@ def torchrun_command(workers: int, *entry_args: str, max_restarts: int = 0) -> l
             "-m", "metaopt_core.meta.distributed", *entry_args]  # fmt: skip
 
 
-def run_workers(args: argparse.Namespace, algorithms: list[str], overrides: dict[str, dict]) -> int:
+def run_workers(args: argparse.Namespace, algorithms: list[str], overrides: dict[str, dict], settings: dict[str, dict | None] | None = None) -> int:
+    """Meta-train each learner with ``args.workers`` torch.distributed workers; ``settings``: its
+    ``--meta-test`` settings (they choose what the meta-test holds out, which meta-training then
+    never reads), else the learner's defaults, as in the pipeline."""
     from metaopt_core.config import load_config
     from pipelines.builder import default_config, learner_of
 
+    if isinstance(args.workers, bool) or not isinstance(args.workers, int) or args.workers < 1:
+        raise ValueError(f"--workers: got {args.workers!r}; allowed: an integer >= 1 (0 runs the pipeline without workers)")
     for algorithm in algorithms:
         learner = learner_of(algorithm)
         config = load_config(args.config or default_config(algorithm), overrides.get(algorithm), algorithm=algorithm)
-        inputs = learner.prepare(config, progress=lambda line: print(f"[metaopt] {line}", flush=True))
+        meta_test = (settings or {}).get(algorithm) or dict(learner.default_meta_test)
+        inputs = learner.prepare(config, meta_test, progress=lambda line: print(f"[metaopt] {line}", flush=True))
         text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
         key = hashlib.sha256(f"{text}\n{inputs.fingerprint}".encode()).hexdigest()[:12]
         run_dir = WORKDIR / f"{learner.name}-{key}"

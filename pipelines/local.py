@@ -8,6 +8,13 @@ What is printed while it runs: one line per step (started / finished with its ti
 steps' own ``[metaopt]`` progress lines (generations, outer steps, meta-test runs). Everything
 KFP prints — executor inputs, artifact listings, tracebacks — goes to a log file under
 ``.metaopt/logs/``; when a step fails, its last lines are printed and the error names the log.
+Every run has its own files (``pipelines/local_runs.py``), so runs started at the same moment do
+not read each other's configuration.
+
+Kills lose nothing: the steps checkpoint meta-training under ``.metaopt/checkpoints/``, keyed by the
+data fingerprint and the configuration hash, and a later run of the same data and configuration
+resumes from there (``components/resume.py``); the MLflow run of a runner that died (``kill -9``) is
+ended KILLED, with a note, when the next run of its model starts (``metaopt_core.mlops.tracking.owners``).
 
 The pipeline's exit step ends its MLflow run (FINISHED, or FAILED when a step failed) here as on a
 cluster (``kfp.local`` runs ``dsl.ExitHandler``s); the pipeline returns that step's lineage, and the
@@ -19,9 +26,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -29,11 +36,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from components.lineage import SUMMARY_FILE_ENV
+from components.resume import CHECKPOINT_ROOT_ENV
 from metaopt_core.config import apply_overrides, read_config
 from pipelines.builder import PipelineOptions, build_pipeline, default_config, default_config_path, learner_of
+from pipelines.local_runs import KEEP_RUNS, STATE_DIR, prune_runs, run_files, stop_steps_on_sigterm, store_first_use
 
-STATE_DIR = ".metaopt"
-KEEP_RUNS = 3  # local pipeline-root folders kept per pipeline (prepared data and states are large)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
@@ -143,10 +150,15 @@ def _environment(values: Mapping[str, str | None]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _prune(pipeline_root: Path, pipeline_name: str, keep: int) -> None:
-    runs = sorted((p for p in pipeline_root.glob(f"{pipeline_name}-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    for stale in runs[:-keep] if keep > 0 else runs:
-        shutil.rmtree(stale, ignore_errors=True)
+def _forget_handlers_on(stream: Any, root_level: int) -> None:
+    """Remove logging handlers left writing to ``stream`` (the run's stdout stand-in, whose log file
+    closes with the run) and restore the root level: kfp.local logs a failed run's clean-up outside
+    its own logging context, and later log records would otherwise fail on the closed file."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in [h for h in logger.handlers if getattr(h, "stream", None) is stream]:
+            logger.removeHandler(handler)
+    logging.getLogger().setLevel(root_level)
 
 
 def resolve_config_arg(algorithm: str, config: str | Path | Mapping[str, Any] | None) -> tuple[dict, Path | None]:
@@ -180,13 +192,22 @@ def run_local(
 
     ``config``: a YAML/JSON file, a mapping, or None for the demo configuration. ``tracking_uri``:
     default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<workdir>/mlflow.db``. ``workdir`` (default
-    the current directory) holds ``mlflow.db`` and ``.metaopt/`` (pipeline root, logs).
+    the current directory) holds ``mlflow.db`` and ``.metaopt/`` (this run's own folder, its log, and
+    meta-training checkpoints a later run of the same data and configuration resumes: ``pipelines/local_runs.py``).
     ``overrides``: ``{"train.epochs": 4, ...}`` set in the configuration (a preset, ``--set``).
     ``echo``: where progress lines go (default: stdout).
     """
     from kfp import local
 
-    from metaopt_core.mlops.tracking import default_tracking_uri, ensure_reachable, resolve_tracking_uri
+    from metaopt_core.mlops.tracking import (
+        OWNER_ENV,
+        default_tracking_uri,
+        end_owned_runs,
+        end_stale_runs,
+        ensure_reachable,
+        owner_token,
+        resolve_tracking_uri,
+    )
 
     learner = learner_of(algorithm)
     doc, config_file = resolve_config_arg(algorithm, config)
@@ -204,56 +225,63 @@ def run_local(
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
     uri = resolve_tracking_uri(uri)
     ensure_reachable(uri)
-    state_dir = workdir / STATE_DIR
-    pipeline_root = state_dir / "pipeline-root"
-    logs = state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_path = logs / f"{algorithm}-{stamp}.log"
-    summary_path = state_dir / "summaries" / f"{algorithm}-{stamp}-{os.getpid()}.json"
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    summary_path.unlink(missing_ok=True)
-    if config_file is None:  # a mapping: the steps read it from a file, like a cluster reads s3://
-        config_file = state_dir / "run-configs" / f"{algorithm}-{stamp}.json"
-        config_file.parent.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(json.dumps(doc, indent=2))
-
-    pipeline = build_pipeline(algorithm, options)
-    # the configuration goes as config_uri (a file the steps read), so it may hold nulls
-    arguments: dict[str, Any] = {"config_uri": str(config_file), "force_retrain": bool(force_retrain), "experiment": experiment,
-                                 "promotion_margin": float(promotion_margin)}  # fmt: skip
-    if model_name:
-        arguments["model_name"] = model_name
-    if meta_test_settings:
-        arguments["meta_test_settings"] = dict(meta_test_settings)
-    show = echo or (lambda line: print(line, flush=True))
-    show(f"{algorithm}: running pipeline metaopt-{algorithm} locally ({options.describe()}); config {source}; MLflow {uri}")
-    if changes:
-        show(f"{algorithm}: overrides {changes}")
-    started = time.monotonic()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    with open(log_path, "w", encoding="utf-8") as log:
-        progress = _ProgressFilter(log, echo, _task_names(pipeline), sys.stdout)
-        try:
-            with _environment({"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUMMARY_FILE_ENV: str(summary_path)}), warnings.catch_warnings():
-                # kfp.local cannot tell that the project image is a Python image; the steps run here anyway
-                warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
-                # display names, retries, accelerators: cluster settings kfp.local does not apply
-                warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
-                with contextlib.redirect_stdout(progress):
-                    outcome = pipeline(**arguments)
-        except RuntimeError as exc:
-            step, lines = progress.failed or ("a step", [])
-            tail = "\n".join(f"      | {line}" for line in lines[-25:])
-            if tail:
-                progress.echo(tail)
-            raise PipelineFailed(f"{algorithm}: step '{step}' failed ({_ANSI.sub('', str(exc))}); full log: {log_path}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                _prune(pipeline_root, f"metaopt-{algorithm}", KEEP_RUNS)
+    name = model_name or learner.name
+    with run_files(workdir, algorithm) as files:
+        if config_file is None:  # a mapping or overrides: the steps read it from this run's own file, like a cluster reads s3://
+            files.config.write_text(json.dumps(doc, indent=2))
+            config_file = files.config
+        pipeline = build_pipeline(algorithm, options)
+        # the configuration goes as config_uri (a file the steps read), so it may hold nulls
+        arguments: dict[str, Any] = {"config_uri": str(config_file), "force_retrain": bool(force_retrain), "experiment": experiment,
+                                     "promotion_margin": float(promotion_margin)}  # fmt: skip
+        if model_name:
+            arguments["model_name"] = model_name
+        if meta_test_settings:
+            arguments["meta_test_settings"] = dict(meta_test_settings)
+        show = echo or (lambda line: print(line, flush=True))
+        show(f"{algorithm}: running pipeline metaopt-{algorithm} locally ({options.describe()}); config {source}; MLflow {uri}")
+        if changes:
+            show(f"{algorithm}: overrides {changes}")
+        with store_first_use(uri):  # the first to open a new mlflow.db creates its tables
+            stale_runs = end_stale_runs(name, by=f"metaopt run {algorithm} (pid {os.getpid()})", tracking_uri=uri)
+        for stale in stale_runs:
+            show(f"{algorithm}: MLflow run {stale['run_id']} was left RUNNING by a runner that is gone ({stale['owner']}): ended it KILLED, with a note")
+        started = time.monotonic()
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(files.pipeline_root), raise_on_error=True)
+        owner = owner_token()
+        steps_env = {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUMMARY_FILE_ENV: str(files.summary), OWNER_ENV: owner,
+                     CHECKPOINT_ROOT_ENV: str(files.checkpoints)}  # fmt: skip
+        root_level = logging.getLogger().level
+        with open(files.log, "w", encoding="utf-8") as log:
+            progress = _ProgressFilter(log, echo, _task_names(pipeline), sys.stdout)
+            try:
+                with _environment(steps_env), warnings.catch_warnings():
+                    # kfp.local cannot tell that the project image is a Python image; the steps run here anyway
+                    warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+                    # display names, retries, accelerators: cluster settings kfp.local does not apply
+                    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
+                    with contextlib.redirect_stdout(progress), stop_steps_on_sigterm():
+                        outcome = pipeline(**arguments)
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the steps are stopped; end this run's MLflow run too
+                reason = str(exc) or "interrupted (Ctrl-C)"
+                for ended in end_owned_runs(name, owner, reason, tracking_uri=uri):
+                    progress.echo(f"{algorithm}: {reason}: MLflow run {ended['run_id']} ended KILLED; the next run of this data and configuration resumes it")
+                raise
+            except RuntimeError as exc:
+                step, lines = progress.failed or ("a step", [])
+                tail = "\n".join(f"      | {line}" for line in lines[-25:])
+                if tail:
+                    progress.echo(tail)
+                raise PipelineFailed(f"{algorithm}: step '{step}' failed ({_ANSI.sub('', str(exc))}); full log: {files.log}") from None
+            finally:
+                _forget_handlers_on(progress, root_level)
+                with contextlib.suppress(OSError):
+                    prune_runs(workdir / STATE_DIR, algorithm, KEEP_RUNS)
+        if not files.summary.exists():
+            raise PipelineFailed(f"{algorithm}: the pipeline ended without a summary; full log: {files.log}")
+        summary = json.loads(files.summary.read_text())
+        log_path = files.log
     lineage = json.loads(outcome.output)
-    summary = json.loads(summary_path.read_text())
-    summary_path.unlink(missing_ok=True)
     summary.update({"seconds": time.monotonic() - started, "log": str(log_path), "tracking_uri": summary.get("tracking_uri") or uri,
                     "mlflow_status": lineage.get("mlflow_status", ""), "kfp_run_id": summary.get("kfp_run_id") or lineage.get("kfp_run_id", "")})  # fmt: skip
     return summary
@@ -271,14 +299,16 @@ def describe_overrides(doc: Mapping[str, Any], overrides: Mapping[str, Any] | No
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """What the end of a run prints: the MLflow run, the version, the decision, how to use it."""
+    """What the end of a run prints: the MLflow run, the version, whether the gate promoted it and
+    why, what is in production, and how a job uses it: "use it" only for a production version
+    (while there is none, the explicit opt-in to this version, labelled as such)."""
     name, algorithm = summary["model_name"], summary["algorithm"]
     uri = summary.get("tracking_uri", "")
+    production = summary.get("production_version") or ""
     lines = []
     if summary["status"] == "skipped":
         lines.append(f"{algorithm}: meta-training skipped ({summary['seconds']:.0f} s): {summary['reason']}")
-        if summary.get("production_version"):
-            lines.append(f"  production       models:/{name}/{summary['production_version']}")
+        lines.append(f"  production       {f'models:/{name}/{production}' if production else f'none: no version of {name} has passed the gate'}")
     else:
         lines.append(f"{algorithm}: meta-trained, meta-tested and registered in {summary['seconds']:.0f} s")
         where = f" (experiment {summary['experiment_id']})" if summary.get("experiment_id") else ""
@@ -299,9 +329,20 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             lines.append(f"  deployment       {', '.join(f'{k} {v:g}' for k, v in summary['deployment'].items())}")
         reason = str(summary["reason"])  # the gate's reasons already start with the decision
         lines.append(f"  promotion        {reason if reason.startswith(summary['decision']) else summary['decision'] + ': ' + reason}")
-        lines.append(f"  production       models:/{name}/{summary['production_version'] or '-'}")
-    lines.append("  use it:")
-    lines += [f"    {line}" for line in summary["downstream"]]
+        if production == summary.get("version"):
+            lines.append(f"  production       models:/{name}/{production} (this version)")
+        elif production:
+            lines.append(f"  production       models:/{name}/{production} (unchanged: version {summary.get('version')} was not promoted)")
+        else:
+            lines.append(f"  production       none: no version of {name} has passed the gate, so models:/{name}/production does not load")
+    if summary.get("fits"):
+        lines.append(f"  fits             {summary['fits']}")
+    if summary.get("downstream"):
+        lines.append("  use it:")
+        lines += [f"    {line}" for line in summary["downstream"]]
+    elif summary.get("fallback"):
+        lines.append("  use it           nothing yet. A job that accepts this unpromoted version opts in explicitly (README: a rejected model):")
+        lines += [f"    {line}" for line in summary["fallback"]]
     lines.append(f"  log              {summary['log']}")
     return "\n".join(lines)
 

@@ -17,7 +17,9 @@ The credentials are fake and distinctive, so tests can assert they never leak.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import socket
 import subprocess
@@ -69,7 +71,7 @@ class S3Endpoint:
         return {
             "AWS_ACCESS_KEY_ID": self.access_key_id,
             "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
-            "AWS_SESSION_TOKEN": self.session_token,
+            **({"AWS_SESSION_TOKEN": self.session_token} if self.session_token else {}),
             "AWS_DEFAULT_REGION": self.region,
             "AWS_REGION": self.region,
             "S3_ENDPOINT_URL": self.url,
@@ -100,7 +102,7 @@ def _admin_client(url: str, region: str, access_key_id: str, secret: str, token:
         region_name=region,
         aws_access_key_id=access_key_id,
         aws_secret_access_key=secret,
-        aws_session_token=token,
+        aws_session_token=token or None,
         config=Config(s3={"addressing_style": "path"}),
     )
 
@@ -128,9 +130,9 @@ def _wait_until_answering(url: str, process: subprocess.Popen, log_path: str, ti
     raise RuntimeError(f"moto server at {url} did not answer within {timeout_s:.0f} s")
 
 
-@pytest.fixture(scope="session")
-def moto_server_url() -> Iterator[str]:
-    """Start ``python -m moto.server`` on a free port; yield its URL; stop it afterwards."""
+@contextlib.contextmanager
+def _moto_server() -> Iterator[str]:
+    """``python -m moto.server`` on a free port, stopped afterwards."""
     pytest.importorskip("moto.server", reason="moto[server] is needed for S3 tests")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -156,6 +158,36 @@ def moto_server_url() -> Iterator[str]:
         os.unlink(log_path)
 
 
+@pytest.fixture(scope="session")
+def moto_server_url() -> Iterator[str]:
+    """Start ``python -m moto.server`` on a free port (no authentication); yield its URL; stop it afterwards."""
+    with _moto_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server() -> Iterator[S3Endpoint]:
+    """A second moto server with authentication on, like a real S3 or MinIO: requests must be
+    signed with an access key moto's IAM knows (an IAM user allowed ``s3:*``) and its secret; a
+    wrong secret is ``SignatureDoesNotMatch``, an unknown key ``InvalidAccessKeyId``. Yields the
+    endpoint with that user's credentials (no session token) and a bucket on it."""
+    import boto3
+
+    with _moto_server() as url:
+        admin = {"endpoint_url": url, "region_name": REGION, "aws_access_key_id": FAKE_ACCESS_KEY_ID, "aws_secret_access_key": FAKE_SECRET_ACCESS_KEY}
+        iam = boto3.session.Session().client("iam", **admin)
+        iam.create_user(UserName="metaopt-test")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="metaopt-test", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="metaopt-test")["AccessKey"]
+        bucket = f"auth-{uuid.uuid4().hex[:12]}"
+        boto3.session.Session().client("s3", **admin).create_bucket(Bucket=bucket)
+        # from now on every request is authenticated (moto's documented switch: INITIAL_NO_AUTH_ACTION_COUNT)
+        reset = urllib.request.Request(url + "/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(reset, timeout=10).close()
+        yield S3Endpoint(url=url, bucket=bucket, access_key_id=key["AccessKeyId"], secret_access_key=key["SecretAccessKey"], session_token="")
+
+
 @pytest.fixture
 def s3_endpoint(moto_server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Endpoint]:
     """A fresh bucket on the moto server, with the AWS/S3/MLflow variables set for the test."""
@@ -167,6 +199,18 @@ def s3_endpoint(moto_server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
     endpoint.client().create_bucket(Bucket=endpoint.bucket)
     _forget_storage_clients()
     yield endpoint
+    _forget_storage_clients()
+
+
+@pytest.fixture
+def s3_auth_endpoint(s3_auth_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Endpoint]:
+    """The authenticating server's endpoint, with its user's credentials in the environment."""
+    for name in (*_ENV_TO_CLEAR, "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_auth_server.env.items():
+        monkeypatch.setenv(name, value)
+    _forget_storage_clients()
+    yield s3_auth_server
     _forget_storage_clients()
 
 

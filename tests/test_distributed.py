@@ -298,3 +298,24 @@ def test_the_paper_itl_pipeline_has_one_trainjob_step_and_stays_small(tmp_path):
     train = [name for name in executors if "meta-train" in name]
     assert len(train) == 1 and not any(key.startswith(("exec-ask", "exec-evaluate", "exec-tell", "exec-run-block")) for key in executors)
     assert "trainjob_runtime.meta_train" in json.dumps(executors[train[0]])
+
+
+@pytest.mark.slow
+def test_the_workers_command_takes_meta_test_settings_and_refuses_bad_counts(tmp_path, monkeypatch, capsys):
+    """``metaopt run itl --local --workers 2`` prepares what the meta-test holds out from
+    ``--meta-test`` (it used to ignore it and fail on ITL's empty ``held_out``), and a worker
+    count below 1 is refused by the argument parser, before any work."""
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for bad in ("-1", "two"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["run", "itl", "--local", "--workers", bad])
+        assert stopped.value.code == 2 and "argument --workers" in capsys.readouterr().err
+    assert not (tmp_path / ".metaopt").exists()
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "itl-tiny.yaml")
+    assert main(["run", "itl", "--local", "--workers", "2", "--config", config, "--meta-test", "held_out=[rot90]"]) == 0
+    (run,) = (tmp_path / ".metaopt" / "distributed").glob("itl-*")
+    inputs = json.loads((run / "data" / "inputs.json").read_text())
+    assert inputs["meta_test_settings"]["held_out"] == ["rot90"] and (run / "learned" / "loss.json").exists()

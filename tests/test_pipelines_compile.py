@@ -461,7 +461,10 @@ def test_run_on_a_cluster_sends_the_config_file(fake_kfp, tmp_path, monkeypatch)
     arguments = call.kwargs["arguments"]
     assert fake_kfp.seen == ["metaopt-itl"] and call.kwargs["experiment_name"] == "metaopt" and call.kwargs["namespace"] == "team-a"
     assert arguments["config"] == yaml.safe_load(config.read_text())
-    assert arguments["force_retrain"] is True and arguments["meta_test_settings"] == {"epochs": 1}
+    from metaopt_core.meta import registry
+
+    # --meta-test sets the fields it names; the others keep the learner's defaults (held_out, seeds, ...)
+    assert arguments["force_retrain"] is True and arguments["meta_test_settings"] == {**registry.get("itl").default_meta_test, "epochs": 1}
 
 
 def test_compile_command_writes_yaml(tmp_path, capsys):

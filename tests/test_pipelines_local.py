@@ -132,7 +132,7 @@ def _image_folder(root: Path, per_class: int, extra: int = 0) -> None:
 
 def test_itl_pipeline_retrains_only_on_new_data(mlflow_server, tmp_path):
     data = tmp_path / "images"
-    _image_folder(data, per_class=6)
+    _image_folder(data, per_class=10)  # enough that every split the meta-test trains or scores on holds both classes
     config = yaml.safe_load((CONFIGS / "itl-tiny.yaml").read_text())
     config["data"] = {"source": f"folder:{data}", "val_fraction": 0.25, "seed": 0}
     path = tmp_path / "itl.yaml"
@@ -166,7 +166,7 @@ def test_itl_pipeline_retrains_only_on_new_data(mlflow_server, tmp_path):
     second = run()
     assert second["status"] == "skipped" and second["production_version"] == "1"
 
-    _image_folder(data, per_class=6, extra=1)  # one new image arrives in the source
+    _image_folder(data, per_class=10, extra=1)  # one new image arrives in the source
     third = run()
     assert third["status"] == "trained" and third["version"] == "2"
     assert third["fingerprint"] != first["fingerprint"]
@@ -186,6 +186,7 @@ def test_metamd_pipeline_registers_a_loadable_optimizer(mlflow_server, tmp_path)
     promote(METAMD, "1", override_reason=OVERRIDE, tracking_uri=mlflow_server)
     assert summary["downstream"] == ["from metaopt_core import load_optimizer",
                                      f'optimizer = load_optimizer("models:/{METAMD}/production", model)']  # fmt: skip
+    assert summary["fits"].startswith("an MLP 784-256-10 (parameters 1.weight (256, 784)")  # what `model` must be: mlp2 below
     _assert_tracked(mlflow_server, summary, "objective", 2, {"outer.steps": "2", "divergence.kind": "diagonal"})
     out = _fresh_process(
         "import json, torch\n"

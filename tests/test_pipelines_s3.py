@@ -39,9 +39,9 @@ def _client(uri: str):
 def test_pipeline_on_a_bucket_retrains_only_on_new_data(mlflow_server, s3_endpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("METAOPT_DATA_CACHE", str(tmp_path / "cache"))
     model = f"e2e-s3-itl-{uuid.uuid4().hex[:6]}"
-    local = image_folder(tmp_path / "images", per_class=6)
+    local = image_folder(tmp_path / "images", per_class=10)  # enough that every split the meta-test reads holds both classes
     uri = s3_endpoint.uri("datasets/pets/")
-    assert len(datasets.push(local, uri, progress=False).uploaded) == 36
+    assert len(datasets.push(local, uri, progress=False).uploaded) == 60
     config = yaml.safe_load((CONFIGS / "itl-tiny.yaml").read_text())
     config["data"] = {"source": uri, "val_fraction": 0.25, "seed": 0}
     path = tmp_path / "itl.yaml"

@@ -28,6 +28,12 @@ import torch
 
 from metaopt_core.data.sources import IMAGE_SUFFIXES, DatasetNotFoundError, ImageData
 
+
+class DatasetError(ValueError):
+    """A dataset's content is unusable (an image that does not decode, too few classes or examples);
+    the message names the image or split and what to do."""
+
+
 CONTENT_FORMAT = "metaopt.content-manifest/1"
 FOLDER_PREFIX = "folder:"
 # Schemes a folder source may name; a fetcher must be registered before one is read.
@@ -54,6 +60,8 @@ class FolderContent:
     source: str
     entries: list[ContentEntry]
     paths: dict[str, Path] = field(default_factory=dict)  # key -> local file (empty: manifest only)
+    # Domain or class folders that hold no image (reported, not an error: the class is simply absent)
+    empty_folders: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.entries = sorted(self.entries, key=lambda entry: entry.key)
@@ -89,7 +97,40 @@ class FolderContent:
         """The content manifest (JSON-able): what a run records as an artifact."""
         return {"format": CONTENT_FORMAT, "source": self.source, "layout": self.layout, "fingerprint": self.fingerprint,
                 "images": len(self.entries), "bytes": sum(e.size for e in self.entries), "classes": self.classes(),
-                "domains": self.domains(), "entries": [entry.to_dict() for entry in self.entries]}  # fmt: skip
+                "domains": self.domains(), "empty_folders": list(self.empty_folders),
+                "entries": [entry.to_dict() for entry in self.entries]}  # fmt: skip
+
+
+def empty_folders(keys: list[str], depth: int) -> list[str]:
+    """The folders among ``keys`` (files and folders, '/'-separated, a folder may end in '/') down
+    to ``depth`` levels (1: classes; 2: domains and their classes) that hold no image below them."""
+    folders, full = set(), set()
+    for key in keys:
+        parts = [part for part in key.split("/") if part]
+        if any(part.startswith(".") for part in parts):
+            continue
+        folder_parts = parts if key.endswith("/") else parts[:-1]
+        for level in range(1, min(depth, len(folder_parts)) + 1):
+            folders.add("/".join(folder_parts[:level]))
+        if is_image_key("/".join(parts)):
+            for level in range(1, len(parts)):
+                full.add("/".join(parts[:level]))
+    return sorted(folders - full)
+
+
+def unreadable_images(content: FolderContent) -> list[tuple[str, str]]:
+    """``(key, reason)`` of every image of ``content`` (with local ``paths``) that does not decode:
+    what ``data push`` refuses, ``data show`` lists and the pipeline's data step names by key."""
+    from PIL import Image
+
+    bad = []
+    for entry in content.entries:
+        try:
+            with Image.open(content.paths[entry.key]) as image:
+                image.load()
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+            bad.append((entry.key, " ".join(str(exc).split()) or type(exc).__name__))
+    return bad
 
 
 def content_fingerprint(entries: list[ContentEntry]) -> str:
@@ -150,9 +191,12 @@ def local_folder_content(root: str | Path, source: str | None = None) -> FolderC
             f"(the PACS / OfficeHome / VLCS / TerraIncognita layout) or {root}/<class>/<image files>, "
             f"e.g. by unpacking DomainBed's download there."
         )
-    entries, paths = [], {}
+    entries, paths, seen = [], {}, []
     for directory, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        relative = Path(directory).relative_to(root).as_posix()
+        if relative != ".":
+            seen.append(relative + "/")
         for name in sorted(filenames):
             path = Path(directory) / name
             key = path.relative_to(root).as_posix()
@@ -161,7 +205,9 @@ def local_folder_content(root: str | Path, source: str | None = None) -> FolderC
                 paths[key] = path
     if not entries:
         raise DatasetNotFoundError(f"image folder {root} holds no <class>/<image> or <domain>/<class>/<image> files")
-    return FolderContent(source or f"{FOLDER_PREFIX}{root}", entries, paths)
+    content = FolderContent(source or f"{FOLDER_PREFIX}{root}", entries, paths)
+    content.empty_folders = empty_folders(seen + list(paths), 2 if content.layout == "domains" else 1)
+    return content
 
 
 def folder_content(source: str) -> FolderContent:
@@ -184,9 +230,13 @@ def _read_images(content: FolderContent, entries: list[ContentEntry], classes: l
 
     images, labels, ids = [], [], []
     for entry in entries:
-        with Image.open(content.paths[entry.key]) as image:
-            image = image.convert("RGB").resize((image_size, image_size))
-            images.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+        try:
+            with Image.open(content.paths[entry.key]) as image:
+                image = image.convert("RGB").resize((image_size, image_size))
+                images.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+        except Exception as exc:  # named by its key in the source, not by the cache file it was staged to
+            raise DatasetError(f"{content.source}: image {entry.key} cannot be read ({' '.join(str(exc).split()) or type(exc).__name__}); "
+                               f"fix or remove it (`metaopt data show {content.source.removeprefix(FOLDER_PREFIX)}` lists every unreadable image)") from None  # fmt: skip
         labels.append(classes.index(entry.key.split("/")[-2]))
         ids.append(stable_id(entry.key))
     return ImageData(torch.from_numpy(np.stack(images)), torch.tensor(labels), len(classes), name, ids=torch.tensor(ids, dtype=torch.int64))
@@ -215,8 +265,10 @@ __all__ = [
     "FOLDER_PREFIX",
     "REMOTE_SCHEMES",
     "ContentEntry",
+    "DatasetError",
     "FolderContent",
     "content_fingerprint",
+    "empty_folders",
     "file_sha256",
     "folder_content",
     "is_folder_source",
@@ -227,4 +279,5 @@ __all__ = [
     "register_fetcher",
     "scheme_of",
     "stable_id",
+    "unreadable_images",
 ]

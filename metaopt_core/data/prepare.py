@@ -169,10 +169,19 @@ def domain_matches(domain: str, name: str) -> bool:
     return domain == name or domain.endswith(f"-{name}")
 
 
+class UnknownDomainsError(ValueError):
+    """``exclude_domains`` names domains the source does not have (``unknown``; ``available``)."""
+
+    def __init__(self, message: str, unknown: list[str], available: list[str]) -> None:
+        super().__init__(message)
+        self.unknown, self.available = unknown, available
+
+
 def _without(domains: dict[str, ImageData], excluded: Sequence[str]) -> dict[str, ImageData]:
     unknown = [name for name in excluded if not any(domain_matches(d, name) for d in domains)]
     if unknown:
-        raise ValueError(f"exclude_domains: got {unknown}; allowed: domains of the source {sorted(domains)} (or their suffixes)")
+        raise UnknownDomainsError(f"exclude_domains: got {unknown}; allowed: domains of the source {sorted(domains)} (or their suffixes)",
+                                  unknown, sorted(domains))  # fmt: skip
     kept = {d: data for d, data in domains.items() if not any(domain_matches(d, name) for name in excluded)}
     if not kept:
         raise ValueError(f"exclude_domains: {list(excluded)} leaves no domain of {sorted(domains)}")

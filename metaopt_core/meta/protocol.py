@@ -261,12 +261,15 @@ class LearnerBase:
         """Prepare every dataset the run reads, meta-training's and the meta-test's (re-reading the
         sources, so new data shows up as a new fingerprint), and the split manifest; refuses an
         overlap between meta-training and meta-test (:class:`SplitOverlapError`) before any training."""
+        from metaopt_core.data.checks import check_prepared
         from metaopt_core.data.prepare import prepare
 
         settings = self.resolve_meta_test(meta_test)
 
         def prepared(spec: DataSpec) -> Any:
             data = prepare(spec)
+            if progress and (data.content or {}).get("empty_folders"):
+                progress(f"{spec.source}: folders without images (absent there): {', '.join(data.content['empty_folders'])}")
             if progress:
                 splits = sorted(data.splits)
                 progress(f"prepared {spec.source} ({spec.part}): splits {splits[:4]}{'...' if len(splits) > 4 else ''}, fingerprint {data.fingerprint[:12]}")
@@ -280,7 +283,9 @@ class LearnerBase:
             inputs = self.generated_inputs(config)
         inputs.meta_test, inputs.meta_test_settings = held_out, settings.model_dump(mode="json")
         inputs.fingerprint = combine_fingerprints([*(d.fingerprint for d in datasets), *(d.fingerprint for d in held_out)] or [inputs.fingerprint])
-        inputs.manifest = self.split_manifest(config, settings, inputs).check().to_dict()
+        manifest = self.split_manifest(config, settings, inputs).check()
+        check_prepared([*datasets, *held_out], manifest)  # too few classes or examples: refused before any training
+        inputs.manifest = manifest.to_dict()
         return inputs
 
     def check_inputs(self, config: BaseModel, data: PreparedInputs) -> None:

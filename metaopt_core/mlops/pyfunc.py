@@ -5,7 +5,10 @@
 into the model and, on ``mlflow.pyfunc.load_model(uri)``, executes it and takes the object given
 to ``mlflow.models.set_model`` below. Nothing is unpickled: the model's state is the white-box
 export (``export.json`` naming its kind, and the kind's files: ``loss.json``, or
-``divergence/divergence.safetensors`` + ``manifest.json``, ...), read in ``load_context``. It therefore needs ``metaopt_core`` importable where it is loaded (the ``metaopt-core`` distribution, which
+``divergence/divergence.safetensors`` + ``manifest.json``, ...), read in ``load_context``, after
+checking them against the registered version's sha256 tags (the same check and error as
+``load_loss``; ``metaopt_core.mlops.registry.integrity``). It therefore needs ``metaopt_core``
+importable where it is loaded (the ``metaopt-core`` distribution, which
 its logged requirements pin), like any code model.
 
 Inputs and outputs (also recorded as the model signature):
@@ -45,6 +48,7 @@ class MetaoptPyfuncModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"model artifacts: got {sorted(artifacts)}; a metaopt model has {exports.EXPORT_FILE!r} and its export kind's files")
         folder = Path(artifacts[exports.EXPORT_FILE]).parent
         kind = exports.kind_of(folder)
+        _verify(folder, kind.files)  # the sha256 tags of the registered version, as load_loss / load_optimizer check them
         self.kind = kind.role
         if kind.role == "loss":
             self.loss = kind.build(folder, reduction="none")
@@ -56,6 +60,14 @@ class MetaoptPyfuncModel(mlflow.pyfunc.PythonModel):
         if self.kind == "loss":
             return pd.DataFrame({"loss": loss_values(self.loss, frame)})
         return pd.DataFrame({"direction": step_directions(self.divergence, frame)})
+
+
+def _verify(folder: Path, files: tuple[str, ...]) -> None:
+    """Refuse artifacts changed since registration (``metaopt_core.mlops.registry.integrity``).
+    ``folder`` is the model's ``artifacts/``."""
+    from metaopt_core.mlops.registry.integrity import verify_model_dir
+
+    verify_model_dir(folder.parent, list(files))
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:

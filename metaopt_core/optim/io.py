@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from metaopt_core.files import atomic_write_bytes, atomic_write_text
 
-from .divergence import DIVERGENCE_KINDS, Divergence
+from .divergence import DIVERGENCE_KINDS, Divergence, ShapeMismatchError
 
 FORMAT = "metaopt.divergence"
 FORMAT_VERSION = 1
@@ -192,12 +192,34 @@ def load_divergence(directory: str | PathLike[str]) -> tuple[Divergence, dict[st
     return div, manifest
 
 
-def attach(div: Divergence, model: nn.Module) -> Divergence:
+def attach(div: Divergence, model: nn.Module, *, partial: bool = False) -> Divergence:
     """Check that ``div`` fits ``model`` (shapes, by position) and move it to the model's device.
 
-    Raises ``ShapeMismatchError`` naming the first mismatching parameter (name, expected, got).
-    Parameter names need not match (a DDP/compile wrapper prefixes them). Returns ``div``.
+    Raises ``ShapeMismatchError`` naming the first mismatching parameter (name, expected, got), the
+    architecture the divergence fits and the model's. Parameter names need not match (a DDP/compile
+    wrapper prefixes them). Returns ``div``.
+
+    ``partial=True``: a model the divergence fits only in part gets a divergence over its own
+    parameters with the learned metric on the layers that fit and the identity metric on the
+    others (:func:`metaopt_core.optim.fit.fit_divergence`); its ``learned_parameters`` and
+    ``identity_parameters`` say which. No layer that fits is still an error.
     """
+    from .fit import describe_architecture, describe_model, fit_divergence
+
     named = list(model.named_parameters())
-    div.check_shapes([(n, p.shape) for n, p in named], what="model")
+    if partial:
+        fitted, learned, identity = fit_divergence(div, model)
+        if not learned:
+            raise ShapeMismatchError(f"partial=True: no layer of the model fits the divergence, which fits {describe_architecture(div.names_and_shapes)}; "
+                                     f"the model is {describe_model(model)}")  # fmt: skip
+        fitted.learned_parameters, fitted.identity_parameters = learned, identity
+        return fitted.to(device=named[0][1].device)
+    try:
+        div.check_shapes([(n, p.shape) for n, p in named], what="model")
+    except ShapeMismatchError as exc:
+        raise ShapeMismatchError(
+            f"{exc}. The divergence fits {describe_architecture(div.names_and_shapes)}; the model is {describe_model(model)}. "
+            "partial=True applies it to the layers that fit and plain mirror descent (the identity metric) to the others"
+        ) from None
+    div.learned_parameters, div.identity_parameters = [n for n, _ in named], []
     return div.to(device=named[0][1].device)

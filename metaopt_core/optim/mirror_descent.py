@@ -161,15 +161,19 @@ class MirrorDescent(torch.optim.Optimizer):
         model: nn.Module,
         lr: float | None = None,
         weight_decay: float = 0.0,
+        *,
+        partial: bool = False,
     ) -> MirrorDescent:
         """Load a saved divergence (``save_divergence``), attach it to ``model`` and optimise its parameters.
 
         ``lr`` defaults to the learning rate the divergence was meta-trained with (from the manifest).
+        ``partial``: see :func:`metaopt_core.optim.io.attach` (the learned metric on the layers
+        that fit, the identity on the others; ``optimizer.divergence.learned_parameters`` lists them).
         """
         from .io import attach, load_divergence
 
         divergence, manifest = load_divergence(directory)
-        divergence = attach(divergence, model)
+        divergence = attach(divergence, model, partial=partial)
         if lr is None:
             lr = manifest.get("lr")
             if lr is None:

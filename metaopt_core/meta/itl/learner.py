@@ -5,13 +5,13 @@ is the hypergradients of one shard of them; tell aggregates (PCGrad or mean) and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
 from metaopt_core.config import ConfigError, DataSpec, ModelName
 from metaopt_core.data.manifest import SplitManifest
-from metaopt_core.data.prepare import domain_matches
+from metaopt_core.data.prepare import UnknownDomainsError, domain_matches
 from metaopt_core.meta import itl
 from metaopt_core.meta.hypergradient_learner import HypergradientLearner
 from metaopt_core.meta.inputs import PreparedInputs
@@ -60,6 +60,18 @@ class ITLLearner(HypergradientLearner):
         # meta-training never sees the meta-test's domains, nor any image of the meta-test part
         held_out = _held_out(meta_test)
         return [config.data.model_copy(update={"part": "meta-train", "exclude_domains": [*config.data.exclude_domains, *held_out]})]
+
+    def prepare(self, config: BaseModel, meta_test: Mapping[str, Any] | BaseModel | None = None,
+                progress: ProgressReporter | None = None) -> PreparedInputs:  # fmt: skip
+        # the held-out domains reach the data as exclude_domains: a wrong one is named as the user wrote it
+        settings = self.resolve_meta_test(meta_test)
+        try:
+            return super().prepare(config, settings, progress)
+        except UnknownDomainsError as exc:
+            if not set(exc.unknown) <= set(settings.held_out) or set(exc.unknown) & set(config.data.exclude_domains):
+                raise
+            raise ConfigError(f"meta_test: field 'held_out': got {settings.held_out}; {exc.unknown} are not domains of the source "
+                              f"{config.data.source!r}; allowed: {exc.available} (or their suffixes)") from None  # fmt: skip
 
     def meta_test_specs(self, config: BaseModel, meta_test: ITLMetaTest) -> list[DataSpec]:
         """One prepared dataset per seed: the meta-test part's domains rebuilt from its own draw."""

@@ -23,10 +23,12 @@ nothing is pickled; see ``metaopt_core.mlops.pyfunc``):
 Modules: ``common`` (tag names, errors, shared helpers), ``register`` (``register_export`` for any
 export folder; ``register_loss``, ``register_optimizer`` for a document, module or divergence),
 ``resolve`` (``models:/`` URIs to versions), ``load`` (``load_loss``, ``load_optimizer``: only the
-white-box files of the version's export kind, sha256-checked, never unpickled), ``promotion``
-(production's alias and stage, the promotion lock), ``gate`` (the champion for a meta-test,
-recording the gate's decision: ``metaopt.gate.*`` tags, ``gate.json``; ``promote``: the same gate
-by hand, or an override with its reason) and ``listing`` (``metaopt models``).
+white-box files of the version's export kind, sha256-checked, never unpickled; ``integrity``: that
+check, shared with the pyfunc flavour; ``fallback``: the explicit opt-in for a job that accepts an
+unpromoted version), ``reuse`` (the version a killed run registered), ``promotion`` (production's
+alias and stage, the promotion lock), ``gate`` (the champion for a meta-test, recording the gate's
+decision: ``metaopt.gate.*`` tags, ``gate.json``; ``promote``: the same gate by hand, or an
+override with its reason) and ``listing`` (``metaopt models``).
 """
 
 from metaopt_core.mlops.registry.common import (
@@ -55,6 +57,7 @@ from metaopt_core.mlops.registry.common import (
     loss_from_doc,
     validate_loss_doc,
 )
+from metaopt_core.mlops.registry.fallback import UnpromotedVersionWarning
 from metaopt_core.mlops.registry.gate import (
     GATE_FILE,
     GATE_PREFIX,
@@ -65,7 +68,7 @@ from metaopt_core.mlops.registry.gate import (
     recorded_decision,
     recorded_gate_inputs,
 )
-from metaopt_core.mlops.registry.listing import describe_model, describe_version, iter_versions, list_models
+from metaopt_core.mlops.registry.listing import architecture_of, describe_model, describe_version, iter_versions, list_models, production_fits
 from metaopt_core.mlops.registry.load import fetch_export, load_loss, load_loss_doc, load_optimizer
 from metaopt_core.mlops.registry.promotion import PromotionDecision, production_version, reconcile
 from metaopt_core.mlops.registry.register import (
@@ -78,6 +81,7 @@ from metaopt_core.mlops.registry.register import (
     register_optimizer,
 )
 from metaopt_core.mlops.registry.resolve import ModelRef, parse_models_uri, resolve_version
+from metaopt_core.mlops.registry.reuse import unfinished_registration
 from metaopt_core.mlops.tracking import TrackingServerUnreachable, resolve_tracking_uri
 
 __all__ = [
@@ -109,8 +113,10 @@ __all__ = [
     "TAG_KIND",
     "TAG_SCORES",
     "TrackingServerUnreachable",
+    "UnpromotedVersionWarning",
     "WrongModelKindError",
     "apply_gate",
+    "architecture_of",
     "describe_model",
     "describe_version",
     "fetch_export",
@@ -124,6 +130,7 @@ __all__ = [
     "load_optimizer",
     "loss_from_doc",
     "parse_models_uri",
+    "production_fits",
     "production_version",
     "promote",
     "reconcile",
@@ -135,5 +142,6 @@ __all__ = [
     "register_optimizer",
     "resolve_tracking_uri",
     "resolve_version",
+    "unfinished_registration",
     "validate_loss_doc",
 ]

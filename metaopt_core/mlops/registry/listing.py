@@ -71,11 +71,13 @@ def describe_model(name: str, *, metric: str = DEFAULT_METRIC, tracking_uri: str
         }
         for v in list_versions(client, name)
     ]
+    production = current_production(client, name)
     return {
         "name": model.name,
         "kind": model.tags.get(TAG_KIND, ""),
         "description": model.description,
-        "production": current_production(client, name),
+        "production": production,
+        "fits": production_fits(name, tracking_uri=tracking_uri) if production and model.tags.get(TAG_KIND) == "optimizer" else "",
         "aliases": dict(model.aliases),
         "versions": versions,
     }
@@ -99,8 +101,28 @@ def describe_version(name: str, version: int | str, *, tracking_uri: str | None 
     if mv.tags.get(TAG_KIND) in ROLES:
         with tempfile.TemporaryDirectory() as tmp:
             kind, folder, _ = fetch_export(f"models:/{name}/{mv.version}", mv.tags[TAG_KIND], Path(tmp), tracking_uri)
-            out["artifact"] = kind.describe(folder)  # what the export kind shows: family, parameters, deployment
+            out["artifact"] = kind.describe(folder)  # what the export kind shows: family, parameters, deployment, fits
+        if out["artifact"].get("fits"):
+            out["fits"] = out["artifact"]["fits"]
     return out
+
+
+def architecture_of(mv: Any, tracking_uri: str | None = None) -> str:
+    """What a registered optimiser version fits, in words (``an MLP 784-256-10 (parameters ...)``),
+    as its export kind describes it ("" for a kind that fits any model)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        kind, folder, _ = fetch_export(f"models:/{mv.name}/{mv.version}", mv.tags.get(TAG_KIND, "optimizer"), Path(tmp), tracking_uri)
+        return str(kind.describe(folder).get("fits", ""))
+
+
+def production_fits(name: str, *, tracking_uri: str | None = None) -> str:
+    """What the production version of optimiser ``name`` fits ("" for a loss or no production version)."""
+    client = existing_store(tracking_uri)
+    version = current_production(client, name)
+    if version is None:
+        return ""
+    mv = client.get_model_version(name, version)
+    return architecture_of(mv, tracking_uri) if mv.tags.get(TAG_KIND) == "optimizer" else ""
 
 
 def _timestamp(millis: int | None) -> str:
@@ -116,4 +138,4 @@ def iter_versions(name: str, *, tracking_uri: str | None = None) -> Iterator[Any
     yield from list_versions(client, name)
 
 
-__all__ = ["describe_model", "describe_version", "iter_versions", "list_models"]
+__all__ = ["architecture_of", "describe_model", "describe_version", "iter_versions", "list_models", "production_fits"]

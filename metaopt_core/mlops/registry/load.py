@@ -21,10 +21,12 @@ from metaopt_core.mlops.registry.common import (
     ArtifactValidationError,
     ModelNotFoundError,
     WrongModelKindError,
-    sha256_file,
 )
+from metaopt_core.mlops.registry.fallback import with_fallback
+from metaopt_core.mlops.registry.integrity import check_sha256
 from metaopt_core.mlops.registry.resolve import existing_store, parse_models_uri, resolve_version
 from metaopt_core.mlops.tracking import connect
+from metaopt_core.optim.divergence import ShapeMismatchError
 
 ROLES = ("loss", "optimizer")
 
@@ -71,17 +73,7 @@ def fetch_export(uri: str, role: str, destination: Path, tracking_uri: str | Non
                 path = Path(repo.download_artifacts(f"artifacts/{rel}", str(destination / "download")))
             except (MlflowException, OSError) as exc:
                 raise ArtifactValidationError(f"{where}: artifact artifacts/{rel} could not be downloaded ({exc}); not a metaopt {role} model?") from None
-            expected = version.tags.get(SHA_PREFIX + rel)
-            if expected is None:
-                raise ArtifactValidationError(
-                    f"{where}: version tag {SHA_PREFIX + rel} is missing, so the artifact cannot be verified; register it with metaopt_core.mlops.registry"
-                )
-            actual = sha256_file(path)
-            if actual != expected:
-                raise ArtifactValidationError(
-                    f"{where}: artifacts/{rel} has sha256 {actual}, but {expected} was registered: the artifact "
-                    "was modified after registration (tampered or corrupted); refusing to load it"
-                )
+            check_sha256({rel: path}, {k[len(SHA_PREFIX) :]: v for k, v in version.tags.items() if k.startswith(SHA_PREFIX)}, where)
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             path.replace(folder / rel)
         exports.mark(folder, kind)
@@ -138,42 +130,58 @@ def load_loss_doc(uri: str, *, tracking_uri: str | None = None) -> dict:
             raise ArtifactValidationError(str(exc)) from None
 
 
-def load_loss(uri: str, *, reduction: str = "mean", tracking_uri: str | None = None) -> Any:
+def load_loss(uri: str, *, reduction: str = "mean", tracking_uri: str | None = None, fallback: str | None = None) -> Any:
     """A ready loss module from a registered model (any loss export kind: ``TaylorLoss``, a named
     baseline, a learned neural loss, ...), with the ``lr_scale`` its meta-test measured applied.
 
     ``uri``: ``models:/itl/production``, ``models:/itl@production``, ``models:/itl/3``, ``runs:/...``,
     or a local export folder / model folder / ``loss.json``. Reads only the white-box files (never
     unpickles), checks them against the sha256 recorded at registration and validates them.
+    ``fallback``: what to load instead when ``uri`` has no production version (an explicit opt-in
+    with a warning: ``metaopt_core.mlops.registry.fallback``); None: that is an error.
     """
     from metaopt_core import exports
 
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: got {reduction!r}; allowed: ['mean', 'sum', 'none']")
-    with tempfile.TemporaryDirectory() as tmp:
-        kind, folder, where = fetch_export(uri, "loss", Path(tmp), tracking_uri)
-        try:
-            return kind.build(folder, reduction=reduction, source=where)
-        except (exports.ExportError, ValueError) as exc:
-            raise ArtifactValidationError(str(exc)) from None
+
+    def load(chosen: str) -> Any:
+        with tempfile.TemporaryDirectory() as tmp:
+            kind, folder, where = fetch_export(chosen, "loss", Path(tmp), tracking_uri)
+            try:
+                return kind.build(folder, reduction=reduction, source=where)
+            except (exports.ExportError, ValueError) as exc:
+                raise ArtifactValidationError(str(exc)) from None
+
+    return with_fallback(load, uri, fallback)
 
 
-def load_optimizer(uri: str, model: Any, lr: float | None = None, *, weight_decay: float = 0.0, tracking_uri: str | None = None) -> Any:
+def load_optimizer(uri: str, model: Any, lr: float | None = None, *, weight_decay: float = 0.0, tracking_uri: str | None = None,
+                   partial: bool = False, fallback: str | None = None) -> Any:  # fmt: skip
     """A ready optimiser over ``model.parameters()`` from a registered one (a MetaMD divergence:
     ``MirrorDescent``).
 
     ``lr`` defaults to the one recorded in the artifact (the meta-test's, baked in at registration,
     else the meta-training lr). The model's parameter shapes must match the meta-trained
-    architecture (``ShapeMismatchError`` names the first mismatch).
+    architecture (``metaopt models show NAME/VERSION`` states it; a ``ShapeMismatchError`` names
+    the first mismatch and both architectures). ``partial=True`` applies the learned metric to the
+    layers that match and plain mirror descent (the identity metric) to the others
+    (``optimizer.divergence.learned_parameters`` / ``identity_parameters``). ``fallback``: as for
+    :func:`load_loss`.
     """
     from metaopt_core import exports
 
-    with tempfile.TemporaryDirectory() as tmp:
-        kind, folder, where = fetch_export(uri, "optimizer", Path(tmp), tracking_uri)
-        try:
-            return kind.build(folder, model=model, lr=lr, weight_decay=weight_decay, source=where)
-        except exports.ExportError as exc:
-            raise ArtifactValidationError(str(exc)) from None
+    def load(chosen: str) -> Any:
+        with tempfile.TemporaryDirectory() as tmp:
+            kind, folder, where = fetch_export(chosen, "optimizer", Path(tmp), tracking_uri)
+            try:
+                return kind.build(folder, model=model, lr=lr, weight_decay=weight_decay, partial=partial, source=where)
+            except exports.ExportError as exc:
+                raise ArtifactValidationError(str(exc)) from None
+            except ShapeMismatchError as exc:
+                raise ShapeMismatchError(f"{where}: {exc}") from None
+
+    return with_fallback(load, uri, fallback)
 
 
 __all__ = ["fetch_export", "load_loss", "load_loss_doc", "load_optimizer", "local_export"]

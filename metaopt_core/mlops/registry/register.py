@@ -20,6 +20,7 @@ from mlflow.entities import LoggedModelOutput
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from metaopt_core.faults import fault_point
 from metaopt_core.mlops.registry.common import (
     DEPLOY_PREFIX,
     LOCK_SUFFIX,
@@ -39,6 +40,7 @@ from metaopt_core.mlops.registry.common import (
     sha256_file,
     truncate_tag,
 )
+from metaopt_core.mlops.registry.integrity import METADATA_SHA256
 from metaopt_core.mlops.tracking import (
     DEFAULT_EXPERIMENT,
     TAG_FINGERPRINT,
@@ -190,7 +192,7 @@ def _register(
     role = kind.role
     _check_model_name(name)
     client = connect(tracking_uri)
-    _ensure_registered_model(client, name, role)  # first: a kind mismatch must not leave a logged model behind
+    _check_kind(client, name, role)  # first: a kind mismatch must not leave a logged model behind
     score_values = scores_of(scores)
     config_plain = flatten(config) if config is not None else None
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
@@ -255,10 +257,18 @@ def _register(
                 artifacts=artifacts,
                 signature=_signature(role),
                 pip_requirements=pip_requirements(),
-                metadata={"metaopt_kind": role, "metaopt_export_kind": kind.name, "metaopt_family": family},
+                metadata={
+                    "metaopt_kind": role,
+                    "metaopt_export_kind": kind.name,
+                    "metaopt_family": family,
+                    METADATA_SHA256: {rel: tags[SHA_PREFIX + rel] for rel in kind.files},
+                },  # fmt: skip
                 model_id=logged.model_id,
             )
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        # created only now, right before its version: a kill earlier leaves no registered model without versions
+        _ensure_registered_model(client, name, role)
+        fault_point("register-model")
         version = client.create_model_version(
             name,
             source=f"models:/{logged.model_id}",
@@ -314,6 +324,18 @@ def find_version(name: str, tag: str, value: str, *, tracking_uri: str | None = 
     first = min(found, key=lambda mv: int(mv.version))
     return RegisteredVersion(name=name, version=str(first.version), model_uri=f"models:/{name}/{first.version}", run_id=first.run_id or "",
                              model_id=getattr(first, "model_id", None) or "", tags=dict(first.tags or {}))  # fmt: skip
+
+
+def _check_kind(client: MlflowClient, name: str, kind: str) -> None:
+    """An existing registered model ``name`` must hold models of ``kind`` (no model yet: nothing to check)."""
+    try:
+        existing = client.get_registered_model(name).tags.get(TAG_KIND)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return
+        raise
+    if existing is not None and existing != kind:
+        raise WrongModelKindError(f"name: registered model {name!r} holds {existing} models; a {kind} cannot be added to it")
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, kind: str) -> None:

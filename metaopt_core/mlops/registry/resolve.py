@@ -137,7 +137,9 @@ def resolve_version(client: MlflowClient, ref: ModelRef, uri: str = "") -> Any:
 def no_production_message(client: MlflowClient, name: str, uri: str) -> str:
     """The error text for a model without a production version, listing its versions."""
     have = [str(v.version) for v in list_versions(client, name)]
-    return f"{uri or name}: model {name!r} has no production version yet (versions: {have or 'none'}); " + how_to_promote(name)
+    opt_in = (f"; a job that accepts an unpromoted version opts in with load_loss/load_optimizer(..., fallback='models:/{name}/latest')"
+              if have else "")  # fmt: skip
+    return f"{uri or name}: model {name!r} has no production version yet (versions: {have or 'none'}); " + how_to_promote(name) + opt_in
 
 
 __all__ = [

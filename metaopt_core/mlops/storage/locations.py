@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,22 @@ class Location:
     key: str = ""
 
 
+# S3's (and MinIO's) rule for bucket names: 3-63 lowercase letters, digits, '.' and '-', starting
+# and ending with a letter or digit. Checked before any request: botocore's own check answers with
+# a regex, and an endpoint with a confusing error code.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def check_bucket_name(bucket: str, uri: str, argument: str = "uri") -> str:
+    """``bucket`` if it is a valid S3 bucket name, else a ``ValueError`` naming it and the rule."""
+    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+        raise ValueError(
+            f"{argument}={uri!r}: bucket name {bucket!r} is not valid; allowed: 3-63 lowercase letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return bucket
+
+
 def is_s3_uri(uri: str | os.PathLike[str]) -> bool:
     """Whether ``uri`` names an S3 object or prefix (``s3://...``)."""
     return isinstance(uri, str) and uri.lower().startswith("s3://")
@@ -43,6 +60,7 @@ def parse_location(uri: str | os.PathLike[str], *, argument: str = "uri", need_k
         bucket, _, key = rest.partition("/")
         if not bucket:
             raise ValueError(f"{argument}={uri!r} has no bucket name; expected s3://bucket/key")
+        check_bucket_name(bucket, uri, argument)
         if need_key and (not key or key.endswith("/")):
             raise ValueError(f"{argument}={uri!r} names a bucket or prefix, not an object; expected s3://bucket/key with a non-empty key not ending in '/'")
         return Location(kind="s3", uri=uri, bucket=bucket, key=key)
@@ -87,4 +105,4 @@ def local_errors(operation: str, uri: str) -> Iterator[None]:
         raise StorageError(f"{operation} failed for {uri}: {exc.strerror or exc}", uri=uri, operation=operation) from exc
 
 
-__all__ = ["Location", "is_s3_uri", "local_errors", "local_path_arg", "parse_location"]
+__all__ = ["Location", "check_bucket_name", "is_s3_uri", "local_errors", "local_path_arg", "parse_location"]

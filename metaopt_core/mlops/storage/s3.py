@@ -269,6 +269,32 @@ def _find_botocore_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+# What to do about an S3 error code, appended to its message (the CLI prints that one line).
+_WHAT_TO_DO = {
+    "InvalidAccessKeyId": "the endpoint does not know this access key id: check AWS_ACCESS_KEY_ID (and that S3_ENDPOINT_URL is the server it belongs to)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key id: check AWS_SECRET_ACCESS_KEY",
+    "AccessDenied": "these credentials may not do this: check the access key's policy for this bucket",
+    "InvalidToken": "the session token is not valid: refresh AWS_SESSION_TOKEN, or unset it with long-lived keys",
+    "ExpiredToken": "the session token has expired: refresh AWS_SESSION_TOKEN",
+    "NoSuchBucket": "create the bucket or check its name",
+    "InvalidBucketName": "bucket names are 3-63 lowercase letters, digits, '.' and '-'",
+}
+# Client-side failures (no answer from S3): the exception class -> what it means and what to do.
+_CLIENT_FAILURES = {
+    "NoCredentialsError": "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run where an IAM role provides them)",
+    "PartialCredentialsError": "incomplete S3 credentials: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    "EndpointConnectionError": "could not connect to the S3 endpoint {endpoint}: check S3_ENDPOINT_URL (or MLFLOW_S3_ENDPOINT_URL) and that the server is running",
+    "ConnectTimeoutError": "the S3 endpoint {endpoint} did not answer in time: check S3_ENDPOINT_URL and the network",
+    "ReadTimeoutError": "the S3 endpoint {endpoint} stopped answering: try again, or check the server",
+}
+
+
+def _endpoint() -> str:
+    with contextlib.suppress(ValueError):
+        return S3Settings.from_env().endpoint_url or "of AWS"
+    return "(S3_ENDPOINT_URL is not a valid URL)"
+
+
 def _translate_s3_error(exc: BaseException, operation: str, uri: str) -> StorageError:
     original = _find_botocore_error(exc) or exc
     if isinstance(original, ClientError):
@@ -289,10 +315,15 @@ def _translate_s3_error(exc: BaseException, operation: str, uri: str) -> Storage
             message += f" (HTTP {status})"
         if what:
             message += f": {what}"
+        if code in _WHAT_TO_DO:
+            message += f"; {_WHAT_TO_DO[code]}"
         cls = StorageNotFoundError if code in _NOT_FOUND_CODES else StorageError
         return cls(message, uri=uri, operation=operation, code=code)
     code = type(original).__name__
-    detail = scrub(str(original))
+    if code in _CLIENT_FAILURES:
+        detail = _CLIENT_FAILURES[code].format(endpoint=_endpoint())
+    else:  # e.g. ParamValidationError: botocore's own text, on one line
+        detail = " ".join(scrub(str(original)).split())
     return StorageError(f"{operation} failed for {uri}: {code}: {detail}", uri=uri, operation=operation, code=code)
 
 

@@ -21,7 +21,8 @@ Where runs go (first match wins):
 
 A pipeline run has one MLflow run, tagged with the KFP run id (``lineage``: ``metaopt.kfp_run_id``,
 the KFP UI page when ``KFP_UI_URL`` is set); every step logs into it and the pipeline's exit step
-ends it. Client calls are retried on transient errors (``retry``).
+ends it. Client calls are retried on transient errors (``retry``). A run whose local owner process
+died (``kill -9``) is found and ended KILLED with a note by the next run of its model (``owners``).
 
 ``MLFLOW_RUN_ID`` (set by KFP's MLflow integration) resumes that run instead of creating one, and
 ``MLFLOW_EXPERIMENT_ID`` selects the experiment of a new run. An HTTP tracking server is probed
@@ -43,6 +44,7 @@ from metaopt_core.mlops.tracking.lineage import (
     kfp_tags,
     mlflow_run_url,
 )
+from metaopt_core.mlops.tracking.owners import OWNER_ENV, TAG_OWNER, end_owned_runs, end_stale_runs, owner_state, owner_token
 from metaopt_core.mlops.tracking.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy, call_with_retries, is_transient
 from metaopt_core.mlops.tracking.server import (
     DB_FILE,
@@ -88,6 +90,7 @@ __all__ = [
     "KFP_UI_URL_ENV",
     "MLFLOW_UI_URL_ENV",
     "NO_RETRY",
+    "OWNER_ENV",
     "RetryPolicy",
     "STEP_KEYS",
     "TAG_ALGORITHM",
@@ -97,12 +100,15 @@ __all__ = [
     "TAG_KFP_RUN_ID",
     "TAG_KFP_RUN_NAME",
     "TAG_KFP_RUN_URL",
+    "TAG_OWNER",
     "Tracker",
     "TrackingServerUnreachable",
     "call_with_retries",
     "config_hash",
     "connect",
     "default_tracking_uri",
+    "end_owned_runs",
+    "end_stale_runs",
     "ensure_reachable",
     "find_pipeline_run",
     "finished_training_tags",
@@ -120,6 +126,8 @@ __all__ = [
     "metric_key",
     "mlflow_run_url",
     "numeric_metrics",
+    "owner_state",
+    "owner_token",
     "param_value",
     "resolve_tracking_uri",
     "start_run",

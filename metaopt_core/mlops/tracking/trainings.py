@@ -23,9 +23,36 @@ TAG_REGISTERED_VERSION = "metaopt.registered_version"
 FINISHED = "finished"
 
 
+# A dataset spec's location: a folder or bucket (``folder:<path>``, ``s3://bucket/prefix/``), and the
+# local ``root`` a packaged source is read from. The data fingerprint covers what is there.
+LOCATION = "<location: the data fingerprint covers the content>"
+
+
+def _is_location(source: Any) -> bool:
+    return isinstance(source, str) and (source.startswith("folder:") or "://" in source)
+
+
+def without_locations(value: Any) -> Any:
+    """A copy of a configuration with where its data lives left out: in every mapping that names a
+    ``source``, a folder or bucket source becomes a placeholder and ``root`` is dropped (packaged
+    sources such as ``digits`` keep their name: it says which data, not where)."""
+    if isinstance(value, Mapping):
+        out = {str(key): without_locations(item) for key, item in value.items()}
+        if "source" in out:
+            out.pop("root", None)
+            if _is_location(out["source"]):
+                out["source"] = LOCATION
+        return out
+    if isinstance(value, (list, tuple)):
+        return [without_locations(item) for item in value]
+    return value
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
-    """sha256 of a resolved run configuration (canonical JSON: key order does not matter)."""
-    return hashlib.sha256(json.dumps(dict(config), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """sha256 of a resolved run configuration (canonical JSON: key order does not matter), without
+    where its data lives (:func:`without_locations`): the same data under another prefix, bucket or
+    volume is the same configuration, and the data fingerprint says whether it is the same data."""
+    return hashlib.sha256(json.dumps(without_locations(dict(config)), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -77,4 +104,5 @@ __all__ = [
     "config_hash",
     "finished_training_tags",
     "last_finished_training",
+    "without_locations",
 ]
