@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml app/pyproject.toml
 	touch $(STAMP)
 
 # The main job on the embedded default (local Kubeflow runner, local MLflow on ./mlflow.db):
-# all three pipelines end to end with the demo configs shortened (`--preset quick`); how long that
+# all four pipelines end to end with the demo configs shortened (`--preset quick`); how long that
 # takes on 2 cores is measured in docs/benchmarks.md (`--preset demo` runs them as written).
 run: $(STAMP)
 	$(BIN)/metaopt run all --local --preset quick
