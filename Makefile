@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml app/pyproject.toml
 
 # The main job on the embedded default (local Kubeflow runner, local MLflow on ./mlflow.db):
 # all four pipelines end to end with the demo configs shortened (`--preset quick`); how long that
-# takes on 2 cores is measured in docs/benchmarks.md (`--preset demo` runs them as written).
+# takes on 2 cores (about 6 minutes, quiet) is measured in docs/benchmarks.md (`--preset demo` runs them as written).
 run: $(STAMP)
 	$(BIN)/metaopt run all --local --preset quick
 

@@ -124,7 +124,7 @@ def test_concurrent_runs_keep_their_config_and_a_killed_run_resumes(mlflow_serve
     out = again.communicate(timeout=600)[0]
     assert again.returncode == 0, out
     assert f"MLflow run {dead.info.run_id} was left RUNNING by a runner that is gone" in out
-    assert "resuming meta-training at outer step 1" in out and "step 2/2" in out and "step 1/2" not in out
+    assert "resuming meta-training at outer step 1" in out and "outer step 2/2:" in out and "outer step 1/2:" not in out
     ended = _client(mlflow_server).get_run(dead.info.run_id)
     assert ended.info.status == "KILLED" and "the local runner that owned this run" in ended.data.tags["mlflow.note.content"]
     (finished,) = [run for run in _runs(mlflow_server, model) if run.info.run_id not in {r.info.run_id for r in runs.values()}]
@@ -185,9 +185,9 @@ def test_kills_in_meta_test_and_registration_lose_nothing(mlflow_server, tmp_pat
     versions = lambda: sorted(v.version for v in client.search_model_versions(f"name='{model}'"))  # noqa: E731
 
     code, out = _drive(tmp_path, model, mlflow_server, fault="meta-test")  # meta-training done, meta-test starts: killed
-    assert code == -signal.SIGKILL and "step 2/2" in out, out
+    assert code == -signal.SIGKILL and "outer step 2/2:" in out, out
     code, out = _drive(tmp_path, model, mlflow_server, fault="register-model")  # the registered model exists, no version yet
-    assert code == -signal.SIGKILL and "resuming meta-training at outer step 2" in out and "step 1/2" not in out and "step 2/2" not in out, out
+    assert code == -signal.SIGKILL and "resuming meta-training at outer step 2" in out and "outer step 1/2:" not in out and "outer step 2/2:" not in out, out
     assert versions() == []
     code, out = _drive(tmp_path, model, mlflow_server, fault="register-version")  # the version exists, no gate decision yet
     assert code == -signal.SIGKILL and versions() == ["1"], out

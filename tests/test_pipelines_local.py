@@ -160,8 +160,9 @@ def test_itl_pipeline_retrains_only_on_new_data(mlflow_server, tmp_path):
     from metaopt_core.mlops.registry import load_loss_doc, loss_from_doc
 
     with torch.no_grad():
-        expected = loss_from_doc(load_loss_doc(f"models:/{ITL}/1", tracking_uri=mlflow_server))(torch.tensor([[2.0, -1.0], [0.5, 0.5]]), torch.tensor([0, 1]))
-    assert name == "TaylorLoss" and float(value) == pytest.approx(float(expected), rel=1e-6)
+        registered = loss_from_doc(load_loss_doc(f"models:/{ITL}/1", tracking_uri=mlflow_server))  # with the lr scale its meta-test measured
+        expected = registered(torch.tensor([[2.0, -1.0], [0.5, 0.5]]), torch.tensor([0, 1]))
+    assert name == type(registered).__name__ and float(value) == pytest.approx(float(expected), rel=1e-6)
 
     second = run()
     assert second["status"] == "skipped" and second["production_version"] == "1"
@@ -183,9 +184,10 @@ def test_metamd_pipeline_registers_a_loadable_optimizer(mlflow_server, tmp_path)
     assert (summary["status"], summary["decision"], summary["production_version"]) == ("trained", "rejected", "")
     assert summary["gate"]["units"] == 6 and summary["gate"]["best_baseline"] in ("sgd", "sgd-m", "adam")  # 3 seeds x 2 horizons
     assert "per stratum" in summary["reason"]  # the horizons are tested apart: 3 units each
+    assert summary["downstream"] == []  # "use it" only for what is in production; the opt-in instead:
+    assert summary["fallback"] == ["from metaopt_core import load_optimizer",
+                                   f'optimizer = load_optimizer("models:/{METAMD}/production", model, fallback="models:/{METAMD}/1")']  # fmt: skip
     promote(METAMD, "1", override_reason=OVERRIDE, tracking_uri=mlflow_server)
-    assert summary["downstream"] == ["from metaopt_core import load_optimizer",
-                                     f'optimizer = load_optimizer("models:/{METAMD}/production", model)']  # fmt: skip
     assert summary["fits"].startswith("an MLP 784-256-10 (parameters 1.weight (256, 784)")  # what `model` must be: mlp2 below
     _assert_tracked(mlflow_server, summary, "objective", 2, {"outer.steps": "2", "divergence.kind": "diagonal"})
     out = _fresh_process(
