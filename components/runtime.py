@@ -121,7 +121,7 @@ def prepare_data(
     """Resolve the configuration and prepare what meta-training and the meta-test read into
     ``data`` (a Dataset artifact: ``inputs.json``, ``split_manifest.json`` and one folder per
     dataset). Returns (fingerprint, the resolved config as JSON text, a one-line summary)."""
-    from metaopt_core.config import load_config
+    from metaopt_core.meta.run_config import load_config
     from metaopt_core.mlops import datasets  # noqa: F401 (registers the s3:// folder source)
 
     meta_learner = learner_of(learner)

@@ -41,7 +41,7 @@ def finish_run(status: dsl.PipelineTaskFinalStatus, kfp_run_id: str) -> str:
     failed run must not leave its pods holding GPUs), then end the MLflow run as
     ``common.finish_tracking`` does. Returns the same lineage JSON."""
     from components import lineage
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     try:
         trainjob.cleanup_run(trainjob.make_client(), kfp_run_id)

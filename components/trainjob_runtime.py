@@ -1,7 +1,7 @@
 """Meta-training in a TrainJob, both ends.
 
 - In the pipeline step (:func:`meta_train`, the body of ``components.trainjob.meta_train``): write
-  the configuration next to the run's artifacts, submit the TrainJob (``pipelines.trainjob``),
+  the configuration next to the run's artifacts, submit the TrainJob (``components.trainjob_client``),
   stream its log into the step's log, wait, then fetch the checkpoint and the export into the
   step's output artifacts. A failed job fails the step.
 - In each TrainJob worker (``torchrun -m components.trainjob_runtime ...``, :func:`main`): fetch the
@@ -125,12 +125,12 @@ def meta_train(
 ) -> int:  # fmt: skip
     """The pipeline step: one TrainJob runs every outer step; hand on its checkpoint and export.
     ``kfp_run_id`` names the job (a retried step adopts or replaces its earlier attempt's job;
-    pipelines/trainjob.py); empty, the SDK picks a random name. Returns the outer step reached."""
+    components/trainjob_client.py); empty, the SDK picks a random name. Returns the outer step reached."""
     from components import runtime
+    from components import trainjob_client as trainjob
     from metaopt_core.meta import driver, registry, runner
     from metaopt_core.meta.inputs import PreparedInputs
     from metaopt_core.mlops import storage
-    from pipelines import trainjob
 
     meta_learner = registry.get(learner)
     resolved = meta_learner.with_device(meta_learner.resolve_config(runtime.config_doc(config)), device)

@@ -4,7 +4,8 @@ one readable error (field, value, what is allowed).
 Shared building blocks live here; each meta-learner's top-level config lives in its package
 (``metaopt_core.meta.arl.ARLConfig`` …) and is found through ``algorithm:`` (the learner's registry
 name). One entry point reads a configuration from anywhere: :func:`read_config` (a path, URI,
-mapping, with dot-path overrides: a dict) and :func:`load_config` (the same, validated).
+mapping, with dot-path overrides: a dict); :func:`metaopt_core.meta.run_config.load_config`
+validates it by the schema its ``algorithm:`` names (the learner registry sits above this module).
 """
 
 from __future__ import annotations
@@ -142,26 +143,6 @@ def validate(model_cls: type[BaseModel], data: Any, source: str = "config") -> B
         raise ConfigError(format_validation_error(error, source)) from None
 
 
-# Run configurations that are not a meta-learner's (those come from the learner registry).
-OTHER_SCHEMAS = {"evaluate": ("metaopt_core.evaluate", "EvaluationConfig")}
-
-
-def config_class(algorithm: str) -> type[BaseModel]:
-    """The configuration schema ``algorithm:`` names: a meta-learner's (from the learner registry)
-    or another run's (``evaluate``: the meta-test evaluator's)."""
-    if algorithm in OTHER_SCHEMAS:
-        import importlib
-
-        module, name = OTHER_SCHEMAS[algorithm]
-        return getattr(importlib.import_module(module), name)
-    from metaopt_core.meta import registry
-
-    try:
-        return registry.get(algorithm).config_class
-    except registry.UnknownLearnerError:
-        raise ConfigError(f"config: field 'algorithm': got {algorithm!r}; allowed: {sorted([*registry.names(), *OTHER_SCHEMAS])}") from None
-
-
 def apply_overrides(doc: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
     """A copy of ``doc`` with ``{"train.epochs": 4, ...}`` set (dot paths into nested mappings).
     A path through something that is not a mapping is an error naming it."""
@@ -215,27 +196,6 @@ def _read_text(location: str) -> str:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     return path.read_text()
-
-
-def load_config(source: ConfigSource, overrides: Mapping[str, Any] | None = None, *, algorithm: str | None = None) -> BaseModel:
-    """:func:`read_config`, validated by the schema its ``algorithm:`` names (a learner's, through
-    its ``resolve_config``, or another run's such as ``evaluate``). Errors name the source and the field."""
-    doc = read_config(source, overrides, algorithm=algorithm)
-    where = str(source) if isinstance(source, (str, Path)) else "config"
-    name = doc.get("algorithm")
-    if name is None:
-        from metaopt_core.meta import registry
-
-        raise ConfigError(f"{where}: field 'algorithm' is missing; allowed: {sorted([*registry.names(), *OTHER_SCHEMAS])}")
-    if name in OTHER_SCHEMAS:
-        return validate(config_class(name), doc, source=where)
-    from metaopt_core.meta import registry
-
-    try:
-        learner = registry.get(name)
-    except registry.UnknownLearnerError:
-        raise ConfigError(f"{where}: field 'algorithm': got {name!r}; allowed: {sorted([*registry.names(), *OTHER_SCHEMAS])}") from None
-    return learner.resolve_config(doc, source=where)
 
 
 def coerce(model_cls: type[BaseModel], value: Any, source: str = "config") -> Any:

@@ -85,7 +85,7 @@ class PipelineOptions:
     cluster_env: bool = True
     retries: bool = True
     # > 0: meta-training is one step that submits a TrainJob of this many torch.distributed
-    # workers on ``nodes`` nodes (pipelines/trainjob.py); ``blocks`` and ``shards`` then do not apply.
+    # workers on ``nodes`` nodes (components/trainjob_client.py); ``blocks`` and ``shards`` then do not apply.
     workers: int = 0
     nodes: int = 1
     # A PersistentVolumeClaim mounted into the data step at ``data_mount``: a dataset on a
@@ -111,7 +111,7 @@ class PipelineOptions:
         if self.timeouts is None:
             object.__setattr__(self, "timeouts", self.cluster_env)
         if self.workers:
-            from pipelines.trainjob import split_workers
+            from components.trainjob_client import split_workers
 
             split_workers(self.workers, self.nodes)
         for name in ("blocks", "shards"):
@@ -369,7 +369,7 @@ def build_pipeline(name: str, options: PipelineOptions | None = None, config: di
                                                     total_steps=options.blocks if options.shards > 1 and not options.workers else 0)), f"{label_name} initial state", "data")  # fmt: skip
                 state = init.outputs["state"]
                 learned = None
-                if options.workers:  # every outer step in one TrainJob (pipelines/trainjob.py), named after the run and task
+                if options.workers:  # every outer step in one TrainJob (components/trainjob_client.py), named after the run and task
                     step = trainjob_steps.meta_train(learner=ref, config=resolved, data=data, state_in=state, run_id=run_id, workers=options.workers,
                                                      nodes=options.nodes, gpu=options.gpu, image=options.image_cuda if options.gpu else options.image,
                                                      device=device, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)  # fmt: skip

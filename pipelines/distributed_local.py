@@ -32,7 +32,7 @@ def run_workers(args: argparse.Namespace, algorithms: list[str], overrides: dict
     """Meta-train each learner with ``args.workers`` torch.distributed workers; ``settings``: its
     ``--meta-test`` settings (they choose what the meta-test holds out, which meta-training then
     never reads), else the learner's defaults, as in the pipeline."""
-    from metaopt_core.config import load_config
+    from metaopt_core.meta.run_config import load_config
     from pipelines.builder import default_config, learner_of
 
     if isinstance(args.workers, bool) or not isinstance(args.workers, int) or args.workers < 1:

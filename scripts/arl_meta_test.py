@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from metaopt_core.config import DataSpec, load_config  # noqa: E402
+from metaopt_core.config import DataSpec  # noqa: E402
 from metaopt_core.evaluate import TrainingProtocol, compare_losses, noise_task  # noqa: E402
 from metaopt_core.losses.registry import get_loss  # noqa: E402
 from metaopt_core.losses.taylor import TaylorLoss  # noqa: E402
 from metaopt_core.meta.arl import ARLConfig, run  # noqa: E402
+from metaopt_core.meta.run_config import load_config  # noqa: E402
 from metaopt_core.plots import plot_history, plot_loss_curves  # noqa: E402
 
 BASELINES = ("ce", "gce", "sce", "nce+mae")

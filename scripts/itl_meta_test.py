@@ -40,10 +40,11 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from metaopt_core.config import DataSpec, load_config  # noqa: E402
+from metaopt_core.config import DataSpec  # noqa: E402
 from metaopt_core.evaluate import TrainingProtocol, compare_losses, domain_tasks  # noqa: E402
 from metaopt_core.losses.families import family_from_dict  # noqa: E402
 from metaopt_core.meta import itl, registry, runner  # noqa: E402
+from metaopt_core.meta.run_config import load_config  # noqa: E402
 
 ANGLES = [0, 15, 30, 45, 60, 75]
 DATASETS = {

@@ -38,9 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from metaopt_core.config import load_config  # noqa: E402
 from metaopt_core.meta import metamd, registry, runner  # noqa: E402
 from metaopt_core.meta.metamd import analysis  # noqa: E402
+from metaopt_core.meta.run_config import load_config  # noqa: E402
 from metaopt_core.optim import MirrorDescent, attach, load_divergence  # noqa: E402
 
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 2.0)

@@ -27,9 +27,9 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from metaopt_core.config import load_config  # noqa: E402
 from metaopt_core.meta import metamd, registry, runner  # noqa: E402
 from metaopt_core.meta.metamd import analysis, quadratics  # noqa: E402
+from metaopt_core.meta.run_config import load_config  # noqa: E402
 
 FAMILIES = {
     "default": {},

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metaopt_core import exports
-from metaopt_core.config import ConfigError, load_config, validate
+from metaopt_core.config import ConfigError, validate
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.losses.taylor import PRESETS, TaylorLoss
 from metaopt_core.meta.arl import (
@@ -26,6 +26,7 @@ from metaopt_core.meta.arl import (
     shard_jobs,
     tell,
 )
+from metaopt_core.meta.run_config import load_config
 from tests.test_population import blobs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -68,11 +68,11 @@ def test_the_compile_message_counts_the_gpus_the_pods_request(tmp_path, capsys: 
     message = capsys.readouterr().out
     assert "6 GPUs at once for meta-training (2 node(s) x 3, one per worker), 1 for the meta-test" in message
     spec = next(yaml.safe_load_all(out.read_text()))
-    # what the TrainJob gets (the step's `image` input) and what the pods ask for (pipelines/trainjob.py)
+    # what the TrainJob gets (the step's `image` input) and what the pods ask for (components/trainjob_client.py)
     [task] = [t for c in spec["components"].values() for key, t in c.get("dag", {}).get("tasks", {}).items() if key == "meta-train"]
     assert task["inputs"]["parameters"]["image"]["runtimeValue"]["constant"] == "registry.example.com/ml/metaopt:1.2.3-cuda"
     assert task["inputs"]["parameters"]["nodes"]["runtimeValue"]["constant"] == 2
-    from pipelines.trainjob import resources_per_node, split_workers
+    from components.trainjob_client import resources_per_node, split_workers
 
     assert int(resources_per_node(split_workers(6, 2), gpu=True)["gpu"]) * 2 == 6
     meta_test = spec["deploymentSpec"]["executors"]["exec-meta-test"]["container"]

@@ -10,9 +10,10 @@ import pytest
 import yaml
 from pydantic import Field
 
-from metaopt_core.config import ConfigError, DataSpec, ModelName, NoiseSpec, StrictModel, apply_overrides, load_config, read_config, validate
+from metaopt_core.config import ConfigError, DataSpec, ModelName, NoiseSpec, StrictModel, apply_overrides, read_config, validate
 from metaopt_core.data.sources import SOURCE_NAMES
 from metaopt_core.meta import registry
+from metaopt_core.meta.run_config import load_config
 from metaopt_core.models import MODEL_NAMES
 from tests.fixtures_s3 import moto_server_url, s3_endpoint  # noqa: F401  (fixtures)
 

@@ -211,9 +211,9 @@ def test_the_meta_training_step_submits_a_trainjob_and_hands_on_its_result(prepa
     from kubeflow.trainer.options import Name, TrainerCommand
     from kubeflow.trainer.types.types import TrainJob
 
+    from components import trainjob_client as trainjob
     from components import trainjob_runtime
     from components.images import IMAGE_CUDA
-    from pipelines import trainjob
 
     arl = registry.get("arl")
     config = arl.resolve_config(yaml.safe_load((ROOT / "configs" / "arl-tiny.yaml").read_text()))
@@ -272,7 +272,7 @@ def test_a_failed_trainjob_fails_the_step():
     from kubeflow.trainer import TrainerClient
     from kubeflow.trainer.types.types import TrainJob
 
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     client = mock.create_autospec(TrainerClient, instance=True)
     client.train.return_value = "metaopt-job-2"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import metaopt_core.train as train_module
-from metaopt_core.config import ConfigError, load_config, validate
+from metaopt_core.config import ConfigError, validate
 from metaopt_core.evaluate import (
     EvaluationConfig,
     EvaluationResult,
@@ -30,6 +30,7 @@ from metaopt_core.evaluate import (
 )
 from metaopt_core.losses.robust_corrected import ForwardCorrectedCrossEntropy
 from metaopt_core.losses.taylor import TaylorLoss
+from metaopt_core.meta.run_config import load_config
 from metaopt_core.train import FitResult
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import yaml
 
 from metaopt_core import exports
-from metaopt_core.config import ConfigError, load_config
+from metaopt_core.config import ConfigError
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.data.sources import ImageData
 from metaopt_core.losses.families import build_family, family_from_dict, softplus_inverse
@@ -28,6 +28,7 @@ from metaopt_core.losses.robust import SymmetricCrossEntropy
 from metaopt_core.losses.taylor import PRESETS, TaylorLoss
 from metaopt_core.meta import itl
 from metaopt_core.meta.itl import inner as itl_inner
+from metaopt_core.meta.run_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -175,7 +175,7 @@ def test_retries_reach_the_oldest_backend(compiled: dict) -> None:
 
 
 def test_the_workers_pipeline_names_its_trainjob_after_the_run_and_cleans_up_on_exit(compiled: dict) -> None:
-    """The TrainJob step gets the KFP run id (its job's name, pipelines/trainjob.py), and the exit
+    """The TrainJob step gets the KFP run id (its job's name, components/trainjob_client.py), and the exit
     step of a --workers pipeline is the one that also deletes the run's TrainJob."""
     spec, _ = compiled["itl-workers-gpu-volume"]
     root = spec["root"]["dag"]["tasks"]

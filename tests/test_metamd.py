@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from metaopt_core import exports
-from metaopt_core.config import ConfigError, load_config
+from metaopt_core.config import ConfigError
 from metaopt_core.meta import metamd
 from metaopt_core.meta.metamd import (
     Hypergradient,
@@ -28,6 +28,7 @@ from metaopt_core.meta.metamd import (
     tasks_for_step,
 )
 from metaopt_core.meta.metamd.analysis import agreement, generalisation_bound_terms, hypergradients_by_method
+from metaopt_core.meta.run_config import load_config
 from metaopt_core.optim import DenseBregman, DiagonalBregman, KroneckerBregman, MirrorDescent, load_divergence
 
 

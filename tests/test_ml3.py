@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from metaopt_core import exports
-from metaopt_core.config import ConfigError, load_config
+from metaopt_core.config import ConfigError
 from metaopt_core.losses import loss_from_document
 from metaopt_core.losses.families import CE_LIKE, build_family
 from metaopt_core.meta import driver, registry
 from metaopt_core.meta.itl import ITLConfig
 from metaopt_core.meta.ml3 import ML3State, NeuralLoss, NeuralLossFamily, hypergradient, jobs_for_step, outer_update
+from metaopt_core.meta.run_config import load_config
 from metaopt_core.population import Member, Schedule, train_population
 from tests.fixtures_mlflow import mlflow_server, reset_mlflow_uri  # noqa: F401  (fixtures)
 

@@ -47,7 +47,7 @@ def runtimes(rendered: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def _request(gpu: bool, run_id: str = RUN_ID) -> object:
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     procs = 3 if gpu else 2
     return trainjob.TrainJobRequest(image="ghcr.io/metaopt/metaopt:0.1.0-abc" + ("-cuda" if gpu else ""), num_nodes=2, procs_per_node=procs,
@@ -64,7 +64,7 @@ def _cluster(runtimes: dict[str, dict], monkeypatch: pytest.MonkeyPatch, **kwarg
 
 
 def _run(cluster: FakeCluster, request: object, outcome: str = "Complete") -> tuple[object, list[str]]:
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     lines: list[str] = []
     cluster.logs[request.name] = ["[metaopt] itl: outer step 1/2", "[metaopt] itl: outer step 2/2"]
@@ -145,7 +145,7 @@ def test_runtime_pods_get_the_gpu_steps_scheduling_and_no_istio_sidecar(runtimes
 def test_the_trainjob_name_is_the_runs_and_tasks() -> None:
     import re
 
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     name = trainjob.trainjob_name(RUN_ID)
     assert name == trainjob.trainjob_name(RUN_ID, trainjob.TASK)  # every attempt of the step
@@ -157,7 +157,7 @@ def test_the_trainjob_name_is_the_runs_and_tasks() -> None:
 
 
 def test_a_retry_adopts_the_running_job_instead_of_starting_a_second(runtimes: dict[str, dict], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     cluster = _cluster(runtimes, monkeypatch)
     client = cluster.trainer_client()
@@ -173,7 +173,7 @@ def test_a_retry_adopts_the_running_job_instead_of_starting_a_second(runtimes: d
 
 
 def test_a_retry_replaces_a_failed_job_after_its_pods_are_gone(runtimes: dict[str, dict], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     cluster = _cluster(runtimes, monkeypatch, deletion_reads=3)
     request = _request(gpu=False)
@@ -192,7 +192,7 @@ def test_a_retry_replaces_a_failed_job_after_its_pods_are_gone(runtimes: dict[st
 
 
 def test_a_completed_job_is_adopted_and_a_lost_race_adopts_too(runtimes: dict[str, dict], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     cluster = _cluster(runtimes, monkeypatch)
     request = _request(gpu=False)
@@ -211,7 +211,7 @@ def test_a_completed_job_is_adopted_and_a_lost_race_adopts_too(runtimes: dict[st
 
 
 def test_the_exit_step_deletes_the_runs_job_unless_it_completed(runtimes: dict[str, dict], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     monkeypatch.setattr(trainjob.time, "sleep", lambda s: None)
     for outcome, kept in (("Complete", True), ("Failed", False), (None, False)):  # None: still running (the run was cancelled)
@@ -233,7 +233,7 @@ def test_the_exit_step_deletes_the_runs_job_unless_it_completed(runtimes: dict[s
 def sdk_requests(runtimes: dict[str, dict]) -> set[Request]:
     """Every API request the steps make through the SDK: submit, adopt, follow (status, logs),
     replace a failed job, and the exit step's cleanup."""
-    from pipelines import trainjob
+    from components import trainjob_client as trainjob
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(trainjob.time, "sleep", lambda s: None)

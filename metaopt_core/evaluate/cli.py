@@ -18,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    from metaopt_core.config import load_config
+    from metaopt_core.config import read_config, validate
 
     parser = argparse.ArgumentParser(prog="python -m metaopt_core.evaluate", description=main.__doc__)
     parser.add_argument("--config", required=True, help="YAML with algorithm: evaluate")
@@ -33,13 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads: got {args.threads}; allowed: an integer >= 1")
         torch.set_num_threads(args.threads)
-    try:
-        config = load_config(args.config)
+    try:  # an ``algorithm:`` other than evaluate is refused, naming the field
+        config = validate(EvaluationConfig, read_config(args.config, algorithm="evaluate"), source=args.config)
     except ConfigError as error:
         print(error, file=sys.stderr)
-        return 2
-    if not isinstance(config, EvaluationConfig):
-        print(f"{args.config}: field 'algorithm': got {config.algorithm!r}; this command needs 'evaluate'", file=sys.stderr)
         return 2
     bar = None
     if not args.no_progress:

@@ -99,8 +99,8 @@ def run_from_args(
     rank 0 prints every event's line and then calls ``on_event``). Returns the final state."""
     import torch
 
-    from metaopt_core.config import load_config
     from metaopt_core.meta import driver, registry, runner
+    from metaopt_core.meta.run_config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
