@@ -8,15 +8,9 @@ save_divergence(div, "out/metamd", lr=0.1)
 opt = MirrorDescent.from_pretrained("out/metamd", new_model)
 """
 
-from .divergence import (
-    DenseBregman,
-    DiagonalBregman,
-    Divergence,
-    KroneckerBlock,
-    KroneckerBregman,
-    ShapeMismatchError,
-)
+from .divergence import DenseBregman, DiagonalBregman, Divergence, ShapeMismatchError
 from .io import DivergenceFormatError, attach, load_divergence, save_divergence
+from .kronecker import KroneckerBlock, KroneckerBregman
 from .mirror_descent import MirrorDescent
 
 __all__ = [

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .divergence import DenseBregman, DiagonalBregman, Divergence, KroneckerBregman, ShapeMismatchError
+from .divergence import DenseBregman, DiagonalBregman, Divergence, ShapeMismatchError
+from .kronecker import KroneckerBregman
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LISTED = 12  # parameters named in a description; more are counted

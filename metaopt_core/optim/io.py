@@ -28,7 +28,11 @@ from torch import Tensor, nn
 
 from metaopt_core.files import atomic_write_bytes, atomic_write_text
 
-from .divergence import DIVERGENCE_KINDS, Divergence, ShapeMismatchError
+from .divergence import DenseBregman, DiagonalBregman, Divergence, ShapeMismatchError
+from .kronecker import KroneckerBregman
+
+# The families a manifest's ``kind`` may name.
+DIVERGENCE_KINDS: dict[str, type[Divergence]] = {cls.kind: cls for cls in (KroneckerBregman, DiagonalBregman, DenseBregman)}
 
 FORMAT = "metaopt.divergence"
 FORMAT_VERSION = 1
