@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from safetensors.torch import load_file, save
 from torch import Tensor
@@ -18,6 +20,11 @@ from torch import Tensor
 from metaopt_core.files import atomic_write_bytes, atomic_write_text
 
 STATE_FILE = "state.json"
+
+
+def omega_digest(omega: Tensor) -> str:
+    """SHA-256 of ω's bytes: names the exact ω a hypergradient or checkpoint belongs to."""
+    return hashlib.sha256(omega.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def omega_tensors(omega: Tensor, optimizer: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -59,6 +66,49 @@ def load_checkpoint(directory: str | Path, state_format: str, kind: str) -> tupl
     if hashlib.sha256(tensor_path.read_bytes()).hexdigest() != doc["tensors_sha256"]:
         raise ValueError(f"{kind} state {path}: {tensor_path.name} does not match its recorded sha256 (corrupted?)")
     return doc, load_file(str(tensor_path)), path
+
+
+@dataclass
+class OmegaState:
+    """A learner state that is one flat ω (the driver's ``LearnerState``): ω, the outer optimiser's
+    state, the step count and one history row per step, checkpointed as ``state.json`` plus a
+    safetensors file. A subclass names its ``state_format`` and ``label`` (in errors), adds its
+    ``initial`` and typed config, and may digest ω its own way."""
+
+    config: dict
+    omega: Tensor
+    optimizer: dict[str, Tensor] = field(default_factory=dict)
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    state_format: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+
+    @staticmethod
+    def digest(omega: Tensor) -> str:
+        return omega_digest(omega)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= int(self.config["outer"]["steps"])
+
+    def tensors(self) -> dict[str, Tensor]:
+        return omega_tensors(self.omega, self.optimizer)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the checkpoint (crash-safe, see above)."""
+        doc = {"format": self.state_format, "config": self.config, "step": self.step, "omega_sha256": self.digest(self.omega),
+               "optimizer_keys": sorted(self.optimizer), "history": self.history}  # fmt: skip
+        return save_checkpoint(directory, self.step, doc, self.tensors())
+
+    @classmethod
+    def load(cls, directory: str | Path):  # noqa: ANN206 (the subclass)
+        doc, tensors, path = load_checkpoint(directory, cls.state_format, cls.label)
+        optimizer = {key: tensors[f"optimizer.{key}"] for key in doc["optimizer_keys"]}
+        state = cls(doc["config"], tensors["omega"], optimizer, int(doc["step"]), list(doc["history"]))
+        if cls.digest(state.omega) != doc["omega_sha256"]:
+            raise ValueError(f"{cls.label} state {path}: omega in {doc['tensors']} does not match the recorded digest")
+        return state
 
 
 def _flatten(doc: dict, prefix: str = "") -> dict:

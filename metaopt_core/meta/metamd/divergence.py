@@ -4,7 +4,6 @@ hypergradient of the Bregman term (eq 5.28), which the quadratic and network sta
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from typing import Any, Callable, Sequence
@@ -16,6 +15,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from metaopt_core.config import coerce
 from metaopt_core.data.prepare import PreparedData
 from metaopt_core.hypergrad import HypergradResult, implicit_hypergradient
+from metaopt_core.meta.checkpoint import omega_digest
 from metaopt_core.meta.metamd.config import MetaMDConfig, run_dtype
 from metaopt_core.meta.metamd.tasks import DomainTasks, TaskSet, base_model, seed_sequence, task_set
 from metaopt_core.optim import DenseBregman, DiagonalBregman, Divergence, KroneckerBregman
@@ -66,11 +66,6 @@ def divergence_at(config: MetaMDConfig, omega: Tensor, data: TaskSet | PreparedD
     with torch.no_grad():
         vector_to_parameters(omega.detach().to(run_dtype(config)).clone(), div.parameters())
     return div.to(device)
-
-
-def omega_digest(omega: Tensor) -> str:
-    """SHA-256 of ω's bytes: names the exact ω a hypergradient or checkpoint belongs to."""
-    return hashlib.sha256(omega.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def flatten_grads(grads: Sequence[Tensor]) -> Tensor:

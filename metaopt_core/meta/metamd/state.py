@@ -4,8 +4,7 @@ the unit the pipeline's fan-out ships between machines)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -13,9 +12,9 @@ from torch import Tensor
 
 from metaopt_core.config import coerce
 from metaopt_core.data.prepare import PreparedData
-from metaopt_core.meta.checkpoint import load_checkpoint, omega_tensors, save_checkpoint
+from metaopt_core.meta.checkpoint import OmegaState
 from metaopt_core.meta.metamd.config import MetaMDConfig
-from metaopt_core.meta.metamd.divergence import divergence_at, initial_omega, omega_digest
+from metaopt_core.meta.metamd.divergence import divergence_at, initial_omega
 from metaopt_core.meta.metamd.tasks import Task, TaskSet
 from metaopt_core.optim import Divergence
 
@@ -54,17 +53,13 @@ class Hypergradient:
                    float(doc["value"]), bool(doc["diverged"]), dict(doc["metrics"]))  # fmt: skip
 
 
-@dataclass
-class MetaMDState:
+class MetaMDState(OmegaState):
     """Everything the meta-training needs to continue: the flat ω (the divergence's tensors in
     ``parameters()`` order), the outer optimiser's state, the step count and the history. Saved as
     ``state.json`` (config, history, digests) plus a safetensors file (ω and optimiser tensors, exact)."""
 
-    config: dict
-    omega: Tensor
-    optimizer: dict[str, Tensor] = field(default_factory=dict)
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
+    state_format = STATE_FORMAT
+    label = "MetaMD"
 
     @classmethod
     def initial(cls, config: MetaMDConfig | Mapping[str, Any], data: TaskSet | PreparedData | None = None) -> MetaMDState:
@@ -75,38 +70,9 @@ class MetaMDState:
     def metamd_config(self) -> MetaMDConfig:
         return coerce(MetaMDConfig, self.config, source="state.config")
 
-    @property
-    def finished(self) -> bool:
-        return self.step >= int(self.config["outer"]["steps"])
-
     def divergence(self, data: TaskSet | PreparedData | None = None) -> Divergence:
         """The current divergence (CPU)."""
         return divergence_at(self.metamd_config, self.omega, data)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return omega_tensors(self.omega, self.optimizer)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write the checkpoint (crash-safe; see :mod:`metaopt_core.meta.checkpoint`)."""
-        doc = {
-            "format": STATE_FORMAT,
-            "config": self.config,
-            "step": self.step,
-            "omega_sha256": omega_digest(self.omega),
-            "optimizer_keys": sorted(self.optimizer),
-            "history": self.history,
-        }
-        return save_checkpoint(directory, self.step, doc, self.tensors())
-
-    @classmethod
-    def load(cls, directory: str | Path) -> MetaMDState:
-        doc, tensors, path = load_checkpoint(directory, STATE_FORMAT, "MetaMD")
-        tensor_path = Path(directory) / doc["tensors"]
-        optimizer = {key: tensors[f"optimizer.{key}"] for key in doc["optimizer_keys"]}
-        state = cls(doc["config"], tensors["omega"], optimizer, int(doc["step"]), list(doc["history"]))
-        if omega_digest(state.omega) != doc["omega_sha256"]:
-            raise ValueError(f"MetaMD state {path}: omega in {tensor_path.name} does not match the recorded digest")
-        return state
 
 
 __all__ = ["HYPERGRAD_FORMAT", "STATE_FORMAT", "Hypergradient", "MetaMDState"]

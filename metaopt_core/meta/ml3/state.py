@@ -5,15 +5,14 @@ outer step, what a shard's part carries)."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from metaopt_core.config import coerce
-from metaopt_core.meta.checkpoint import load_checkpoint, omega_tensors, save_checkpoint
+from metaopt_core.meta.checkpoint import OmegaState
 from metaopt_core.meta.ml3.config import ML3Config
 
 STATE_FORMAT = "metaopt.ml3.state/1"
@@ -50,15 +49,13 @@ class Hypergradient:
                    dict(doc["metrics"]))  # fmt: skip
 
 
-@dataclass
-class ML3State:
-    """Everything meta-training needs to continue (the driver's LearnerState)."""
+class ML3State(OmegaState):
+    """Everything meta-training needs to continue (the driver's LearnerState): ω (the loss
+    network's parameters, flat), the outer optimiser's state, step and history."""
 
-    config: dict
-    omega: Tensor
-    optimizer: dict[str, Tensor] = field(default_factory=dict)
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
+    state_format = STATE_FORMAT
+    label = "ML3"
+    digest = staticmethod(omega_digest)  # of ω as float32, the dtype the inner runs use
 
     @classmethod
     def initial(cls, config: ML3Config | Mapping[str, Any]) -> ML3State:
@@ -68,25 +65,6 @@ class ML3State:
     @property
     def ml3_config(self) -> ML3Config:
         return coerce(ML3Config, self.config, source="state.config")
-
-    @property
-    def finished(self) -> bool:
-        return self.step >= int(self.config["outer"]["steps"])
-
-    def save(self, directory: str | Path) -> Path:
-        """Write the checkpoint (crash-safe; see :mod:`metaopt_core.meta.checkpoint`)."""
-        doc = {"format": STATE_FORMAT, "config": self.config, "step": self.step, "omega_sha256": omega_digest(self.omega),
-               "optimizer_keys": sorted(self.optimizer), "history": self.history}  # fmt: skip
-        return save_checkpoint(directory, self.step, doc, omega_tensors(self.omega, self.optimizer))
-
-    @classmethod
-    def load(cls, directory: str | Path) -> ML3State:
-        doc, tensors, path = load_checkpoint(directory, STATE_FORMAT, "ML3")
-        state = cls(doc["config"], tensors["omega"], {key: tensors[f"optimizer.{key}"] for key in doc["optimizer_keys"]}, int(doc["step"]),
-                    list(doc["history"]))  # fmt: skip
-        if omega_digest(state.omega) != doc["omega_sha256"]:
-            raise ValueError(f"ML3 state {path}: omega does not match the recorded digest")
-        return state
 
 
 __all__ = ["HYPERGRAD_FORMAT", "STATE_FORMAT", "Hypergradient", "ML3State", "omega_digest"]
